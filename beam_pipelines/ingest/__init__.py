@@ -1,0 +1,1 @@
+"""Beam job 1: image manifests -> normalised, sharded TFRecords (``landmarks-ingest``)."""

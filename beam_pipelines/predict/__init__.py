@@ -1,0 +1,1 @@
+"""Beam job 2: crop voting + local-feature rescoring -> submission (``landmarks-predict``)."""

@@ -1,0 +1,1 @@
+"""Stage 2 and evaluation as pure numpy/TF functions: crops, voting, local features, verification, scores, GAP, submission."""

@@ -1,0 +1,52 @@
+"""Packaging for the landmark-recognition framework.
+
+Also Dataflow's ``--setup_file``: the workers build this package and install it, so the four
+packages reach them with the same dependencies as the launcher.
+"""
+
+import setuptools
+
+INSTALL_REQUIRES = [
+    "tensorflow>=2.21,<2.22",
+    "keras>=3.15,<4",
+    "tensorboard>=2.20",
+    "apache-beam[gcp]>=2.77,<3",
+    "tensorflow-hub>=0.16",
+    "tensorflow-datasets>=4.9.10",
+    "scikit-image>=0.26",
+    "opencv-python-headless>=4.10",
+    "pandas>=2.2",
+    "numpy>=1.26",
+    "Pillow>=11",
+    "google-cloud-storage>=2.18",
+    "matplotlib>=3.9",
+]
+
+TEST_REQUIRES = [
+    "pytest>=8",
+    "pytest-timeout>=2.3",
+    "gcp-storage-emulator>=2024.8",
+]
+
+setuptools.setup(
+    name="landmarks",
+    version="0.1.0",
+    description=(
+        "Landmark recognition at scale: Beam ingestion to TFRecords, Xception+GeM training on "
+        "tf.distribute, crop voting and local-feature rescoring on Beam, GAP evaluation."
+    ),
+    python_requires=">=3.11",
+    packages=setuptools.find_packages(include=["tfrecords_schema*", "beam_pipelines*", "trainer*", "rescoring*"]),
+    install_requires=INSTALL_REQUIRES,
+    extras_require={"test": TEST_REQUIRES},
+    entry_points={
+        "console_scripts": [
+            "landmarks-toy-data=beam_pipelines.toy_data:main",
+            "landmarks-ingest=beam_pipelines.ingest.pipeline:main",
+            "landmarks-train=trainer.train:main",
+            "landmarks-predict=beam_pipelines.predict.pipeline:main",
+            "landmarks-evaluate=beam_pipelines.evaluate:main",
+            "landmarks-demo=beam_pipelines.demo:main",
+        ]
+    },
+)

@@ -1,0 +1,207 @@
+"""One normalised image per ``tf.train.Example``, with GLDv2/DELF feature keys.
+
+The field table :data:`FIELDS` is the single definition of the layout: the writer
+(:func:`make_example`), the Python parser (:func:`parse_record`) and the tf.data parser
+(:func:`parse_tensors`) are all derived from it, so they cannot drift apart.
+
+Keys (``tf.train.Example`` feature name -> meaning):
+
+===========================  ========  =====================================================
+``image/encoded``            bytes     the image as JPEG, RGB, already oriented and resized
+``image/format``             bytes     always ``b"jpeg"``
+``image/id``                 bytes     the manifest id (UTF-8)
+``image/class/label``        int64     contiguous class index; -1 = non-landmark or unlabelled
+``image/class/landmark_id``  int64     original landmark id from the manifest; -1 if none
+``image/height``             int64     pixels of the stored JPEG
+``image/width``              int64     pixels of the stored JPEG
+``image/source_format``      bytes     format of the input file (``JPEG``, ``PNG``, ...)
+``schema/version``           int64     :data:`tfrecords_schema.SCHEMA_VERSION`
+===========================  ========  =====================================================
+
+The nested-looking key names are exactly what TensorFlow Datasets produces when it flattens a
+nested ``FeaturesDict``, so the same shards can be described as a TFDS dataset.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import glob as _glob
+from typing import Iterable, Iterator
+
+import tensorflow as tf
+
+from tfrecords_schema import SCHEMA_VERSION, SchemaError
+
+NON_LANDMARK = -1
+"""Label of a distractor (non-landmark) image, and of an unlabelled test image."""
+
+KEY_ENCODED = "image/encoded"
+KEY_FORMAT = "image/format"
+KEY_ID = "image/id"
+KEY_LABEL = "image/class/label"
+KEY_LANDMARK_ID = "image/class/landmark_id"
+KEY_HEIGHT = "image/height"
+KEY_WIDTH = "image/width"
+KEY_SOURCE_FORMAT = "image/source_format"
+KEY_SCHEMA_VERSION = "schema/version"
+
+# (tf.train.Example key, ImageRecord attribute, kind). "bytes" fields hold str or bytes in Python.
+FIELDS: tuple[tuple[str, str, str], ...] = (
+    (KEY_ENCODED, "jpeg_bytes", "bytes"),
+    (KEY_FORMAT, "image_format", "str"),
+    (KEY_ID, "image_id", "str"),
+    (KEY_LABEL, "label", "int"),
+    (KEY_LANDMARK_ID, "landmark_id", "int"),
+    (KEY_HEIGHT, "height", "int"),
+    (KEY_WIDTH, "width", "int"),
+    (KEY_SOURCE_FORMAT, "source_format", "str"),
+    (KEY_SCHEMA_VERSION, "schema_version", "int"),
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class ImageRecord:
+    """One image as stored in a shard.
+
+    Attributes:
+      image_id: the manifest id.
+      jpeg_bytes: the JPEG file contents (RGB, upright, longer side <= the ingest's max side).
+      label: contiguous class index in ``[0, num_classes)``, or :data:`NON_LANDMARK`.
+      height, width: size of the stored JPEG in pixels.
+      landmark_id: the original landmark id, or -1 for a non-landmark / unlabelled image.
+      source_format: the input file's format as Pillow names it (``"JPEG"``, ``"PNG"``, ...).
+    """
+
+    image_id: str
+    jpeg_bytes: bytes
+    label: int
+    height: int
+    width: int
+    landmark_id: int = NON_LANDMARK
+    source_format: str = "JPEG"
+    image_format: str = "jpeg"
+    schema_version: int = SCHEMA_VERSION
+
+    def __post_init__(self):
+        if not self.image_id:
+            raise SchemaError("an image record needs a non-empty image_id")
+        if self.label < NON_LANDMARK:
+            raise SchemaError(f"label must be >= -1, got {self.label} for {self.image_id!r}")
+        if self.height <= 0 or self.width <= 0:
+            raise SchemaError(f"bad size {self.height}x{self.width} for {self.image_id!r}")
+
+
+def _feature(kind: str, value) -> tf.train.Feature:
+    if kind == "int":
+        return tf.train.Feature(int64_list=tf.train.Int64List(value=[int(value)]))
+    if kind == "str":
+        value = value.encode("utf-8")
+    return tf.train.Feature(bytes_list=tf.train.BytesList(value=[value]))
+
+
+def make_example(record: ImageRecord) -> tf.train.Example:
+    """Returns the ``tf.train.Example`` holding ``record`` (every key of :data:`FIELDS`)."""
+    features = {key: _feature(kind, getattr(record, attr)) for key, attr, kind in FIELDS}
+    return tf.train.Example(features=tf.train.Features(feature=features))
+
+
+def serialize_record(record: ImageRecord) -> bytes:
+    """Returns the serialised ``tf.train.Example`` of ``record``, ready for a TFRecord file."""
+    return make_example(record).SerializeToString()
+
+
+def check_version(version: int, where: str = "record") -> None:
+    """Raises :class:`SchemaError` unless ``version`` is the version this code reads."""
+    if int(version) != SCHEMA_VERSION:
+        raise SchemaError(
+            f"{where} has schema version {int(version)}, this code reads version {SCHEMA_VERSION}; "
+            "re-run landmarks-ingest with this version of the code"
+        )
+
+
+def parse_record(serialized: bytes) -> ImageRecord:
+    """Parses one serialised example into an :class:`ImageRecord` (Python side, no graph).
+
+    Raises:
+      SchemaError: a key is missing or the schema version differs.
+    """
+    try:
+        example = tf.train.Example.FromString(serialized)
+    except Exception as error:  # protobuf raises its own DecodeError type
+        raise SchemaError(f"not a tf.train.Example: {error}") from error
+    feature = example.features.feature
+    values = {}
+    for key, attr, kind in FIELDS:
+        if key not in feature:
+            raise SchemaError(f"record is missing the key {key!r}")
+        if kind == "int":
+            raw = feature[key].int64_list.value
+        else:
+            raw = feature[key].bytes_list.value
+        if len(raw) != 1:
+            raise SchemaError(f"key {key!r} should hold one value, holds {len(raw)}")
+        value = raw[0]
+        values[attr] = value.decode("utf-8") if kind == "str" else value
+    check_version(values["schema_version"], f"record {values['image_id']!r}")
+    return ImageRecord(**values)
+
+
+def _feature_spec() -> dict[str, tf.io.FixedLenFeature]:
+    dtypes = {"int": tf.int64, "str": tf.string, "bytes": tf.string}
+    return {key: tf.io.FixedLenFeature([], dtypes[kind]) for key, _, kind in FIELDS}
+
+
+FEATURE_SPEC = _feature_spec()
+"""``tf.io.parse_*`` spec for every key of :data:`FIELDS`."""
+
+
+def parse_tensors(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
+    """tf.data parser: a scalar string tensor -> dict of scalar tensors keyed by attribute name.
+
+    Keys: ``image_id`` (string), ``jpeg_bytes`` (string), ``label``, ``landmark_id``, ``height``,
+    ``width``, ``schema_version`` (int64), ``image_format``, ``source_format`` (string). Fails the
+    pipeline with an ``InvalidArgumentError`` naming the version if the schema version differs.
+    """
+    parsed = tf.io.parse_single_example(serialized, FEATURE_SPEC)
+    version = parsed[KEY_SCHEMA_VERSION]
+    check = tf.debugging.assert_equal(
+        version,
+        tf.constant(SCHEMA_VERSION, tf.int64),
+        message=f"schema version mismatch: this code reads version {SCHEMA_VERSION}",
+    )
+    with tf.control_dependencies([check]):
+        return {attr: tf.identity(parsed[key]) for key, attr, _ in FIELDS}
+
+
+def shard_paths(prefix: str, num_shards: int) -> list[str]:
+    """Shard file names in Beam's convention: ``{prefix}-00000-of-00004.tfrecord``."""
+    return [f"{prefix}-{index:05d}-of-{num_shards:05d}.tfrecord" for index in range(num_shards)]
+
+
+def write_shards(records: Iterable[ImageRecord], prefix: str, num_shards: int = 1) -> list[str]:
+    """Writes ``records`` round-robin into ``num_shards`` local TFRecord files; returns the paths.
+
+    Beam jobs write through ``WriteToTFRecord`` with :func:`serialize_record`; this is for tests,
+    tools and small datasets written from one process.
+    """
+    if num_shards < 1:
+        raise ValueError(f"num_shards must be >= 1, got {num_shards}")
+    paths = shard_paths(prefix, num_shards)
+    writers = [tf.io.TFRecordWriter(path) for path in paths]
+    try:
+        for index, record in enumerate(records):
+            writers[index % num_shards].write(serialize_record(record))
+    finally:
+        for writer in writers:
+            writer.close()
+    return paths
+
+
+def read_records(pattern: str) -> Iterator[ImageRecord]:
+    """Yields every record of the local files matching ``pattern``, file by file in name order."""
+    paths = sorted(tf.io.gfile.glob(pattern)) if "://" in pattern else sorted(_glob.glob(pattern))
+    if not paths:
+        raise FileNotFoundError(f"no TFRecord files match {pattern!r}")
+    for path in paths:
+        for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            yield parse_record(serialized)

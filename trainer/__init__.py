@@ -1,0 +1,1 @@
+"""Stage 1: Xception + GeM + sigmoid head, rank-weighted loss, trained on tf.distribute (``landmarks-train``)."""
