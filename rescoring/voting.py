@@ -1,0 +1,59 @@
+"""Crop voting: many views' class probabilities -> one class and its confidence.
+
+RECIPE.md: each view votes for its top-1 class with that class's probability; per class the
+votes are summed and divided by the number of views; the answer is the class with the largest
+sum, and that average is its confidence. So a class most views agree on beats a single very
+confident view: 3 views at 0.5 (sum 1.5) win over 1 view at 0.99.
+
+Ties, resolved deterministically: a view whose top probability is shared by several classes
+votes for the lowest class index; classes with equal vote sums resolve to the lowest class
+index too (``numpy.argmax`` returns the first maximum).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def vote_batch(view_probabilities: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Votes for a batch of images.
+
+    Args:
+      view_probabilities: float ``[B, V, C]``: B images, V views each, C class probabilities.
+
+    Returns:
+      ``(class_index int64 [B], confidence float32 [B])``; confidence in [0, 1] when the inputs
+      are probabilities (the winning class's summed votes divided by V).
+    """
+    probabilities = np.asarray(view_probabilities, np.float64)
+    if probabilities.ndim != 3 or 0 in probabilities.shape:
+        raise ValueError(f"expected non-empty [B, V, C] probabilities, got {probabilities.shape}")
+    if not np.all(np.isfinite(probabilities)):
+        raise ValueError("view probabilities contain NaN or infinity")
+    batch, num_views, num_classes = probabilities.shape
+    top_class = np.argmax(probabilities, axis=2)  # [B, V], lowest index on ties
+    top_probability = np.take_along_axis(probabilities, top_class[..., None], axis=2)[..., 0]
+    # Sum the votes per (image, class) with one bincount over flat indices b * C + class:
+    # memory B x C, never B x V x C one-hots (C is ~15k in the recipe).
+    flat = (np.arange(batch)[:, None] * num_classes + top_class).ravel()
+    sums = np.bincount(flat, weights=top_probability.ravel(), minlength=batch * num_classes)
+    sums = sums.reshape(batch, num_classes)
+    winner = np.argmax(sums, axis=1)  # lowest index on ties
+    confidence = sums[np.arange(batch), winner] / num_views
+    return winner.astype(np.int64), confidence.astype(np.float32)
+
+
+def vote(view_probabilities: np.ndarray) -> tuple[int, float]:
+    """Votes for one image.
+
+    Args:
+      view_probabilities: float ``[V, C]``: V views' class probabilities.
+
+    Returns:
+      ``(class_index, confidence)`` as a Python ``int`` and ``float``.
+    """
+    probabilities = np.asarray(view_probabilities)
+    if probabilities.ndim != 2:
+        raise ValueError(f"expected [V, C] probabilities, got {probabilities.shape}")
+    classes, confidences = vote_batch(probabilities[None])
+    return int(classes[0]), float(confidences[0])
