@@ -15,3 +15,6 @@ _cpus = tf.config.list_physical_devices("CPU")
 tf.config.set_logical_device_configuration(
     _cpus[0], [tf.config.LogicalDeviceConfiguration(), tf.config.LogicalDeviceConfiguration()]
 )
+
+# Shared fixtures for remote sources (HTTP server, GCS emulator) on 127.0.0.1.
+from remote_servers import gcs_emulator, http_server  # noqa: E402,F401

@@ -1,0 +1,232 @@
+"""``landmarks-ingest``: manifest CSV (+ distractor folder) -> normalised, sharded TFRecords.
+
+Usage::
+
+    landmarks-ingest --manifest train.csv --output_dir runs/ingest [--distractor_dir DIR]
+        [--max_side 512] [--num_shards 4] [--dev_fraction 0.1] [--label_map FILE]
+        [--split_name NAME] [--overwrite] [Beam flags, e.g. --runner=DataflowRunner ...]
+
+Data flow (every input row ends in exactly one shard record or one ``rejected.csv`` row)::
+
+    manifest lines (with numbers) --parse--> rows ----------------------+--> rejected (reason)
+    distractor files ---------------------> rows                       |
+      -> group by id, keep lowest line (duplicate_id) ---------------->-+
+      -> class index from the label map (unknown_landmark) ---------->-+
+      -> dev split per class by hash of id
+      -> fetch (http, gs, local) -> normalise (Pillow) -> record ----->-+ (fetch / image reasons)
+      -> WriteToTFRecord per split: {split}-00000-of-0000N.tfrecord
+
+Outputs in ``--output_dir``: the shards, ``label_map.csv``, ``rejected.csv``
+(``id,url,reason,detail,line``), ``stats.json``, ``config.json``, then ``_SUCCESS``.
+
+Runs on Beam's local FnApiRunner unless ``--runner`` is given; every read and write goes
+through Beam's FileSystems, so ``gs://`` paths and Dataflow work by flags alone (ship the code
+with ``--setup_file ./setup.py``). Locally, ``--direct_num_workers N`` fetches N images at a time;
+on Dataflow each worker runs many threads, which hides HTTP latency.
+
+Notes:
+- The label map holds every landmark id of a valid, de-duplicated manifest row, decided before
+  fetching: a class whose every image later fails keeps its index (``stats.json`` reports
+  ``label_map_classes`` and the classes that got images).
+- The dev split is decided before fetching too (see :mod:`beam_pipelines.ingest.split`).
+- ``rejected.csv`` leaves ``line`` empty for distractor files (their ``url`` is the file).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import sys
+import time
+
+import apache_beam as beam
+from apache_beam.io.filesystem import CompressionTypes
+from apache_beam.io.filesystems import FileSystems
+from apache_beam.metrics.metric import MetricsFilter
+from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+
+from beam_pipelines import io_utils
+from beam_pipelines.ingest import manifest as manifest_lib
+from beam_pipelines.ingest.config import IngestConfig, parse_args
+from beam_pipelines.ingest.manifest import ManifestRow
+from beam_pipelines.ingest.transforms import COUNTS_FILENAME, build_pipeline
+from tfrecords_schema.image_record import NON_LANDMARK
+from tfrecords_schema.label_map import LabelMap
+
+_LOGGER = logging.getLogger(__name__)
+
+STATS_FILENAME = "stats.json"
+CONFIG_FILENAME = "config.json"
+DISTRACTOR_PREFIX = "distractor_"
+IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
+
+
+# ------------------------------------------------------------------------------------------
+# Launcher-side helpers (run before the pipeline)
+# ------------------------------------------------------------------------------------------
+
+
+def read_first_line(path: str) -> str:
+    """The first line of ``path`` (the manifest header), read without loading the whole file."""
+    if not io_utils.exists(path):
+        raise ValueError(f"manifest not found: {path}")
+    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+        head = raw.read(1 << 16)
+    text = head.decode("utf-8-sig", errors="replace")
+    return text.splitlines()[0] if text.strip() else ""
+
+
+def list_distractors(folder: str) -> list[ManifestRow]:
+    """Non-landmark rows (label -1) for the image files directly inside ``folder``, sorted.
+
+    Id: ``distractor_`` + the file stem with unsafe characters replaced (see
+    :func:`manifest.sanitise_id`); two files with the same stem become duplicate ids.
+    """
+    paths = io_utils.match(io_utils.join(folder, "*"))
+    images = [path for path in paths if path.lower().endswith(IMAGE_SUFFIXES)]
+    rows = []
+    for position, path in enumerate(images, start=1):
+        stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
+        rows.append(ManifestRow(
+            image_id=manifest_lib.sanitise_id(stem, DISTRACTOR_PREFIX), url=path,
+            landmark_id=NON_LANDMARK, line=position, origin=manifest_lib.ORIGIN_DISTRACTOR,
+        ))
+    return rows
+
+
+def with_absolute_local_paths(config: IngestConfig) -> IngestConfig:
+    """Local paths made absolute, so workers and ``config.json`` do not depend on the cwd."""
+    changes = {}
+    for name in ("manifest", "output_dir", "distractor_dir", "label_map"):
+        path = getattr(config, name)
+        if path and FileSystems.get_scheme(path) is None:
+            changes[name] = os.path.abspath(path)
+    return dataclasses.replace(config, **changes)
+
+
+def _is_within(path: str, folder: str) -> bool:
+    path, folder = path.rstrip("/"), folder.rstrip("/")
+    return path == folder or path.startswith(folder + "/")
+
+
+def check_inputs_outside_output(config: IngestConfig) -> None:
+    """Refuses an output folder holding an input: ``--overwrite`` would delete it."""
+    for name in ("manifest", "distractor_dir", "label_map"):
+        path = getattr(config, name)
+        if path and _is_within(path, config.output_dir):
+            raise ValueError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
+                             "write each run to its own folder")
+
+
+def pipeline_options(beam_args: list[str]) -> PipelineOptions:
+    """Beam options from the leftover flags; the local FnApiRunner unless a runner is given
+    (Beam's default local runner first tries to download a runner binary)."""
+    options = PipelineOptions(beam_args)
+    standard = options.view_as(StandardOptions)
+    if not standard.runner:
+        standard.runner = "FnApiRunner"
+    return options
+
+
+def beam_counters(result) -> dict[str, int]:
+    """The job's ``ingest`` counters (committed values, summed over steps); {} if unavailable."""
+    try:
+        query = result.metrics().query(MetricsFilter().with_namespace("ingest"))
+    except (NotImplementedError, AttributeError, KeyError, ValueError) as error:
+        _LOGGER.warning("ingest: counters unavailable from this runner: %s", error)
+        return {}
+    totals: dict[str, int] = {}
+    for counter in query["counters"]:
+        name = counter.key.metric.name
+        totals[name] = totals.get(name, 0) + int(counter.committed or 0)
+    return dict(sorted(totals.items()))
+
+
+def run(argv=None, config: IngestConfig | None = None) -> dict:
+    """Runs one ingest and returns the ``stats.json`` contents.
+
+    Args:
+      argv: command-line flags (ingest flags and Beam flags mixed); ignored for ingest flags
+        when ``config`` is given (then only Beam flags are read from it).
+      config: an already built configuration.
+
+    Raises:
+      ValueError: bad flags, a bad manifest header, a non-empty output folder without
+        ``--overwrite``, or an unreadable ``--label_map``.
+    """
+    if config is None:
+        config, beam_args = parse_args(argv)
+    else:
+        beam_args = list(argv or [])
+    config = with_absolute_local_paths(config)
+    check_inputs_outside_output(config)
+    header = manifest_lib.parse_header(read_first_line(config.manifest), source=config.manifest)
+    if config.dev_fraction > 0 and not header.labelled:
+        raise ValueError("--dev_fraction needs a labelled manifest (id,url,landmark_id)")
+    given_label_map = None
+    if config.label_map:
+        if not io_utils.exists(config.label_map):
+            raise ValueError(f"--label_map not found: {config.label_map}")
+        given_label_map = LabelMap.from_csv_text(io_utils.read_text(config.label_map),
+                                                 source=config.label_map)
+    distractors = list_distractors(config.distractor_dir) if config.distractor_dir else []
+    io_utils.prepare_output_dir(config.output_dir, config.overwrite)
+
+    _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
+                 "labelled" if header.labelled else "unlabelled", len(distractors),
+                 config.output_dir)
+    start = time.monotonic()
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    build_pipeline(pipeline, config, header, distractors, given_label_map)
+    result = pipeline.run()
+    state = result.wait_until_finish()
+    seconds = time.monotonic() - start
+    if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
+        raise RuntimeError(f"ingest pipeline ended in state {state}")
+
+    counts_path = io_utils.join(config.output_dir, COUNTS_FILENAME)
+    stats = json.loads(io_utils.read_text(counts_path))
+    FileSystems.delete([counts_path])
+    stats.update({
+        "seconds": round(seconds, 3),
+        "images_per_second": round(stats["written"] / seconds, 3) if seconds > 0 else 0.0,
+        "shards_per_split": config.shards_per_split(header.labelled),
+        "labelled": header.labelled,
+        "counters": beam_counters(result),
+    })
+    io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
+    io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME), config.to_dict())
+    if stats["balanced"]:
+        io_utils.write_success_marker(config.output_dir)
+    else:
+        _LOGGER.error("ingest: rows in (%d) != written (%d) + rejected (%d); no _SUCCESS marker",
+                      stats["rows_in"], stats["written"], stats["rejected"])
+    _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
+                 stats["rows_in"], stats["written"], stats["rejected"], seconds,
+                 stats["images_per_second"])
+    return stats
+
+
+def main(argv=None) -> int:
+    """CLI entry point: prints a short summary; exit code 0 on success, 2 on bad input."""
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
+    # Beam logs one INFO line per postponed type hint; keep the progress lines readable.
+    logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
+    try:
+        stats = run(argv)
+    except ValueError as error:
+        print(f"landmarks-ingest: error: {error}", file=sys.stderr)
+        return 2
+    per_split = ", ".join(f"{name} {count}" for name, count in stats["written_per_split"].items())
+    per_reason = ", ".join(f"{name} {count}" for name, count in
+                           stats["rejected_per_reason"].items()) or "none"
+    print(f"rows in {stats['rows_in']}: written {stats['written']} ({per_split or 'none'}), "
+          f"rejected {stats['rejected']} ({per_reason}); {stats['seconds']:.1f} s, "
+          f"{stats['images_per_second']:.1f} images/s")
+    return 0 if stats["balanced"] else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())
