@@ -35,6 +35,8 @@ class IngestConfig:
       jpeg_quality, max_pixels, max_bytes: see :class:`NormaliseParams`.
       timeout_seconds, max_attempts, backoff_seconds: see :class:`FetchParams`.
       overwrite: delete the contents of a non-empty ``output_dir`` first.
+      tfds_metadata: also write TensorFlow Datasets metadata (``dataset_info.json``,
+        ``features.json``) so ``tfds.builder_from_directory(output_dir)`` reads the shards.
     """
 
     manifest: str
@@ -52,6 +54,7 @@ class IngestConfig:
     max_attempts: int = 3
     backoff_seconds: float = 0.5
     overwrite: bool = False
+    tfds_metadata: bool = True
 
     def __post_init__(self):
         if not self.manifest:
@@ -117,6 +120,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser.add_argument("--backoff_seconds", type=float, default=defaults.backoff_seconds)
     parser.add_argument("--overwrite", action="store_true",
                         help="delete the contents of a non-empty --output_dir first")
+    parser.add_argument("--no_tfds_metadata", dest="tfds_metadata", action="store_false",
+                        help="skip the TensorFlow Datasets metadata (one extra read of the shards)")
     return parser
 
 

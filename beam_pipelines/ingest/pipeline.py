@@ -17,7 +17,9 @@ Data flow (every input row ends in exactly one shard record or one ``rejected.cs
       -> WriteToTFRecord per split: {split}-00000-of-0000N.tfrecord
 
 Outputs in ``--output_dir``: the shards, ``label_map.csv``, ``rejected.csv``
-(``id,url,reason,detail,line``), ``stats.json``, ``config.json``, then ``_SUCCESS``.
+(``id,url,reason,detail,line``), ``stats.json``, ``config.json``, TensorFlow Datasets metadata
+(``dataset_info.json``, ``features.json``: ``tfds.builder_from_directory(output_dir)`` reads
+the shards; ``--no_tfds_metadata`` skips it), then ``_SUCCESS``.
 
 Runs on Beam's local FnApiRunner unless ``--runner`` is given; every read and write goes
 through Beam's FileSystems, so ``gs://`` paths and Dataflow work by flags alone (ship the code
@@ -49,6 +51,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 
 from beam_pipelines import io_utils
 from beam_pipelines.ingest import manifest as manifest_lib
+from beam_pipelines.ingest import tfds_metadata
 from beam_pipelines.ingest.config import IngestConfig, parse_args
 from beam_pipelines.ingest.manifest import ManifestRow
 from beam_pipelines.ingest.transforms import COUNTS_FILENAME, build_pipeline
@@ -144,6 +147,16 @@ def beam_counters(result) -> dict[str, int]:
     return dict(sorted(totals.items()))
 
 
+def write_tfds_metadata_if_reachable(output_dir: str) -> None:
+    """TFDS metadata beside the shards; TFDS' file layer (tf.io.gfile) cannot reach a storage
+    emulator, so there the step is skipped with a warning instead of failing a complete ingest."""
+    if output_dir.startswith("gs://") and os.environ.get("STORAGE_EMULATOR_HOST"):
+        _LOGGER.warning("ingest: STORAGE_EMULATOR_HOST is set; TFDS metadata skipped (tf.io.gfile "
+                        "cannot reach an emulator)")
+        return
+    tfds_metadata.write_tfds_metadata(output_dir)
+
+
 def run(argv=None, config: IngestConfig | None = None) -> dict:
     """Runs one ingest and returns the ``stats.json`` contents.
 
@@ -198,6 +211,8 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     })
     io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
     io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME), config.to_dict())
+    if config.tfds_metadata and stats["written"] > 0:
+        write_tfds_metadata_if_reachable(config.output_dir)
     if stats["balanced"]:
         io_utils.write_success_marker(config.output_dir)
     else:

@@ -58,6 +58,7 @@ def write_tfds_metadata(output_dir: str, description: str = "") -> None:
     import tensorflow_datasets as tfds
 
     _LOG.info("writing TFDS metadata into %s", output_dir)
+    tfds.disable_progress_bar()  # our own log line is enough; tqdm bars clutter job logs
     tfds.folder_dataset.write_metadata(
         data_dir=output_dir,
         features=describe_features(),
