@@ -53,7 +53,7 @@ def test_other_schema_version_is_refused_on_both_read_paths(tmp_path):
     with pytest.raises(tfrecords_schema.SchemaError, match="schema version 0"):
         list(image_record.read_records(path))
     dataset = tf.data.TFRecordDataset([path]).map(image_record.parse_tensors)
-    with pytest.raises(tf.errors.InvalidArgumentError, match="schema version mismatch"):
+    with pytest.raises(tf.errors.InvalidArgumentError, match="schema version mismatch.*has.*0"):
         list(dataset)
 
 

@@ -164,10 +164,10 @@ def parse_tensors(serialized: tf.Tensor) -> dict[str, tf.Tensor]:
     """
     parsed = tf.io.parse_single_example(serialized, FEATURE_SPEC)
     version = parsed[KEY_SCHEMA_VERSION]
-    check = tf.debugging.assert_equal(
-        version,
-        tf.constant(SCHEMA_VERSION, tf.int64),
-        message=f"schema version mismatch: this code reads version {SCHEMA_VERSION}",
+    # tf.Assert (not assert_equal) so that the error message carries the version it found.
+    check = tf.Assert(
+        tf.equal(version, tf.constant(SCHEMA_VERSION, tf.int64)),
+        [f"schema version mismatch: this code reads version {SCHEMA_VERSION}, the record has", version],
     )
     with tf.control_dependencies([check]):
         return {attr: tf.identity(parsed[key]) for key, attr, _ in FIELDS}

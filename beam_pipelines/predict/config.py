@@ -1,0 +1,227 @@
+"""The frozen, validated configuration of ``landmarks-predict`` and its command line.
+
+``parse_args(argv)`` splits the command line: the job's own flags go to :class:`PredictConfig`
+(through argparse's ``parse_known_args``), everything else (``--runner``,
+``--direct_running_mode``, Dataflow flags, ...) is returned untouched for Beam's
+``PipelineOptions``. Validation raises ``ValueError`` with a one-line message; nothing here
+touches files or models (the launcher resolves the model's image size and class count and
+stores them with :meth:`PredictConfig.resolved`).
+
+Where the reference features live (decision, see ``--reference_features``): by default in a
+folder *beside* the output folder, ``<parent of output_dir>/reference_features``; a folder
+inside the output folder is refused.
+``--overwrite`` empties the output folder, and the reference features are the one output worth
+keeping across runs (featurising up to 32 references per class is the most expensive step at
+scale). Runs that share a parent folder share the cache; it is reused only when its recorded
+extractor spec, references per class and reference-data files all match (see
+:mod:`beam_pipelines.predict.reference_cache`), otherwise it is recomputed in place.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import os
+import posixpath
+from typing import Optional, Sequence
+
+CROP_CHOICES = (22, 12, 2, 1)
+"""``--crops``: 22 = the recipe's views, 12 = the earlier variant (c=0.1), 2 = whole + mirror,
+1 = whole image only."""
+
+DEFAULT_REFERENCES_PER_CLASS = 32
+DEFAULT_BLEND_WEIGHT = 0.15
+DEFAULT_BATCH_IMAGES = 4
+REFERENCE_FEATURES_DIRNAME = "reference_features"
+
+
+@dataclasses.dataclass(frozen=True)
+class PredictConfig:
+    """Everything one prediction run needs (the job's flags, not Beam's).
+
+    Attributes:
+      model: path of the trained ``model.keras`` (local or ``gs://``).
+      test_data: glob of the test TFRecord shards (``image_record`` schema).
+      reference_data: glob of the reference (training) shards; records with label >= 0 are
+        candidates for the per-class reference sample.
+      output_dir: run folder for ``submission.csv``, ``scores.csv``, ``config.json``,
+        ``stats.json`` and ``_SUCCESS``.
+      label_map: path of ``label_map.csv``; default ``label_map.csv`` beside the model.
+      reference_features: folder of the reusable reference-feature TFRecords; default
+        ``<parent of output_dir>/reference_features`` (outside the output folder so that
+        ``--overwrite`` keeps it).
+      local_features: extractor spec for :func:`rescoring.local_features.make_extractor`.
+      references_per_class: K, the references featurised and compared per class.
+      crops: number of views per test image (one of :data:`CROP_CHOICES`).
+      blend_weight: w in ``final = (1 - w) * local_max_normalised + w * nn_confidence``.
+      batch_images: images per forward pass (each contributes ``crops`` views, so a batch holds
+        up to ``batch_images * crops`` views).
+      overwrite: empty a non-empty output folder instead of refusing it.
+      image_size: model input side in pixels (resolved from the model by the launcher; 0 until
+        then).
+      num_classes: model output width (resolved from the model; 0 until then).
+    """
+
+    model: str
+    test_data: str
+    reference_data: str
+    output_dir: str
+    label_map: str = ""
+    reference_features: str = ""
+    local_features: str = "default"
+    references_per_class: int = DEFAULT_REFERENCES_PER_CLASS
+    crops: int = 22
+    blend_weight: float = DEFAULT_BLEND_WEIGHT
+    batch_images: int = DEFAULT_BATCH_IMAGES
+    overwrite: bool = False
+    image_size: int = 0
+    num_classes: int = 0
+
+    def __post_init__(self):
+        for name in ("model", "test_data", "reference_data", "output_dir"):
+            if not getattr(self, name):
+                raise ValueError(f"--{name} is required")
+        if self.crops not in CROP_CHOICES:
+            raise ValueError(f"--crops must be one of {CROP_CHOICES}, got {self.crops}")
+        if self.references_per_class < 1:
+            raise ValueError(
+                f"--references_per_class must be >= 1, got {self.references_per_class}"
+            )
+        if not 0.0 <= self.blend_weight <= 1.0:
+            raise ValueError(f"--blend_weight must lie in [0, 1], got {self.blend_weight}")
+        if self.batch_images < 1:
+            raise ValueError(f"--batch_images must be >= 1, got {self.batch_images}")
+        if not self.local_features:
+            raise ValueError("--local_features must name an extractor spec")
+        if self.image_size < 0 or self.num_classes < 0:
+            raise ValueError("image_size and num_classes cannot be negative")
+        # Defaults that depend on other fields are filled here so the frozen object (and
+        # config.json) always shows the paths actually used.
+        if not self.label_map:
+            object.__setattr__(self, "label_map", _sibling(self.model, "label_map.csv"))
+        if not self.reference_features:
+            parent = _parent(self.output_dir)
+            object.__setattr__(
+                self, "reference_features", _join(parent, REFERENCE_FEATURES_DIRNAME)
+            )
+        for name in ("model", "label_map", "test_data", "reference_data"):
+            if _inside(getattr(self, name), self.output_dir):
+                raise ValueError(
+                    f"--{name} lies inside --output_dir: the run folder is emptied by "
+                    "--overwrite, keep inputs elsewhere"
+                )
+        if _inside(self.reference_features, self.output_dir):
+            raise ValueError(
+                "--reference_features must lie outside --output_dir (an --overwrite of the "
+                "output folder would delete the reusable features)"
+            )
+
+    def resolved(self, image_size: int, num_classes: int) -> "PredictConfig":
+        """A copy with the model's input size and output width filled in."""
+        if image_size < 1 or num_classes < 1:
+            raise ValueError(f"bad model geometry: image_size={image_size}, classes={num_classes}")
+        return dataclasses.replace(self, image_size=image_size, num_classes=num_classes)
+
+    def to_json_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _strip(path: str) -> str:
+    return path.rstrip("/") or path
+
+
+def _parent(path: str) -> str:
+    """Parent folder of ``path`` for local paths and ``scheme://bucket/...`` alike."""
+    path = _strip(path)
+    if "://" in path:
+        scheme, rest = path.split("://", 1)
+        if "/" not in rest:
+            raise ValueError(f"output folder {path} has no parent; pass --reference_features")
+        return f"{scheme}://{posixpath.dirname(rest)}"
+    return os.path.dirname(os.path.abspath(path))
+
+
+def _join(base: str, name: str) -> str:
+    if "://" in base:
+        return base.rstrip("/") + "/" + name
+    return os.path.join(base, name)
+
+
+def _sibling(path: str, name: str) -> str:
+    return _join(_parent(path), name)
+
+
+def _inside(path: str, folder: str) -> bool:
+    """True if ``path`` is ``folder`` or lies below it."""
+    if "://" not in path and "://" not in folder:
+        path, folder = os.path.abspath(path), os.path.abspath(folder)
+    path, folder = _strip(path), _strip(folder)
+    return path == folder or path.startswith(folder + "/")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="landmarks-predict",
+        description=(
+            "Crop voting with the trained classifier, then local-feature rescoring against "
+            "per-class reference images -> submission.csv. Unknown flags go to Beam."
+        ),
+    )
+    parser.add_argument("--model", default="", help="trained model.keras")
+    parser.add_argument("--test_data", default="", help="glob of the test TFRecord shards")
+    parser.add_argument(
+        "--reference_data", default="", help="glob of the reference (training) TFRecord shards"
+    )
+    parser.add_argument("--output_dir", default="", help="run folder for the outputs")
+    parser.add_argument(
+        "--label_map", default="", help="label_map.csv (default: beside the model file)"
+    )
+    parser.add_argument(
+        "--reference_features",
+        default="",
+        help="reusable reference-feature folder (default: <parent of output_dir>/reference_features)",
+    )
+    parser.add_argument(
+        "--local_features",
+        default="default",
+        help="extractor spec: default, delf:HANDLE, or an offline extractor name",
+    )
+    parser.add_argument(
+        "--references_per_class", type=int, default=DEFAULT_REFERENCES_PER_CLASS,
+        help="references featurised and compared per class (K)",
+    )
+    parser.add_argument(
+        "--crops", type=int, default=22, help="views per test image: 22, 12, 2 or 1"
+    )
+    parser.add_argument(
+        "--blend_weight", type=float, default=DEFAULT_BLEND_WEIGHT,
+        help="w in final = (1 - w) * local_max_normalised + w * nn_confidence",
+    )
+    parser.add_argument(
+        "--batch_images", type=int, default=DEFAULT_BATCH_IMAGES,
+        help="test images per forward pass (each brings --crops views)",
+    )
+    parser.add_argument(
+        "--overwrite", action="store_true", help="empty a non-empty output folder"
+    )
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]:
+    """Returns (job config, the remaining arguments for Beam's ``PipelineOptions``)."""
+    known, beam_args = build_parser().parse_known_args(argv)
+    config = PredictConfig(
+        model=known.model,
+        test_data=known.test_data,
+        reference_data=known.reference_data,
+        output_dir=known.output_dir,
+        label_map=known.label_map,
+        reference_features=known.reference_features,
+        local_features=known.local_features,
+        references_per_class=known.references_per_class,
+        crops=known.crops,
+        blend_weight=known.blend_weight,
+        batch_images=known.batch_images,
+        overwrite=known.overwrite,
+    )
+    return config, beam_args

@@ -1,0 +1,208 @@
+"""The reusable reference-feature folder: when to reuse it, and the Beam job that fills it.
+
+Folder layout (``--reference_features``)::
+
+    features-00000-of-0000N.tfrecord   one tfrecords_schema.local_features record per reference
+    metadata.json                      what made them (see :func:`cache_metadata`)
+    _SUCCESS                           written last
+
+The folder is reused only when ``_SUCCESS`` exists and ``metadata.json`` records the same
+extractor spec, references per class K, class count and reference-data files (paths and sizes);
+otherwise it is emptied and recomputed. The launcher logs which, and ``stats.json`` says so.
+
+Reference sample (deterministic, so reruns and other machines pick the same images): per class,
+the K records with the smallest ``sha1(image_id)`` among records with ``0 <= label <
+num_classes``. Selection runs on ids only (``Top.SmallestPerKey`` over ``(label, (sha1, id))``);
+the chosen ``(label, id)`` pairs then filter the records through a dict side input, so image
+bytes are never shuffled. At full scale that side input holds ~15k x 32 id pairs (tens of MB),
+not features.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Optional
+
+import apache_beam as beam
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines import io_utils
+from beam_pipelines.predict import transforms
+from beam_pipelines.predict.elements import DecodedImage
+from tfrecords_schema import SCHEMA_VERSION
+
+_LOG = logging.getLogger(__name__)
+
+METADATA_FILENAME = "metadata.json"
+FEATURES_PREFIX = "features"
+FEATURES_SUFFIX = ".tfrecord"
+
+
+def features_pattern(directory: str) -> str:
+    return io_utils.join(directory, f"{FEATURES_PREFIX}-*{FEATURES_SUFFIX}")
+
+
+def file_fingerprint(pattern: str) -> list[list]:
+    """``[[path, size_in_bytes], ...]`` of the files matching ``pattern``, sorted by path."""
+    try:
+        results = FileSystems.match([pattern])
+    except Exception as error:  # Beam raises BeamIOError for a bad pattern or bucket
+        raise ValueError(f"cannot list {pattern}: {error}") from error
+    return sorted([item.path, int(item.size_in_bytes)] for item in results[0].metadata_list)
+
+
+def cache_metadata(
+    extractor_spec: str, references_per_class: int, num_classes: int, reference_data: str
+) -> dict:
+    """The record that decides reuse (everything the cached features depend on)."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "extractor": extractor_spec,
+        "references_per_class": int(references_per_class),
+        "num_classes": int(num_classes),
+        "reference_data": reference_data,
+        "reference_files": file_fingerprint(reference_data),
+    }
+
+
+def reuse_decision(directory: str, wanted: dict) -> tuple[bool, str]:
+    """``(reuse, reason)``: reuse only a finished folder whose metadata equals ``wanted``."""
+    import json
+
+    if not io_utils.has_success_marker(directory):
+        return False, f"no finished reference features in {directory}"
+    metadata_path = io_utils.join(directory, METADATA_FILENAME)
+    if not io_utils.exists(metadata_path):
+        return False, f"{metadata_path} is missing"
+    try:
+        recorded = json.loads(io_utils.read_text(metadata_path))
+    except ValueError as error:
+        return False, f"{metadata_path} is not valid JSON ({error})"
+    recorded_cmp = {key: recorded.get(key) for key in wanted if key != "reference_files"}
+    wanted_cmp = {key: value for key, value in wanted.items() if key != "reference_files"}
+    if recorded_cmp != wanted_cmp:
+        differing = sorted(key for key in wanted_cmp if recorded_cmp.get(key) != wanted_cmp[key])
+        return False, f"recorded {', '.join(differing)} differ from this run's"
+    if [list(item) for item in recorded.get("reference_files", [])] != wanted["reference_files"]:
+        return False, "the reference-data files changed (paths or sizes)"
+    if not io_utils.match(features_pattern(directory)):
+        return False, f"no feature shards in {directory}"
+    return True, "extractor, K, classes and reference files match"
+
+
+def clear_for_recompute(directory: str) -> None:
+    """Empties ``directory`` for a recomputation, refusing a folder that is not a cache.
+
+    A non-empty folder without ``metadata.json`` is probably not ours (a typo in
+    ``--reference_features``): deleting it would be a nasty surprise.
+    """
+    metadata_path = io_utils.join(directory, METADATA_FILENAME)
+    contents = io_utils.match(io_utils.join(directory, "*"))
+    if contents and not io_utils.exists(metadata_path):
+        raise ValueError(
+            f"--reference_features {directory} holds files but no {METADATA_FILENAME}; "
+            "refusing to delete them, choose another folder"
+        )
+    io_utils.prepare_output_dir(directory, overwrite=True)
+
+
+def finish(directory: str, metadata: dict, num_written: Optional[int]) -> None:
+    """Writes ``metadata.json`` then ``_SUCCESS`` after the featurisation job finished."""
+    metadata = dict(metadata, num_features_records=num_written)
+    io_utils.write_json(io_utils.join(directory, METADATA_FILENAME), metadata)
+    io_utils.write_success_marker(directory)
+
+
+# ---- the Beam part -------------------------------------------------------------------------
+
+
+def _is_candidate(record, num_classes: int) -> bool:
+    return 0 <= record.label < num_classes
+
+
+def _selection_key(record) -> tuple[int, tuple[str, str]]:
+    return int(record.label), (transforms.reference_sort_key(record.image_id), record.image_id)
+
+
+def _selected_pairs(element) -> list[tuple[tuple[int, str], bool]]:
+    label, chosen = element
+    return [((label, image_id), True) for _, image_id in chosen]
+
+
+def _is_selected(record, selected) -> bool:
+    return (int(record.label), record.image_id) in selected
+
+
+class ParseRecord(beam.DoFn):
+    """Serialised ``image_record`` -> ``ImageRecord`` (JPEG still encoded); bad ones counted."""
+
+    def __init__(self):
+        self._bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "reference_unparseable")
+
+    def process(self, serialized: bytes):
+        from tfrecords_schema import SchemaError, image_record
+
+        try:
+            yield image_record.parse_record(serialized)
+        except SchemaError as error:
+            self._bad.inc()
+            _LOG.warning("reference record skipped: %s", error)
+
+
+class DecodeRecord(beam.DoFn):
+    """``ImageRecord`` -> ``DecodedImage``; an undecodable reference is counted and dropped."""
+
+    def __init__(self):
+        self._bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "reference_unreadable")
+
+    def process(self, record):
+        try:
+            image = transforms.decode_rgb(record.jpeg_bytes)
+        except ValueError as error:
+            self._bad.inc()
+            _LOG.warning("reference %s skipped: %s", record.image_id, error)
+            return
+        yield DecodedImage(record.image_id, int(record.label), image)
+
+
+def _serialize(keyed_record) -> bytes:
+    from tfrecords_schema.local_features import serialize_features
+
+    return serialize_features(keyed_record[1])
+
+
+class FeaturiseReferences(beam.PTransform):
+    """Reference shards -> deterministic per-class sample -> local features -> TFRecords."""
+
+    def __init__(self, reference_data: str, output_dir: str, extractor_spec: str,
+                 references_per_class: int, num_classes: int):
+        super().__init__()
+        self._reference_data = reference_data
+        self._output_dir = output_dir
+        self._spec = extractor_spec
+        self._k = references_per_class
+        self._num_classes = num_classes
+
+    def expand(self, pipeline):
+        records = (
+            pipeline
+            | "ReadReferences" >> beam.io.ReadFromTFRecord(self._reference_data)
+            | "ParseReferences" >> beam.ParDo(ParseRecord())
+            | "KeepLabelled" >> beam.Filter(_is_candidate, self._num_classes)
+        )
+        selected = (
+            records
+            | "SelectionKeys" >> beam.Map(_selection_key)
+            | "SmallestSha1PerClass" >> beam.combiners.Top.SmallestPerKey(self._k)
+            | "SelectedPairs" >> beam.FlatMap(_selected_pairs)
+        )
+        return (
+            records
+            | "KeepSelected" >> beam.Filter(_is_selected, beam.pvalue.AsDict(selected))
+            | "DecodeReferences" >> beam.ParDo(DecodeRecord())
+            | "ReferenceFeatures" >> beam.ParDo(transforms.ExtractFeatures(self._spec, "reference"))
+            | "SerializeFeatures" >> beam.Map(_serialize)
+            | "WriteFeatures" >> beam.io.WriteToTFRecord(
+                io_utils.join(self._output_dir, FEATURES_PREFIX), file_name_suffix=FEATURES_SUFFIX
+            )
+        )

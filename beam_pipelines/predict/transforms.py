@@ -1,0 +1,314 @@
+"""The prediction job's steps: DoFns and composite PTransforms around ``rescoring`` functions.
+
+Each DoFn adapts one pure function (decode, make views, vote, extract, count inliers,
+aggregate, blend) to Beam: it unpacks the element, calls the function, counts the outcome with
+a Beam counter, and routes bad input to a tagged output instead of failing the job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+import tensorflow as tf
+from apache_beam.metrics import Metrics
+from PIL import Image, UnidentifiedImageError
+
+from beam_pipelines.predict.elements import (
+    STATUS_NO_FEATURES,
+    STATUS_NO_REFERENCES,
+    STATUS_SCORED,
+    STATUS_UNREADABLE,
+    DecodedImage,
+    FinalRow,
+    ScoredImage,
+    TestQuery,
+    Unreadable,
+    Vote,
+)
+from rescoring import crops, local_features, scores, verification, voting
+from tfrecords_schema import SchemaError, image_record
+from tfrecords_schema.local_features import FeatureRecord
+
+_LOG = logging.getLogger(__name__)
+NAMESPACE = "landmarks_predict"
+
+TAG_UNREADABLE = "unreadable"
+PROGRESS_EVERY = 500  # images per worker between progress log lines
+TAG_UNPARSEABLE = "unparseable"
+
+# Decoded images are already normalised by ingestion (RGB, upright, bounded size); this bound
+# only protects a worker from a hostile record that bypassed ingestion.
+_MAX_PIXELS = 64_000_000
+
+
+def decode_rgb(jpeg_bytes: bytes) -> np.ndarray:
+    """JPEG (or any Pillow format) bytes -> uint8 ``[H, W, 3]`` RGB.
+
+    Raises:
+      ValueError: the bytes are not a readable image, or the image is absurdly large.
+    """
+    try:
+        with Image.open(io.BytesIO(jpeg_bytes)) as image:
+            if image.width * image.height > _MAX_PIXELS:
+                raise ValueError(f"image of {image.width}x{image.height} pixels is too large")
+            return np.asarray(image.convert("RGB"), dtype=np.uint8)
+    except (UnidentifiedImageError, OSError, SyntaxError) as error:
+        raise ValueError(f"undecodable image: {error}") from error
+
+
+def record_id_if_any(serialized: bytes) -> Optional[str]:
+    """The ``image/id`` of a record that failed full parsing, if it still holds one."""
+    try:
+        feature = tf.train.Example.FromString(serialized).features.feature
+    except Exception:  # protobuf's DecodeError has no stable public type
+        return None
+    values = feature[image_record.KEY_ID].bytes_list.value if image_record.KEY_ID in feature else []
+    if len(values) != 1:
+        return None
+    try:
+        return values[0].decode("utf-8") or None
+    except UnicodeDecodeError:
+        return None
+
+
+class ParseAndDecode(beam.DoFn):
+    """Serialised ``image_record`` -> ``DecodedImage``.
+
+    Tagged outputs: ``unreadable`` -> ``Unreadable`` (the id is known: the image still gets a
+    row), ``unparseable`` -> a reason string (not even an id: counted and logged).
+    """
+
+    def __init__(self, role: str):
+        self._role = role
+        self._decoded = Metrics.counter(NAMESPACE, f"{role}_decoded")
+        self._unreadable = Metrics.counter(NAMESPACE, f"{role}_unreadable")
+        self._unparseable = Metrics.counter(NAMESPACE, f"{role}_unparseable")
+
+    def process(self, serialized: bytes):
+        try:
+            record = image_record.parse_record(serialized)
+        except SchemaError as error:
+            image_id = record_id_if_any(serialized)
+            if image_id is None:
+                self._unparseable.inc()
+                _LOG.warning("%s record without a readable id skipped: %s", self._role, error)
+                yield beam.pvalue.TaggedOutput(TAG_UNPARSEABLE, str(error))
+            else:
+                self._unreadable.inc()
+                yield beam.pvalue.TaggedOutput(TAG_UNREADABLE, Unreadable(image_id, str(error)))
+            return
+        try:
+            image = decode_rgb(record.jpeg_bytes)
+        except ValueError as error:
+            self._unreadable.inc()
+            _LOG.warning("%s image %s unreadable: %s", self._role, record.image_id, error)
+            yield beam.pvalue.TaggedOutput(TAG_UNREADABLE, Unreadable(record.image_id, str(error)))
+            return
+        self._decoded.inc()
+        yield DecodedImage(record.image_id, int(record.label), image)
+
+
+def make_views_keyed(image: DecodedImage, image_size: int, crop_spec):
+    """``DecodedImage`` -> ``(image_id, views uint8 [V, S, S, 3])`` for the keyed model handler."""
+    return image.image_id, crops.make_views(image.image, image_size, crop_spec, dtype=np.uint8)
+
+
+def vote_keyed(keyed_result):
+    """``(image_id, PredictionResult with [V, C] probabilities)`` -> ``(image_id, Vote)``."""
+    image_id, result = keyed_result
+    class_index, confidence = voting.vote(np.asarray(result.inference))
+    return image_id, Vote(int(class_index), float(confidence))
+
+
+class ExtractFeatures(beam.DoFn):
+    """``DecodedImage`` -> ``(image_id, FeatureRecord)``; the extractor is made once per worker.
+
+    An extractor error on one image yields a record with no features (counted), so the image
+    keeps its classifier score instead of failing the job.
+    """
+
+    def __init__(self, spec: str, role: str):
+        self._spec = spec
+        self._role = role
+        self._extractor = None
+        self._features = Metrics.distribution(NAMESPACE, f"{role}_features_per_image")
+        self._failed = Metrics.counter(NAMESPACE, f"{role}_extraction_failed")
+
+    def setup(self):
+        self._count = 0
+        self._extractor = local_features.make_extractor(self._spec)
+
+    def process(self, image: DecodedImage):
+        try:
+            locations, descriptors = self._extractor.extract(image.image)
+        # Any extractor failure (OpenCV's cv2.error, TF's OpError, ValueError) on one image is
+        # counted and logged; the image keeps its classifier score instead of failing the job.
+        except Exception as error:  # noqa: BLE001
+            self._failed.inc()
+            _LOG.warning("features of %s %s failed: %s", self._role, image.image_id, error)
+            locations = np.zeros((0, 2), np.float32)
+            descriptors = np.zeros((0, 1), np.float32)
+        self._features.update(int(len(locations)))
+        self._count += 1
+        if self._count % PROGRESS_EVERY == 0:
+            _LOG.info("%s features: %d images done in this worker", self._role, self._count)
+        yield image.image_id, FeatureRecord(
+            image_id=image.image_id,
+            label=int(image.label),
+            extractor=self._extractor.spec,
+            locations=locations,
+            descriptors=descriptors,
+        )
+
+
+def join_vote_and_features(element):
+    """``(image_id, {"votes": [Vote], "features": [FeatureRecord]})`` -> ``(class, TestQuery)``.
+
+    Keyed by the predicted class for the join with that class's references. A duplicated test
+    id (two records with one id) keeps one deterministic pair: the most confident vote and the
+    record with most features.
+    """
+    image_id, grouped = element
+    votes = sorted(grouped["votes"], key=lambda vote: (-vote.confidence, vote.class_index))
+    if not votes:
+        return
+    records = sorted(grouped["features"], key=lambda record: -record.num_features)
+    if records:
+        locations, descriptors = records[0].locations, records[0].descriptors
+    else:
+        locations, descriptors = np.zeros((0, 2), np.float32), np.zeros((0, 1), np.float32)
+    yield votes[0].class_index, TestQuery(image_id, votes[0], locations, descriptors)
+
+
+class ScoreAgainstReferences(beam.DoFn):
+    """``(class, {"tests": [TestQuery], "references": [FeatureRecord]})`` -> ``ScoredImage``s.
+
+    Holds one class's references at a time (the CoGroupByKey's group), never all of them. Each
+    test image is compared with every reference of its predicted class; the counts are
+    aggregated (max, mean, mean of the best half) by :mod:`rescoring.scores`.
+    """
+
+    def __init__(self, verification_params):
+        self._params = verification_params
+        self._outcomes = {
+            status: Metrics.counter(NAMESPACE, f"test_{status}")
+            for status in (STATUS_SCORED, STATUS_NO_REFERENCES, STATUS_NO_FEATURES)
+        }
+        self._comparisons = Metrics.counter(NAMESPACE, "comparisons")
+
+    def process(self, element):
+        class_index, grouped = element
+        references = unique_references(grouped["references"])
+        _LOG.debug("class %s: %d references", class_index, len(references))
+        for query in grouped["tests"]:
+            counts: list[int] = []
+            if query.num_features == 0:
+                status = STATUS_NO_FEATURES
+            elif not references:
+                status = STATUS_NO_REFERENCES
+            else:
+                status = STATUS_SCORED
+                for reference in references:
+                    counts.append(
+                        verification.count_inliers(
+                            query.locations,
+                            query.descriptors,
+                            reference.locations,
+                            reference.descriptors,
+                            self._params,
+                        )
+                    )
+                self._comparisons.inc(len(references))
+            local_max, local_mean, local_best_half = aggregate_counts(counts)
+            self._outcomes[status].inc()
+            yield ScoredImage(
+                image_id=query.image_id,
+                status=status,
+                class_index=int(class_index),
+                nn_confidence=float(query.vote.confidence),
+                local_max=local_max,
+                local_mean=local_mean,
+                local_best_half=local_best_half,
+                num_features=query.num_features,
+                num_references=len(references),
+            )
+
+
+def unique_references(records) -> list:
+    """One class's reference records with features, one per image id, in id order.
+
+    A reference image present twice in the reference data would otherwise count twice in the
+    mean and best-half columns.
+    """
+    by_id = {}
+    for record in records:
+        if record.num_features > 0 and record.image_id not in by_id:
+            by_id[record.image_id] = record
+    return [by_id[image_id] for image_id in sorted(by_id)]
+
+
+def aggregate_counts(counts: list[int]) -> tuple[float, float, float]:
+    """(max, mean, best-half mean) of one image's inlier counts; zeros without comparisons."""
+    return tuple(float(value) for value in scores.aggregate(np.asarray(counts, np.float64)))
+
+
+def unreadable_to_scored(unreadable: Unreadable):
+    """An unreadable test image: no prediction, every score 0."""
+    return ScoredImage(unreadable.image_id, STATUS_UNREADABLE, None, 0.0, 0.0, 0.0, 0.0, 0, 0)
+
+
+class MaxScoresFn(beam.CombineFn):
+    """Global maxima of the three local-score columns over the test set: ``(max, mean, half)``."""
+
+    def create_accumulator(self):
+        return (0.0, 0.0, 0.0)
+
+    def add_input(self, accumulator, scored: ScoredImage):
+        return (
+            max(accumulator[0], scored.local_max),
+            max(accumulator[1], scored.local_mean),
+            max(accumulator[2], scored.local_best_half),
+        )
+
+    def merge_accumulators(self, accumulators):
+        accumulators = list(accumulators)
+        return tuple(max(values) for values in zip(*accumulators)) if accumulators else (0.0,) * 3
+
+    def extract_output(self, accumulator):
+        return accumulator
+
+
+def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
+    """Normalises one image's local scores by the test-set maxima, blends, maps labels back.
+
+    ``landmark_ids`` is the label map's tuple (class index -> original landmark id).
+    """
+    if scored.class_index is None:
+        return FinalRow(scored.image_id, scored.status, None, 0.0, 0.0, 0.0, 0.0, 0.0, None,
+                        scored.num_features, scored.num_references)
+    local_max_normalised = float(scores.normalise(scored.local_max, maxima[0]))
+    final = scores.blend(local_max_normalised, scored.nn_confidence, blend_weight)
+    landmark_id = int(landmark_ids[scored.class_index])
+    return FinalRow(
+        image_id=scored.image_id,
+        status=scored.status,
+        nn_label=landmark_id,
+        nn_confidence=scored.nn_confidence,
+        local_max=scored.local_max,
+        local_mean=scored.local_mean,
+        local_best_half=scored.local_best_half,
+        final_score=float(final),
+        label=landmark_id,
+        num_features=scored.num_features,
+        num_references=scored.num_references,
+    )
+
+
+def reference_sort_key(image_id: str) -> str:
+    """The deterministic sampling key of a reference image: ``sha1(id)`` in hex."""
+    return hashlib.sha1(image_id.encode("utf-8")).hexdigest()

@@ -1,0 +1,448 @@
+"""tf.data input pipeline: image-record shards -> ``(images [B, S, S, 3] in [-1, 1], labels [B])``.
+
+Steps, per input pipeline (one per worker under tf.distribute):
+
+1. :func:`list_files` (sorted glob) and :func:`shard_files`: each pipeline reads its own files
+   (``files[pipeline_id::num_pipelines]``); with fewer files than pipelines, every pipeline reads
+   all files and keeps every n-th record instead (logged warning).
+2. Parallel interleave over files, parse with ``tfrecords_schema.image_record.parse_tensors``
+   (which checks the schema version in-graph), check labels against ``num_classes``.
+3. Optional class-balanced epochs (:func:`balanced_thresholds`): at most K images per class
+   per epoch, non-landmarks (-1) being one more class.
+4. Shuffle (training), repeat (optional), decode + augment (:mod:`trainer.augment`) or decode +
+   resize (eval), scale to [-1, 1] with the shared :class:`~trainer.preprocessing.ImageContract`,
+   batch, prefetch.
+
+Labels stay class indices (int64, -1 = non-landmark): the loss turns them into targets, so no
+15k-wide dense target is ever built on the host (``one_hot(-1, C)`` is the all-zero target).
+
+Bad input fails with one line, not a stack trace. A corrupt record is **not skipped**: records
+come from our own ingest, so a corrupt one means a damaged file, and silently training on fewer
+images would hide it. The pipeline fails and :func:`explain_data_error` names the file and the
+record position (:func:`locate_bad_record`); the training loop raises ``DataError(message)``.
+"""
+
+from __future__ import annotations
+
+import collections
+import logging
+import re
+
+import numpy as np
+import tensorflow as tf
+
+import tfrecords_schema
+from tfrecords_schema import image_record
+from trainer import augment as augment_lib
+from trainer.preprocessing import ImageContract
+
+logger = logging.getLogger(__name__)
+
+AUTOTUNE = tf.data.AUTOTUNE
+LABEL_MISMATCH = "the label map does not match the records"
+_HASH_BUCKETS = 2**62  # 62-bit keys: collisions within one class are negligible (n^2 / 2^63)
+_INT64_MIN = np.iinfo(np.int64).min
+
+
+class DataError(ValueError):
+    """The training data cannot be read as asked (message is one line, meant for the user)."""
+
+
+# ---------------------------------------------------------------------------------------------
+# Files and labels.
+
+
+def list_files(file_pattern: str) -> list[str]:
+    """Sorted files matching ``file_pattern`` (local or ``gs://``).
+
+    Raises:
+      FileNotFoundError: nothing matches.
+    """
+    files = sorted(tf.io.gfile.glob(file_pattern))
+    if not files:
+        raise FileNotFoundError(f"no TFRecord files match {file_pattern!r}")
+    return files
+
+
+def _files(file_pattern_or_files) -> list[str]:
+    if isinstance(file_pattern_or_files, (list, tuple)):
+        if not file_pattern_or_files:
+            raise FileNotFoundError("no TFRecord files given")
+        return sorted(file_pattern_or_files)
+    return list_files(file_pattern_or_files)
+
+
+def _parse_only(files: list[str], keys: dict[str, tf.io.FixedLenFeature], batch_size=4096):
+    """Yields dicts of numpy arrays with only ``keys`` parsed, in batches (cheap: no decode)."""
+    dataset = (
+        tf.data.Dataset.from_tensor_slices(files)
+        .interleave(tf.data.TFRecordDataset, cycle_length=4, num_parallel_calls=AUTOTUNE,
+                    deterministic=True)
+        .batch(batch_size)
+        .map(lambda serialized: tf.io.parse_example(serialized, keys), num_parallel_calls=AUTOTUNE)
+        .prefetch(2)
+    )
+    yield from dataset.as_numpy_iterator()
+
+
+def count_labels(file_pattern) -> dict[int, int]:
+    """Images per class index (``-1`` = non-landmark), parsing only the label of each record.
+
+    Args:
+      file_pattern: glob, or a list of files.
+    """
+    counts: collections.Counter = collections.Counter()
+    spec = {image_record.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64)}
+    for batch in _parse_only(_files(file_pattern), spec):
+        values, numbers = np.unique(batch[image_record.KEY_LABEL], return_counts=True)
+        counts.update(dict(zip(values.tolist(), numbers.tolist())))
+    return dict(sorted(counts.items()))
+
+
+def check_labels(counts: dict[int, int], num_classes: int) -> None:
+    """Raises :class:`DataError` unless every label is -1 or in ``[0, num_classes)``."""
+    bad = sorted(label for label in counts if label < -1 or label >= num_classes)
+    if bad:
+        raise DataError(
+            f"{LABEL_MISMATCH}: {len(bad)} label value(s) outside [-1, {num_classes}) "
+            f"(e.g. {bad[:5]}, {sum(counts[b] for b in bad)} images); "
+            "use the label_map.csv written by the same ingest run"
+        )
+
+
+def shard_files(files: list[str], input_context) -> tuple[list[str], bool]:
+    """This pipeline's files, and whether records must be sharded instead of files.
+
+    Returns ``(files, False)`` with ``files[pipeline_id::num_pipelines]`` when there are at least
+    as many files as pipelines; otherwise ``(all files, True)``: each pipeline then keeps every
+    ``num_pipelines``-th record (reads everything, so it is slower; logged).
+    """
+    if input_context is None or input_context.num_input_pipelines <= 1:
+        return list(files), False
+    count, index = input_context.num_input_pipelines, input_context.input_pipeline_id
+    if len(files) >= count:
+        return list(files[index::count]), False
+    logger.warning(
+        "only %d file(s) for %d input pipelines: sharding by record instead of by file "
+        "(every pipeline reads every file); write more shards to avoid this", len(files), count)
+    return list(files), True
+
+
+# ---------------------------------------------------------------------------------------------
+# Class-balanced epochs.
+
+
+def _fingerprint(image_ids: tf.Tensor) -> tf.Tensor:
+    return tf.strings.to_hash_bucket_fast(image_ids, _HASH_BUCKETS)
+
+
+def epoch_keys(fingerprints: tf.Tensor, salt: tf.Tensor) -> tf.Tensor:
+    """Per-epoch random-looking int64 key of each image: a hash of (id fingerprint, epoch salt).
+
+    The same function serves the threshold computation (all images at once) and the filter
+    (one image in-graph), so both see identical keys.
+    """
+    text = tf.strings.join(
+        [tf.strings.as_string(fingerprints), tf.strings.as_string(tf.cast(salt, tf.int64))], "/")
+    return tf.strings.to_hash_bucket_fast(text, _HASH_BUCKETS)
+
+
+def balanced_thresholds(labels: tf.Tensor, keys: tf.Tensor, max_per_class: int,
+                        num_slots: int) -> tf.Tensor:
+    """Per class the largest key kept: ``[num_slots]`` int64, slot = label + 1.
+
+    Within each class the images are ranked by key; the ``max_per_class`` smallest keys are
+    kept, so an image is kept iff ``key <= threshold[label + 1]``. With distinct keys this keeps
+    exactly ``min(count, K)`` images of each class. Keys are 62-bit hashes of distinct image ids,
+    so they are distinct unless an id occurs twice in the data (ingest keeps ids unique; a
+    duplicated id would be kept or dropped with its twin). Slots of absent classes hold int64 min.
+
+    Args:
+      labels: int64 ``[N]`` labels (-1 .. C-1) of all images; keys: int64 ``[N]``.
+    """
+    slots = tf.cast(labels, tf.int64) + 1
+    by_key = tf.argsort(keys, stable=True)
+    order = tf.gather(by_key, tf.argsort(tf.gather(slots, by_key), stable=True))
+    sorted_slots, sorted_keys = tf.gather(slots, order), tf.gather(keys, order)
+    class_start = tf.searchsorted(sorted_slots, sorted_slots, side="left")
+    rank = tf.range(tf.size(slots, out_type=tf.int64), dtype=tf.int64) - tf.cast(class_start, tf.int64)
+    kept = tf.where(rank < max_per_class, sorted_keys, tf.constant(_INT64_MIN, tf.int64))
+    thresholds = tf.math.unsorted_segment_max(kept, sorted_slots, num_slots)
+    return tf.maximum(thresholds, _INT64_MIN)  # empty segments give the dtype's lowest value
+
+
+def _label_fingerprints(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
+    """Labels and id fingerprints of all records (a read of all files, no decode)."""
+    spec = {image_record.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64),
+            image_record.KEY_ID: tf.io.FixedLenFeature([], tf.string)}
+    labels, fingerprints = [], []
+    for batch in _parse_only(files, spec):
+        labels.append(batch[image_record.KEY_LABEL])
+        fingerprints.append(_fingerprint(batch[image_record.KEY_ID]).numpy())
+    return np.concatenate(labels), np.concatenate(fingerprints)
+
+
+# ---------------------------------------------------------------------------------------------
+# The dataset.
+
+
+def _check_first_record(files: list[str]) -> None:
+    """Fails early, in one line, on a schema-version mismatch or a non-record first file."""
+    for path in files:
+        try:
+            first = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
+        except tf.errors.OpError as error:
+            raise DataError(f"{path}: not a readable TFRecord file ({_first_line(error)})") from None
+        if first:
+            try:
+                image_record.parse_record(first[0])
+            except tfrecords_schema.SchemaError as error:
+                raise DataError(f"{path}: {error}") from None
+            return
+
+
+def _parse_fn(num_classes):
+    def parse(serialized):
+        record = image_record.parse_tensors(serialized)
+        label = record["label"]
+        checks = [tf.debugging.assert_greater_equal(
+            label, tf.constant(-1, tf.int64), message=f"{LABEL_MISMATCH}: a label is below -1")]
+        if num_classes is not None:
+            checks.append(tf.debugging.assert_less(
+                label, tf.constant(num_classes, tf.int64),
+                message=f"{LABEL_MISMATCH}: a label is >= num_classes ({num_classes})"))
+        with tf.control_dependencies(checks):
+            label = tf.identity(label)
+        return {"jpeg": record["jpeg_bytes"], "label": label, "image_id": record["image_id"]}
+    return parse
+
+
+def _records(files, parse, *, training, seed, deterministic, element_shard, input_context):
+    """Parsed records of ``files`` (dicts with ``jpeg``, ``label``, ``image_id``)."""
+    file_names = tf.data.Dataset.from_tensor_slices(files)
+    if training and not element_shard:
+        file_names = file_names.shuffle(len(files), seed=seed, reshuffle_each_iteration=True)
+    records = file_names.interleave(
+        tf.data.TFRecordDataset,
+        cycle_length=min(len(files), 8),
+        block_length=1,
+        num_parallel_calls=AUTOTUNE,
+        # Record sharding needs the same record order in every pipeline.
+        deterministic=deterministic or element_shard,
+    )
+    if element_shard:
+        records = records.shard(input_context.num_input_pipelines, input_context.input_pipeline_id)
+    return records.map(parse, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+
+
+def make_dataset(
+    file_pattern,
+    *,
+    contract: ImageContract,
+    batch_size: int,
+    training: bool,
+    augment: augment_lib.AugmentParams | None = None,
+    num_classes: int | None = None,
+    shuffle_buffer: int = 1024,
+    seed: int | None = None,
+    deterministic: bool = False,
+    input_context: tf.distribute.InputContext | None = None,
+    max_images_per_class: int | None = None,
+    repeat: bool = False,
+    drop_remainder: bool | None = None,
+) -> tf.data.Dataset:
+    """The input pipeline: ``(images float32 [B, S, S, 3] in [-1, 1], labels int64 [B])``.
+
+    Args:
+      file_pattern: glob of image-record shards (local or ``gs://``), or a list of files.
+      contract: the shared resize/scale contract (``S = contract.image_size``).
+      batch_size: images per batch *of this pipeline* (under tf.distribute: the per-replica
+        batch, ``input_context.get_per_replica_batch_size(global_batch)``).
+      training: shuffle files and records; drop the last partial batch by default.
+      augment: the recipe's augmentation, or None for decode + resize only (eval mode).
+      num_classes: if given, a label >= num_classes fails the pipeline (one-line message via
+        :func:`explain_data_error`).
+      shuffle_buffer: records in the shuffle buffer (serialized JPEGs: ~50 KB each at 512 px).
+      seed: seeds file/record shuffling, augmentation and class balancing. Each iteration of
+        the dataset (each Keras epoch) draws new values, reproducibly given the seed.
+      deterministic: keep element order fixed in parallel maps/interleave; with a seed, two
+        runs then yield identical batches (tests).
+      input_context: ``tf.distribute.InputContext``: shard by file (see :func:`shard_files`).
+      max_images_per_class: class-balanced epochs: at most K images per class per epoch
+        (non-landmarks are one more class), a different selection each epoch. Reads the labels
+        and ids of all files once when the dataset is built.
+      repeat: repeat forever (each repetition is a new epoch, with a new balanced selection).
+      drop_remainder: default ``training``.
+
+    Raises:
+      FileNotFoundError: no file matches. DataError: schema-version mismatch in the first
+        record, or labels/arguments that cannot work. ValueError: bad arguments.
+    """
+    if batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {batch_size}")
+    if shuffle_buffer < 1:
+        raise ValueError(f"shuffle_buffer must be >= 1, got {shuffle_buffer}")
+    if num_classes is not None and num_classes < 1:
+        raise ValueError(f"num_classes must be >= 1, got {num_classes}")
+    if max_images_per_class is not None and max_images_per_class < 1:
+        raise ValueError(f"max_images_per_class must be >= 1, got {max_images_per_class}")
+    if drop_remainder is None:
+        drop_remainder = training
+
+    all_files = _files(file_pattern)
+    _check_first_record(all_files)
+    files, element_shard = shard_files(all_files, input_context)
+    parse = _parse_fn(num_classes)
+
+    def records():
+        return _records(files, parse, training=training, seed=seed, deterministic=deterministic,
+                        element_shard=element_shard, input_context=input_context)
+
+    if max_images_per_class is None:
+        dataset = records()
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+        if repeat:
+            dataset = dataset.repeat()
+    else:
+        dataset = _balanced(records, all_files, max_images_per_class, seed, repeat)
+        if training:
+            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+
+    # One stateless seed [2] per element; new values on each iteration, reproducible with seed.
+    element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+    dataset = tf.data.Dataset.zip((dataset, element_seeds))
+
+    def to_example(record, element_seed):
+        if augment is None:
+            image = contract.resize(tf.io.decode_jpeg(record["jpeg"], channels=3))
+        else:
+            image = augment_lib.augment_jpeg(record["jpeg"], element_seed, augment, contract)
+        image = tf.ensure_shape(contract.scale(image), [contract.image_size] * 2 + [3])
+        return image, record["label"]
+
+    dataset = dataset.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    options = tf.data.Options()
+    options.deterministic = deterministic
+    if input_context is not None:
+        # We sharded ourselves; tf.distribute must not shard again.
+        options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
+    return dataset.with_options(options).prefetch(AUTOTUNE)
+
+
+def _balanced(records, all_files, max_per_class, seed, repeat):
+    """Epochs of at most ``max_per_class`` images per class, a new selection per epoch.
+
+    Thresholds come from the labels/ids of *all* files with the same salt on every pipeline,
+    so the cap holds for the global epoch even when pipelines read different files. The salt
+    sequence is seeded (seed 0 when ``seed`` is None) so that all pipelines agree.
+    """
+    labels, fingerprints = _label_fingerprints(all_files)
+    if labels.size == 0:
+        raise DataError("class-balanced epochs asked for, but the files hold no records")
+    num_slots = int(labels.max()) + 2
+    all_labels = tf.constant(labels, tf.int64)
+    all_fingerprints = tf.constant(fingerprints, tf.int64)
+    logger.info("class-balanced epochs: %d images, %d classes incl. non-landmark, cap %d",
+                labels.size, np.unique(labels).size, max_per_class)
+
+    def one_epoch(salt):
+        thresholds = balanced_thresholds(
+            all_labels, epoch_keys(all_fingerprints, salt), max_per_class, num_slots)
+
+        def keep(record):
+            slot = tf.minimum(record["label"] + 1, num_slots - 1)
+            key = epoch_keys(_fingerprint(record["image_id"]), salt)
+            return key <= tf.gather(thresholds, slot)
+
+        return records().filter(keep)
+
+    salts = tf.data.Dataset.random(
+        seed=0 if seed is None else seed, rerandomize_each_iteration=True)
+    if not repeat:
+        salts = salts.take(1)
+    return salts.flat_map(one_epoch)
+
+
+# ---------------------------------------------------------------------------------------------
+# Errors in one line.
+
+_NOISE = re.compile(r"\{\{function_node [^}]*\}\}\s*|\s*\[\[\{\{node [^]]*\]\]|\s*\[Op:\w+\].*$")
+
+
+def _first_line(error: BaseException) -> str:
+    text = getattr(error, "message", None) or str(error)
+    lines = [line for line in text.splitlines() if line.strip()]
+    line = lines[0] if lines else type(error).__name__
+    return _NOISE.sub("", line).strip()
+
+
+def locate_bad_record(file_pattern, check: str = "images"):
+    """Finds the first record that cannot be read: ``(path, record_index, reason)`` or None.
+
+    Reads the files one by one in name order. ``check``: ``"frames"`` (TFRecord framing and
+    checksums only), ``"examples"`` (also parse and schema version), ``"images"`` (also decode
+    the JPEG). Slow (a full read up to the bad record): meant for the failure path only.
+    """
+    if check not in ("frames", "examples", "images"):
+        raise ValueError(f"check must be frames, examples or images, got {check!r}")
+
+    def validate(serialized):
+        if check == "frames":
+            return tf.constant(True)
+        record = image_record.parse_tensors(serialized)
+        if check == "images":
+            return tf.reduce_all(tf.shape(tf.io.decode_jpeg(record["jpeg_bytes"], channels=3)) > 0)
+        return tf.constant(True)
+
+    for path in _files(file_pattern):
+        index = 0
+        try:
+            for _ in tf.data.TFRecordDataset(path).map(validate).as_numpy_iterator():
+                index += 1
+        except tf.errors.OpError as error:
+            return path, index, _first_line(error)
+    return None
+
+
+def explain_data_error(error: BaseException, file_pattern=None) -> str:
+    """One line for the user from an error raised while iterating :func:`make_dataset`.
+
+    Recognises schema-version mismatches, labels outside the label map, corrupt TFRecord
+    framing, unparsable examples and undecodable JPEGs. With ``file_pattern`` a corrupt record
+    is located (file and record index, by :func:`locate_bad_record`; slow, failure path only).
+    Anything else comes back as its first line without TensorFlow's node noise.
+    """
+    if isinstance(error, (DataError, FileNotFoundError)):
+        return _first_line(error)
+    line = _first_line(error)
+    where = f" in {file_pattern!r}" if file_pattern else ""
+    if "schema version mismatch" in line:
+        found = locate_bad_record(file_pattern, "examples") if file_pattern else None
+        message = (f"another schema version than this code reads (version "
+                   f"{tfrecords_schema.SCHEMA_VERSION}); re-run landmarks-ingest")
+        if found and "schema version" in found[2]:
+            return f"{found[0]}, record #{found[1]} (0-based): {message}"
+        if found:  # an earlier, different problem stops the scan: report both
+            return (f"records{where}: {message}; first unreadable record: {found[0]}, "
+                    f"record #{found[1]} (0-based): {found[2]}")
+        return f"records{where}: {message}"
+    if LABEL_MISMATCH in line:
+        reason = line[line.index(LABEL_MISMATCH):].split("]")[0]
+        value = re.search(r"\[x \([^)]*\) = \] \[(-?\d+)", line)
+        found = f" (label {value.group(1)})" if value else ""
+        return f"{reason}{found}{where}; use the label_map.csv written by the same ingest run"
+    if isinstance(error, tf.errors.DataLossError):
+        check, what = "frames", "corrupt or truncated TFRecord data"
+    elif "jpeg" in line.lower() or "image" in line.lower():
+        check, what = "images", "an image that cannot be decoded"
+    elif "parse" in line.lower() or "Feature" in line:
+        check, what = "examples", "a record that is not an image record"
+    else:
+        return line
+    found = locate_bad_record(file_pattern, check) if file_pattern else None
+    if found is None:
+        return f"{what}{where}: {line}"
+    path, index, reason = found
+    return f"{what}: {path}, record #{index} (0-based): {reason}"
