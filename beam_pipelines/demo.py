@@ -1,0 +1,291 @@
+"""``landmarks-demo``: the whole method, end to end, on the built-in toy data.
+
+Stages (each one is the real job, called in this process with the flags a user would type)::
+
+    1 toy data   landmarks-toy-data  -> <run_dir>/toy_data/
+    2 ingest     landmarks-ingest    -> <run_dir>/ingest_train/ (train + dev, with distractors)
+    3 ingest     landmarks-ingest    -> <run_dir>/ingest_test/  (test manifest, no labels)
+    4 train      landmarks-train     -> <run_dir>/model/        (--preset quick)
+    5 predict    landmarks-predict   -> <run_dir>/predict/      (crop voting + rescoring)
+    6 evaluate   landmarks-evaluate  -> <run_dir>/evaluation/   (report.json, PNG plots)
+
+The run folder holds one run only: a rerun into a folder that an earlier demo wrote replaces it
+(a folder that is not a demo run folder is refused, so nothing else is ever deleted). The
+summary (``demo.json``, and a table on stdout) gives GAP with and without rescoring, top-1
+accuracy, time per stage and where every output is.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import logging
+import os
+import shutil
+import sys
+import time
+from typing import Callable, Optional, Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+_LOG = logging.getLogger("landmarks-demo")
+DEMO_MARKER = "demo.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class DemoConfig:
+    """What the demo runs. The defaults finish in a few minutes on 2 CPU cores."""
+
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    num_classes: int = 6
+    train_per_class: int = 16
+    test_per_class: int = 4
+    num_train_distractors: int = 16
+    num_test_distractors: int = 12
+    image_size: int = 96
+    local_features: str = "default"
+    crops: int = 22
+    references_per_class: int = 32
+    train_preset: str = "quick"
+    extra_train_flags: tuple[str, ...] = ()
+
+    def __post_init__(self):
+        if not self.run_dir:
+            raise ValueError("--run_dir must not be empty")
+        if self.image_size < 71:
+            raise ValueError(f"--image_size must be >= 71 (Xception's minimum), got {self.image_size}")
+        for name in ("num_classes", "train_per_class", "test_per_class"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"--{name} must be >= 1")
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:
+    defaults = DemoConfig()
+    parser = argparse.ArgumentParser(prog="landmarks-demo", description=__doc__.split("\n")[0])
+    parser.add_argument("--run_dir", default=defaults.run_dir, help="folder for every output")
+    parser.add_argument("--seed", type=int, default=defaults.seed)
+    for name in ("num_classes", "train_per_class", "test_per_class", "num_train_distractors",
+                 "num_test_distractors", "image_size", "crops", "references_per_class"):
+        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
+    parser.add_argument("--local_features", default=defaults.local_features,
+                        help="default | orb | sift | delf:HANDLE")
+    parser.add_argument("--train_preset", default=defaults.train_preset, choices=("quick", "full"))
+    args, extra = parser.parse_known_args(argv)
+    return DemoConfig(**{**vars(args), "extra_train_flags": tuple(extra)})
+
+
+def _prepare_run_dir(run_dir: str) -> None:
+    """Empties a folder an earlier demo wrote; refuses any other non-empty folder."""
+    if os.path.isdir(run_dir) and os.listdir(run_dir):
+        if not os.path.exists(os.path.join(run_dir, DEMO_MARKER)):
+            raise ValueError(
+                f"{run_dir} is not empty and was not written by landmarks-demo; "
+                "choose another --run_dir"
+            )
+        _LOG.info("replacing the earlier demo run in %s", run_dir)
+        shutil.rmtree(run_dir)
+    os.makedirs(run_dir, exist_ok=True)
+
+
+@dataclasses.dataclass
+class _Stage:
+    name: str
+    seconds: float
+    detail: str
+
+
+def _run_stage(stages: list, number: int, name: str, action: Callable[[], tuple[object, str]]):
+    _LOG.info("=== [%d/6] %s ...", number, name)
+    start = time.perf_counter()
+    result, detail = action()
+    seconds = time.perf_counter() - start
+    stages.append(_Stage(name, seconds, detail))
+    _LOG.info("=== [%d/6] %s done in %.1f s: %s", number, name, seconds, detail)
+    return result
+
+
+def _check_exit(name: str, code: int) -> None:
+    if code != 0:
+        raise RuntimeError(f"{name} failed with exit code {code}; see the log above")
+
+
+def run(config: DemoConfig) -> dict:
+    """Runs the six stages; returns the summary written to ``demo.json``."""
+    from beam_pipelines import evaluate, toy_data
+    from beam_pipelines.ingest import pipeline as ingest
+    from beam_pipelines.predict import pipeline as predict
+    from trainer import config as train_config
+    from trainer import train
+
+    _prepare_run_dir(config.run_dir)
+    # Marks the folder as a demo folder from the start, so a crashed demo can be rerun in place.
+    paths = {
+        name: os.path.join(config.run_dir, name)
+        for name in ("toy_data", "ingest_train", "ingest_test", "model", "predict", "evaluation")
+    }
+    with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
+        json.dump({"status": "running", "config": dataclasses.asdict(config)}, handle, indent=2)
+    beam_flags = ["--runner=FnApiRunner"]
+    stages: list[_Stage] = []
+    total_start = time.perf_counter()
+
+    def make_toy_data():
+        toy = toy_data.parse_args([
+            "--output_dir", paths["toy_data"], "--seed", str(config.seed),
+            "--num_classes", str(config.num_classes),
+            "--train_per_class", str(config.train_per_class),
+            "--test_per_class", str(config.test_per_class),
+            "--num_train_distractors", str(config.num_train_distractors),
+            "--num_test_distractors", str(config.num_test_distractors),
+        ])
+        summary = toy_data.generate(toy)
+        return summary, json.dumps(summary.get("counts", {}), sort_keys=True)
+
+    def ingest_train():
+        stats = ingest.run([
+            "--manifest", os.path.join(paths["toy_data"], "train.csv"),
+            "--distractor_dir", os.path.join(paths["toy_data"], "distractors"),
+            "--output_dir", paths["ingest_train"], "--dev_fraction", "0.2",
+            "--num_shards", "2", *beam_flags,
+        ])
+        return stats, _ingest_detail(stats)
+
+    def ingest_test():
+        stats = ingest.run([
+            "--manifest", os.path.join(paths["toy_data"], "test.csv"),
+            "--output_dir", paths["ingest_test"], "--num_shards", "2", *beam_flags,
+        ])
+        return stats, _ingest_detail(stats)
+
+    def train_model():
+        argv = [
+            "--train_data", os.path.join(paths["ingest_train"], "train-*.tfrecord"),
+            "--dev_data", os.path.join(paths["ingest_train"], "dev-*.tfrecord"),
+            "--label_map", os.path.join(paths["ingest_train"], "label_map.csv"),
+            "--model_dir", paths["model"], "--preset", config.train_preset,
+            "--image_size", str(config.image_size), "--seed", str(config.seed),
+            "--verbose", "2", *config.extra_train_flags,
+        ]
+        summary = train.train(train_config.config_from_args(argv))
+        detail = (
+            f"dev GAP {_fmt(summary.get('dev_gap_initial'))} at init -> "
+            f"{_fmt(summary.get('dev_gap_final'))} after training"
+        )
+        return summary, detail
+
+    def predict_test():
+        summary = predict.run([
+            "--model", os.path.join(paths["model"], "model.keras"),
+            "--test_data", os.path.join(paths["ingest_test"], "test-*.tfrecord"),
+            "--reference_data", os.path.join(paths["ingest_train"], "train-*.tfrecord"),
+            "--output_dir", paths["predict"],
+            "--local_features", config.local_features,
+            "--references_per_class", str(config.references_per_class),
+            "--crops", str(config.crops), *beam_flags,
+        ])
+        seconds = summary.get("seconds", {}).get("total") or 0.0
+        detail = (
+            f"{summary.get('test_images')} test images, {summary.get('predicted')} predicted, "
+            f"{summary.get('unreadable')} unreadable"
+            + (f", {summary['test_images'] / seconds:.2f} images/s" if seconds else "")
+        )
+        return summary, detail
+
+    def evaluate_submission():
+        report = evaluate.run([
+            "--submission", os.path.join(paths["predict"], "submission.csv"),
+            "--solution", os.path.join(paths["toy_data"], "test_solution.csv"),
+            "--scores", os.path.join(paths["predict"], "scores.csv"),
+            "--output_dir", paths["evaluation"],
+        ])
+        return report, f"GAP {_fmt(report.get('gap'))}, classifier alone {_fmt(report.get('gap_nn_only'))}"
+
+    _run_stage(stages, 1, "toy data", make_toy_data)
+    _run_stage(stages, 2, "ingest train", ingest_train)
+    _run_stage(stages, 3, "ingest test", ingest_test)
+    train_summary = _run_stage(stages, 4, "train", train_model)
+    _run_stage(stages, 5, "predict", predict_test)
+    report = _run_stage(stages, 6, "evaluate", evaluate_submission)
+
+    summary = {
+        "status": "done",
+        "config": dataclasses.asdict(config),
+        "gap": report.get("gap"),
+        "gap_nn_only": report.get("gap_nn_only"),
+        "gap_landmarks_only": report.get("gap_landmarks_only"),
+        "top1_accuracy": report.get("top1_accuracy"),
+        "top1_accuracy_nn_only": report.get("top1_accuracy_nn_only"),
+        "dev_gap_initial": train_summary.get("dev_gap_initial"),
+        "dev_gap_final": train_summary.get("dev_gap_final"),
+        "seconds_total": round(time.perf_counter() - total_start, 1),
+        "stages": [dataclasses.asdict(stage) for stage in stages],
+        "outputs": {
+            "report": os.path.join(paths["evaluation"], "report.json"),
+            "plots": [os.path.join(paths["evaluation"], name) for name in report.get("plots", [])],
+            "submission": os.path.join(paths["predict"], "submission.csv"),
+            "scores": os.path.join(paths["predict"], "scores.csv"),
+            "model": os.path.join(paths["model"], "model.keras"),
+            "train_records": paths["ingest_train"],
+            "test_records": paths["ingest_test"],
+            "toy_data": paths["toy_data"],
+        },
+    }
+    with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
+        json.dump(summary, handle, indent=2, sort_keys=True)
+    return summary
+
+
+def _fmt(value) -> str:
+    return "n/a" if value is None else f"{value:.4f}"
+
+
+def _ingest_detail(stats: dict) -> str:
+    return (
+        f"{stats.get('rows_in')} rows -> {stats.get('written_total', stats.get('written'))} written, "
+        f"{stats.get('rejected_total', stats.get('rejected'))} rejected, "
+        f"{_fmt(stats.get('images_per_second'))} img/s"
+    )
+
+
+def format_table(summary: dict) -> str:
+    """The final table shown to the user."""
+    lines = [
+        "",
+        "landmarks-demo: results on the toy test set",
+        f"  GAP, classifier alone (22-crop voting) : {_fmt(summary['gap_nn_only'])}",
+        f"  GAP, after local-feature rescoring     : {_fmt(summary['gap'])}",
+        f"  GAP over landmark images only          : {_fmt(summary['gap_landmarks_only'])}",
+        f"  top-1 accuracy (landmark images)       : {_fmt(summary['top1_accuracy'])}",
+        f"  dev GAP at init -> after training      : {_fmt(summary['dev_gap_initial'])} -> "
+        f"{_fmt(summary['dev_gap_final'])}",
+        "",
+        "  stage            seconds",
+    ]
+    lines += [f"  {stage['name']:<16} {stage['seconds']:7.1f}" for stage in summary["stages"]]
+    lines += [f"  {'total':<16} {summary['seconds_total']:7.1f}", "", "  outputs:"]
+    for name, path in summary["outputs"].items():
+        if isinstance(path, list):
+            lines += [f"    {'plot':<14} {item}" for item in path]
+        elif path:
+            lines.append(f"    {name:<14} {path}")
+    return "\n".join(lines)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    for noisy in ("apache_beam", "absl", "tensorflow"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    try:
+        config = parse_args(argv)
+        summary = run(config)
+    except (ValueError, RuntimeError, FileNotFoundError) as error:
+        print(f"landmarks-demo: error: {str(error).splitlines()[0]}", file=sys.stderr)
+        return 2
+    print(format_table(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

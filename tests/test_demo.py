@@ -1,0 +1,65 @@
+"""landmarks-demo end to end on a tiny toy set (the real jobs, the local Beam runner)."""
+
+import csv
+import json
+import os
+
+import pytest
+
+from beam_pipelines import demo
+
+TINY = [
+    "--num_classes", "3", "--train_per_class", "6", "--test_per_class", "2",
+    "--num_train_distractors", "4", "--num_test_distractors", "3", "--crops", "2",
+    "--image_size", "71", "--references_per_class", "4",
+    # passed through to landmarks-train: a few steps only
+    "--steps_per_epoch", "3", "--head_epochs", "1", "--finetune_epochs", "1",
+]
+
+
+@pytest.mark.slow
+def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
+    run_dir = tmp_path / "demo"
+    assert demo.main(["--run_dir", str(run_dir), *TINY]) == 0
+    table = capsys.readouterr().out
+    assert "GAP, classifier alone" in table and "after local-feature rescoring" in table
+
+    summary = json.loads((run_dir / demo.DEMO_MARKER).read_text())
+    assert summary["status"] == "done"
+    assert [stage["name"] for stage in summary["stages"]] == [
+        "toy data", "ingest train", "ingest test", "train", "predict", "evaluate"]
+    report = json.loads(open(summary["outputs"]["report"]).read())
+    for key in ("gap", "gap_nn_only", "top1_accuracy"):
+        assert 0.0 <= report[key] <= 1.0
+        assert summary[key] == report[key]
+    for plot in summary["outputs"]["plots"]:
+        with open(plot, "rb") as handle:
+            assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
+
+    # Every test id of the toy set has exactly one row in the submission.
+    with open(run_dir / "toy_data" / "test.csv") as handle:
+        test_ids = sorted(row["id"] for row in csv.DictReader(handle))
+    with open(summary["outputs"]["submission"]) as handle:
+        submitted = [row["id"] for row in csv.DictReader(handle)]
+    assert sorted(submitted) == test_ids and len(test_ids) == 3 * 2 + 3
+
+
+def test_rerun_replaces_an_earlier_demo_but_never_a_foreign_folder(tmp_path):
+    earlier = tmp_path / "demo"
+    (earlier / "predict").mkdir(parents=True)
+    (earlier / demo.DEMO_MARKER).write_text("{}")
+    (earlier / "predict" / "stale.csv").write_text("old")
+    demo._prepare_run_dir(str(earlier))
+    assert os.listdir(earlier) == []
+
+    foreign = tmp_path / "mine"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    with pytest.raises(ValueError, match="not written by landmarks-demo"):
+        demo._prepare_run_dir(str(foreign))
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+
+def test_bad_flags_give_one_line_errors(capsys):
+    assert demo.main(["--image_size", "32"]) == 2
+    assert "must be >= 71" in capsys.readouterr().err
