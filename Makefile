@@ -27,6 +27,7 @@ bench: $(STAMP)
 	$(PY) bench/bench_input_pipeline.py
 	$(PY) bench/bench_verification.py
 	$(PY) bench/bench_crop_voting.py
+	$(PY) bench/bench_train_step.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

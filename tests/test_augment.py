@@ -220,3 +220,210 @@ def test_fast_nearest_path_is_finite_in_range_and_differs_from_plain():
         assert np.abs(out - plain).mean() > 1.0
     with pytest.raises(ValueError):
         AugmentParams(interpolation="bicubic")
+
+
+# ---------------------------------------------------------------------------------------------
+# Split mode: host prepares, DeviceAugmentation warps the batch.
+
+RECIPE = AugmentParams()
+
+
+def _device_inputs(images_0_255, crop_branch, noise):
+    contract = ImageContract(images_0_255.shape[1])
+    return {augment.IMAGES: tf.constant(contract.scale(images_0_255)),
+            augment.CROP_BRANCH: tf.constant(crop_branch),
+            augment.NOISE: tf.constant(noise, tf.float32)}
+
+
+def _batch(count, size, seed=0):
+    images = np.stack([_textured(size, size, seed + i) for i in range(count)]).astype(np.float32)
+    noise = np.random.default_rng(seed).uniform(0, 1, (count, augment.NOISE_SIZE)).astype(np.float32)
+    crop_branch = np.arange(count) % 2 == 0
+    return images, crop_branch, noise
+
+
+def test_noise_maps_to_the_branch_ranges_by_hand():
+    branch = RECIPE.whole_branch  # rotation 4, shear 0.2, zoom 0.5, shifts 0.2, channel 25
+    low = augment.branch_parameters(tf.zeros([augment.NOISE_SIZE]), branch, 30, 50)
+    high = augment.branch_parameters(tf.fill([augment.NOISE_SIZE], 0.75), branch, 30, 50)
+    degree = np.pi / 180
+    np.testing.assert_allclose([float(low[k]) for k in ("rotation", "shear", "zoom_x", "zoom_y",
+                                                         "shift_x", "shift_y")],
+                               [-4 * degree, -0.2 * degree, 0.5, 0.5, -0.2 * 50, -0.2 * 30], rtol=1e-6)
+    np.testing.assert_allclose([float(high[k]) for k in ("rotation", "zoom_x", "shift_x", "shift_y")],
+                               [2 * degree, 1.25, 0.1 * 50, 0.1 * 30], rtol=1e-5)
+    assert bool(low["flip"]) and not bool(high["flip"])  # flip when u < 0.5
+    np.testing.assert_allclose(low["channel_offsets"], [-25] * 3)
+    np.testing.assert_allclose(high["channel_offsets"], [12.5] * 3)
+    no_flip = augment.branch_parameters(tf.zeros([augment.NOISE_SIZE]), NO_CHANGE, 30, 50)
+    assert not bool(no_flip["flip"]) and float(no_flip["zoom_x"]) == 1.0
+
+
+@pytest.mark.parametrize("params", [
+    RECIPE,
+    AugmentParams(crop_branch=dataclasses.replace(RECIPE.crop_branch, fill_mode="reflect"),
+                  interpolation="nearest"),
+], ids=["recipe", "two_fill_modes_nearest"])
+def test_device_batch_reproduces_the_per_image_reference(params):
+    """One batched transform in a tf.function == per-image reference, same parameters."""
+    size = 40
+    contract = ImageContract(size)
+    images, crop_branch, noise = _batch(6, size)
+    layer = augment.DeviceAugmentation(params)
+    device = tf.function(lambda inputs: layer(inputs, training=True))(
+        _device_inputs(images, crop_branch, noise)).numpy()
+    parameters = augment.batch_parameters(noise, crop_branch, params, size, size)
+    for index in range(len(images)):
+        one = {key: value[index] for key, value in parameters.items()}
+        branch = params.crop_branch if crop_branch[index] else params.whole_branch
+        reference = augment.apply_branch_parameters(
+            images[index], one, branch, size=size, contract=contract,
+            interpolation=params.interpolation)
+        np.testing.assert_allclose(device[index], contract.scale(reference.numpy()), atol=2e-4)
+        assert np.abs(device[index] - contract.scale(images[index])).mean() > 0.01  # it did change
+
+
+def test_device_layer_is_identity_unless_training():
+    images, crop_branch, noise = _batch(3, 32)
+    inputs = _device_inputs(images, crop_branch, noise)
+    layer = augment.DeviceAugmentation()
+    for training in (False, None):
+        np.testing.assert_array_equal(layer(inputs, training=training).numpy(),
+                                      inputs[augment.IMAGES].numpy())
+    assert not np.allclose(layer(inputs, training=True).numpy(), inputs[augment.IMAGES].numpy())
+    as_tensor = tf.function(lambda x, flag: layer(x, training=flag))
+    np.testing.assert_array_equal(as_tensor(inputs, tf.constant(False)).numpy(),
+                                  inputs[augment.IMAGES].numpy())
+
+
+def test_branch_flag_selects_the_branch_parameters():
+    """Crop branch without changes: its images pass unchanged; whole-branch images change."""
+    params = AugmentParams(crop_branch=NO_CHANGE)
+    images, _, noise = _batch(4, 32, seed=3)
+    layer = augment.DeviceAugmentation(params)
+    for flags in ([True, False, True, False], [False, True, False, True]):
+        flags = np.array(flags)
+        inputs = _device_inputs(images, flags, noise)
+        out = layer(inputs, training=True).numpy()
+        original = inputs[augment.IMAGES].numpy()
+        np.testing.assert_allclose(out[flags], original[flags], atol=1e-5)
+        assert all(np.abs(o - i).mean() > 0.01 for o, i in zip(out[~flags], original[~flags]))
+
+
+def test_channel_shift_on_device_is_in_pixel_units_of_the_recipe():
+    """Channel shift only: each channel moves by its offset (pixel units / 127.5), clipped."""
+    params = AugmentParams(crop_branch=BranchParams(channel_shift=20.0))
+    images = np.full((2, 32, 32, 3), 100.0, np.float32)
+    images[:, 0, 0] = [0, 255, 50]  # sets each image's [min, max] to [0, 255]: no clipping
+    noise = np.zeros((2, augment.NOISE_SIZE), np.float32)
+    noise[:, 7:] = [[0.0, 0.5, 1.0], [0.75, 0.25, 0.5]]  # offsets -20, 0, +20 / +10, -10, 0
+    out = augment.DeviceAugmentation(params)(
+        _device_inputs(images, np.array([True, True]), noise), training=True).numpy()
+    shifted = (out[:, 5, 5] + 1.0) * 127.5
+    np.testing.assert_allclose(shifted, [[80, 100, 120], [110, 90, 100]], atol=1e-3)
+
+
+def test_seeded_augment_batch_is_stateless_inside_tf_function():
+    images, crop_branch, _ = _batch(4, 32)
+    scaled = ImageContract(32).scale(images)
+    run = tf.function(lambda seed: augment.augment_batch(scaled, crop_branch, seed, RECIPE))
+    first, again, other = run(_seed(1)).numpy(), run(_seed(1)).numpy(), run(_seed(2)).numpy()
+    np.testing.assert_array_equal(first, again)
+    assert np.abs(first - other).mean() > 0.01
+    assert np.isfinite(first).all() and first.min() >= -1 and first.max() <= 1
+
+
+def _two_cpu_strategy():
+    """2 replicas on conftest's logical CPUs, collective keys moved as in test_losses.py."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    return strategy
+
+
+def test_device_layer_on_two_replicas_equals_one_device():
+    """Randomness travels with the images, so a replica's rows get the same result as on one
+    device, whatever the split."""
+    images, crop_branch, noise = _batch(6, 32, seed=5)
+    inputs = _device_inputs(images, crop_branch, noise)
+    single = augment.DeviceAugmentation()(inputs, training=True).numpy()
+    strategy = _two_cpu_strategy()
+    with strategy.scope():
+        layer = augment.DeviceAugmentation()
+    split = (0, 4, 6)
+
+    def value_fn(context):
+        start, stop = split[context.replica_id_in_sync_group:context.replica_id_in_sync_group + 2]
+        return {key: value[start:stop] for key, value in inputs.items()}
+
+    per_replica = strategy.experimental_distribute_values_from_function(value_fn)
+    outputs = tf.function(lambda x: strategy.run(lambda y: layer(y, training=True), args=(x,)))(
+        per_replica)
+    local = [value.numpy() for value in strategy.experimental_local_results(outputs)]
+    assert [len(part) for part in local] == [4, 2]
+    np.testing.assert_allclose(np.concatenate(local), single, atol=1e-6)
+
+
+def test_device_layer_config_round_trip():
+    import keras
+
+    params = AugmentParams(crop_probability=0.3, interpolation="nearest",
+                           whole_branch=BranchParams(rotation_degrees=7, fill_mode="reflect"))
+    layer = augment.DeviceAugmentation(params, name="aug")
+    assert keras.saving.get_registered_name(augment.DeviceAugmentation) == "landmarks>DeviceAugmentation"
+    restored = keras.saving.deserialize_keras_object(keras.saving.serialize_keras_object(layer))
+    assert isinstance(restored, augment.DeviceAugmentation)
+    assert restored.params == params and restored.name == "aug"
+    assert augment.DeviceAugmentation.from_config(layer.get_config()).params == params
+    with pytest.raises(ValueError):
+        augment.DeviceAugmentation({"crop_probability": 2.0})
+
+
+def test_training_wrapper_shares_weights_and_is_plain_model_when_not_training():
+    import keras
+
+    model = keras.Sequential([keras.Input((32, 32, 3)), keras.layers.GlobalAveragePooling2D(),
+                              keras.layers.Dense(3, activation="sigmoid")], name="tiny")
+    wrapper = augment.with_device_augmentation(model, RECIPE)
+    assert wrapper.count_params() == model.count_params()
+    images, crop_branch, noise = _batch(2, 32)
+    inputs = _device_inputs(images, crop_branch, noise)
+    np.testing.assert_allclose(wrapper(inputs, training=False).numpy(),
+                               model(inputs[augment.IMAGES]).numpy(), atol=1e-6)
+    augmented = augment.DeviceAugmentation(RECIPE)(inputs, training=True)
+    np.testing.assert_allclose(wrapper(inputs, training=True).numpy(), model(augmented).numpy(),
+                               atol=1e-6)  # training=True reaches the augmentation
+    assert not np.allclose(wrapper(inputs, training=True).numpy(),
+                           wrapper(inputs, training=False).numpy(), atol=1e-4)
+    assert "device_augmentation" not in [layer.name for layer in model.layers]
+
+
+def test_host_preparation_plus_device_equals_host_augmentation():
+    """prepare_jpeg_for_device + the device layer == augment_jpeg for the same seed."""
+    contract = ImageContract(40)
+    jpeg = _jpeg(_textured(50, 70, seed=4))
+    prepared = [augment.prepare_jpeg_for_device(jpeg, _seed(i), RECIPE, contract) for i in range(6)]
+    inputs = {key: tf.stack([p[key] for p in prepared]) for key in prepared[0]}
+    assert set(inputs[augment.CROP_BRANCH].numpy().tolist()) == {0.0, 1.0}  # both branches
+    inputs[augment.IMAGES] = contract.scale(inputs[augment.IMAGES])
+    device = augment.DeviceAugmentation(RECIPE)(inputs, training=True).numpy()
+    for i in range(6):
+        host = augment.augment_jpeg(jpeg, _seed(i), RECIPE, contract).numpy()
+        np.testing.assert_allclose(device[i], contract.scale(host), atol=2e-4)
+
+
+def test_device_layer_computes_in_float32_under_mixed_precision():
+    import keras
+
+    images, crop_branch, noise = _batch(2, 32, seed=8)
+    inputs = _device_inputs(images, crop_branch, noise)
+    expected = augment.DeviceAugmentation()(inputs, training=True).numpy()
+    previous = keras.config.dtype_policy()
+    keras.config.set_dtype_policy("mixed_bfloat16")
+    try:
+        layer = augment.DeviceAugmentation()
+        out = layer(inputs, training=True)
+    finally:
+        keras.config.set_dtype_policy(previous)
+    assert layer.compute_dtype == "float32" and out.dtype == tf.float32
+    np.testing.assert_array_equal(out.numpy(), expected)

@@ -11,6 +11,7 @@ import pytest
 import tensorflow as tf
 
 from tfrecords_schema import image_record
+from trainer import augment
 from trainer import data
 from trainer.augment import AugmentParams
 from trainer.preprocessing import ImageContract
@@ -93,7 +94,7 @@ def test_training_with_augmentation_changes_images_finite_in_range(tmp_path):
     kwargs = dict(contract=CONTRACT, batch_size=12, seed=7, deterministic=True)
     (plain, plain_labels), = data.make_dataset(pattern, training=False, **kwargs).as_numpy_iterator()
     (augmented, labels), = data.make_dataset(pattern, training=True, augment=AugmentParams(),
-                                             **kwargs).as_numpy_iterator()
+                                             augment_on_device=False, **kwargs).as_numpy_iterator()
     assert np.isfinite(augmented).all() and augmented.min() >= -1 and augmented.max() <= 1
     assert sorted(labels.tolist()) == sorted(plain_labels.tolist())
     # Shuffled, so compare each augmented image with its closest plain image: none identical.
@@ -108,7 +109,7 @@ def test_seeded_deterministic_runs_are_identical_and_seeds_matter(tmp_path):
     def run(seed):
         dataset = data.make_dataset(pattern, contract=CONTRACT, batch_size=4, training=True,
                                     augment=AugmentParams(), seed=seed, deterministic=True,
-                                    shuffle_buffer=12)
+                                    shuffle_buffer=12, augment_on_device=False)
         return list(dataset.as_numpy_iterator())
 
     first, second, other = run(3), run(3), run(4)
@@ -300,3 +301,61 @@ def test_balanced_epochs_repeat_forever(flat_shards):
     batches = list(dataset.take(3).as_numpy_iterator())  # 3 epochs of exactly 15 images
     for _, labels in batches:
         assert sorted(labels.tolist()) == sorted([-1, 0, 1, 2, 3] * 3)
+
+
+def test_split_mode_yields_device_inputs_that_reproduce_host_mode(tmp_path):
+    """augment_on_device=True: host part + DeviceAugmentation == the host-only path, same seed."""
+    image_record.write_shards(_textured_records(12), str(tmp_path / "tex"), num_shards=2)
+    pattern = str(tmp_path / "tex-*.tfrecord")
+    kwargs = dict(contract=CONTRACT, batch_size=12, training=True, augment=AugmentParams(),
+                  seed=11, deterministic=True)
+    split = data.make_dataset(pattern, augment_on_device=True, **kwargs)
+    features_spec, label_spec = split.element_spec
+    assert set(features_spec) == {augment.IMAGES, augment.CROP_BRANCH, augment.NOISE}
+    assert features_spec[augment.IMAGES].shape.as_list() == [12, 40, 40, 3]
+    assert features_spec[augment.CROP_BRANCH].dtype == tf.float32
+    assert features_spec[augment.NOISE].shape.as_list() == [12, augment.NOISE_SIZE]
+    assert label_spec.dtype == tf.int64
+    (features, labels), = split.as_numpy_iterator()
+    (host_images, host_labels), = data.make_dataset(
+        pattern, augment_on_device=False, **kwargs).as_numpy_iterator()
+    np.testing.assert_array_equal(labels, host_labels)
+    assert set(features[augment.CROP_BRANCH].tolist()) == {0.0, 1.0}
+    assert np.abs(features[augment.IMAGES]).max() <= 1 + 1e-5  # float rounding of the resize
+    device = augment.DeviceAugmentation(AugmentParams())(features, training=True).numpy()
+    np.testing.assert_allclose(device, host_images, atol=2e-4)
+    # Before the device step the images are only resized: closer to plain than to augmented.
+    assert np.abs(features[augment.IMAGES] - host_images).mean() > 0.01
+
+
+def test_split_mode_trains_a_wrapped_model_on_two_replicas(flat_shards):
+    """distribute_datasets_from_function -> with_device_augmentation -> fit, on 2 replicas."""
+    import keras
+
+    from trainer import losses
+
+    tf.distribute.MirroredStrategy._collective_key_base += 100000  # as in test_losses.py
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+
+    def dataset_fn(context):
+        return data.make_dataset(flat_shards, contract=CONTRACT, training=True, seed=1,
+                                 augment=AugmentParams(), repeat=True, input_context=context,
+                                 batch_size=context.get_per_replica_batch_size(8))
+
+    with strategy.scope():
+        model = keras.Sequential([keras.Input((40, 40, 3)), keras.layers.Conv2D(2, 3),
+                                  keras.layers.GlobalAveragePooling2D(),
+                                  keras.layers.Dense(4, activation="sigmoid")], name="tiny")
+        trainer_model = augment.with_device_augmentation(model, AugmentParams())
+        trainer_model.compile(optimizer=keras.optimizers.SGD(0.1), loss=losses.RankWeightedBCE())
+    before = [weight.numpy() for weight in model.weights]
+    history = trainer_model.fit(strategy.distribute_datasets_from_function(dataset_fn),
+                                epochs=1, steps_per_epoch=3, verbose=0)
+    assert np.isfinite(history.history["loss"]).all()
+    assert any(not np.allclose(a, b.numpy()) for a, b in zip(before, model.weights))
+    # The exported model is the plain one: images in, no augmentation layer.
+    assert "device_augmentation" not in [layer.name for layer in model.layers]
+    eval_batch = next(iter(data.make_dataset(flat_shards, contract=CONTRACT, batch_size=4,
+                                             training=False)))
+    assert model(eval_batch[0]).shape == (4, 4)

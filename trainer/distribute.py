@@ -1,0 +1,187 @@
+"""Choosing the ``tf.distribute`` strategy and feeding it data.
+
+- :func:`make_strategy`: MultiWorkerMirroredStrategy when ``TF_CONFIG`` is set, MirroredStrategy
+  over named devices or all local GPUs, else the default (one-device) strategy.
+- :func:`ensure_logical_cpus`: splits the CPU into N logical devices so that
+  ``--devices /cpu:0,/cpu:1`` gives a real 2-replica MirroredStrategy without GPUs. Must run
+  before TensorFlow initialises its devices (first op, first ``list_logical_devices``).
+- :func:`distribute_dataset`: ``strategy.distribute_datasets_from_function``; each input
+  pipeline reads its own share of the files and batches ``global_batch / replicas`` images.
+
+Batch sizes in this project are global: the loss divides by the global batch, so one step on
+N replicas equals one step on one device with the same global batch.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import re
+from typing import Callable
+
+import tensorflow as tf
+
+from trainer.config import DistributionConfig
+
+_LOG = logging.getLogger(__name__)
+_CPU_NAME = re.compile(
+    r"^/(?:job:[^/]+/(?:replica:\d+/)?(?:task:\d+/)?)?(?:device:)?cpu:(\d+)$", re.IGNORECASE
+)
+
+
+@dataclasses.dataclass(frozen=True)
+class StrategyInfo:
+    """What :func:`make_strategy` chose, for the log and ``summary.json``."""
+
+    kind: str
+    num_replicas: int
+    devices: tuple[str, ...]
+    task: str = ""  # "worker-1" etc. under MultiWorkerMirroredStrategy, else ""
+    is_chief: bool = True
+
+    def describe_batch(self, global_batch: int) -> str:
+        """E.g. ``"global batch 8 = 4 per replica x 2 replicas (mirrored)"``."""
+        return (
+            f"global batch {global_batch} = {global_batch // self.num_replicas} per replica x "
+            f"{self.num_replicas} replica(s) ({self.kind})"
+        )
+
+
+def ensure_logical_cpus(count: int) -> None:
+    """Splits the first physical CPU into ``count`` logical devices (no-op if already >= count).
+
+    Raises:
+      ValueError: TensorFlow's devices are already initialised with fewer CPU devices.
+    """
+    if count <= 1:
+        return
+    physical = tf.config.list_physical_devices("CPU")
+    current = tf.config.get_logical_device_configuration(physical[0])
+    if current is not None and len(current) >= count:
+        return
+    try:
+        tf.config.set_logical_device_configuration(
+            physical[0], [tf.config.LogicalDeviceConfiguration() for _ in range(count)]
+        )
+    except RuntimeError as error:  # devices already initialised in this process
+        available = len(tf.config.list_logical_devices("CPU"))
+        if available >= count:
+            return
+        raise ValueError(
+            f"--devices needs {count} CPU devices but this process has {available} "
+            "(they are fixed once TensorFlow has started)"
+        ) from error
+
+
+def _requested_cpu_count(devices: tuple[str, ...]) -> int:
+    indices = [int(match.group(1)) for match in map(_CPU_NAME.match, devices) if match]
+    return max(indices) + 1 if indices else 0
+
+
+def make_strategy(config: DistributionConfig) -> tuple[tf.distribute.Strategy, StrategyInfo]:
+    """Returns the strategy for ``config`` and a description of it.
+
+    ``auto``: TF_CONFIG set -> MultiWorkerMirroredStrategy; ``devices`` given -> MirroredStrategy
+    over them; local GPUs -> MirroredStrategy over all of them; else the default strategy.
+
+    Raises:
+      ValueError: a named device does not exist.
+    """
+    kind = config.strategy
+    if kind == "auto":
+        if os.environ.get("TF_CONFIG"):
+            kind = "multi_worker"
+        elif config.devices or tf.config.list_physical_devices("GPU"):
+            kind = "mirrored"
+        else:
+            kind = "default"
+    if kind == "multi_worker":
+        _check_tf_config(os.environ.get("TF_CONFIG", ""))
+        strategy = tf.distribute.MultiWorkerMirroredStrategy()
+        devices = tuple(strategy.extended.worker_devices)
+    elif kind == "mirrored":
+        ensure_logical_cpus(_requested_cpu_count(config.devices))
+        if config.devices:
+            _check_devices_exist(config.devices)
+            strategy = tf.distribute.MirroredStrategy(list(config.devices))
+        else:
+            strategy = tf.distribute.MirroredStrategy()
+        devices = tuple(strategy.extended.worker_devices)
+    else:
+        strategy = tf.distribute.get_strategy()
+        devices = (tf.config.list_logical_devices()[0].name,)
+    task, is_chief = "", True
+    if kind == "multi_worker":
+        resolver = strategy.cluster_resolver
+        task = f"{resolver.task_type}-{resolver.task_id}"
+        cluster = resolver.cluster_spec().as_dict()
+        is_chief = _is_chief(resolver.task_type, resolver.task_id, cluster)
+    info = StrategyInfo(
+        kind=kind,
+        num_replicas=strategy.num_replicas_in_sync,
+        devices=devices,
+        task=task,
+        is_chief=is_chief,
+    )
+    _LOG.info("strategy %s: %d replica(s) on %s", kind, info.num_replicas, ", ".join(devices))
+    return strategy, info
+
+
+def _is_chief(task_type: str | None, task_id: int | None, cluster: dict) -> bool:
+    """The chief writes the model dir: task "chief", else worker 0 when there is no chief."""
+    if task_type == "chief":
+        return True
+    return task_type == "worker" and task_id == 0 and "chief" not in cluster
+
+
+def _check_tf_config(text: str) -> None:
+    try:
+        parsed = json.loads(text)
+    except json.JSONDecodeError as error:
+        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from error
+    if "cluster" not in parsed or "task" not in parsed:
+        raise ValueError("TF_CONFIG needs 'cluster' and 'task' entries")
+
+
+def _check_devices_exist(devices: tuple[str, ...]) -> None:
+    known = {device.name.lower() for device in tf.config.list_logical_devices()}
+    short = {name.split("device:")[-1] for name in known}
+    for device in devices:
+        name = device.lower().lstrip("/")
+        name = name.split("device:")[-1]
+        if name not in short:
+            raise ValueError(
+                f"device {device!r} not found; this machine has "
+                f"{', '.join(sorted(d.name for d in tf.config.list_logical_devices()))}"
+            )
+
+
+def check_global_batch(global_batch: int, info: StrategyInfo, what: str) -> None:
+    """Raises ``ValueError`` unless ``global_batch`` splits evenly over the replicas."""
+    if global_batch % info.num_replicas:
+        raise ValueError(
+            f"{what} {global_batch} is not divisible by the {info.num_replicas} replicas"
+        )
+
+
+def distribute_dataset(
+    strategy: tf.distribute.Strategy,
+    global_batch: int,
+    make_per_replica_dataset: Callable[[int, tf.distribute.InputContext], tf.data.Dataset],
+) -> tf.distribute.DistributedDataset:
+    """``distribute_datasets_from_function`` with the per-replica batch worked out.
+
+    Args:
+      strategy: the training strategy.
+      global_batch: images per step over all replicas.
+      make_per_replica_dataset: ``(per_replica_batch, input_context) -> dataset`` of batches
+        of ``per_replica_batch``; it shards by file using ``input_context``.
+    """
+
+    def dataset_fn(input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        per_replica_batch = input_context.get_per_replica_batch_size(global_batch)
+        return make_per_replica_dataset(per_replica_batch, input_context)
+
+    return strategy.distribute_datasets_from_function(dataset_fn)

@@ -1,0 +1,677 @@
+"""``landmarks-train``: image-record TFRecords -> trained classifier in a model dir.
+
+Usage (the recipe, ``--preset full`` is the default)::
+
+    landmarks-train --train_data 'run/train-*.tfrecord' --label_map run/label_map.csv \\
+        --model_dir models/m1 [--dev_data 'run/dev-*.tfrecord'] [--preset quick|full] \\
+        [--image_size 299] [--backbone_weights imagenet|none|PATH] [--devices /cpu:0,/cpu:1] \\
+        [--mixed_precision none|bfloat16|float16] [--jit_compile false] ...
+
+Model dir (re-running the same command resumes an interrupted run):
+
+    config.json         the resolved config (a resume must match it)
+    label_map.csv       copy of the label map
+    logs/               TensorBoard
+    history.csv         one row per epoch (epoch 0 = dev GAP at initialisation)
+    checkpoints/        last.weights.h5 every epoch, best.weights.h5 by dev GAP (model only)
+    backup/             BackupAndRestore state per phase (deleted after success)
+    model.keras         images [B, S, S, 3] in [-1, 1] -> probabilities [B, C]; float32,
+                        without optimizer state (best dev-GAP weights when dev data is given)
+    summary.json        dev_gap_initial, dev_gap_final, figures of the run
+    _SUCCESS            written last
+    workers/<task>/     under MultiWorkerMirroredStrategy: the non-chief workers' own files
+
+Phases and resume. Each phase (head, finetune from 85, deep from 25) is one ``fit`` call:
+phases differ in batch size, hence in dataset, and the recipe recompiles after changing
+``trainable``. Epochs are numbered continuously over the phases (``initial_epoch``), so the
+history, TensorBoard and the learning-rate schedule see one run. Each phase has its own
+``BackupAndRestore`` folder (``backup/<k>-<name>/``) that is kept until the whole run succeeds:
+on a re-run, a phase whose backup records all its epochs is restored from it (weights and
+optimizer) without training; the first unfinished phase resumes from its last complete epoch
+(an epoch interrupted in the middle restarts from its first batch).
+
+Exit codes of :func:`main`: 0 success; 2 bad input or config (one line on stderr,
+``landmarks-train: error: ...``); 3 training diverged (NaN loss: stopped, last good
+checkpoint and backup kept, nothing overwritten with NaN weights).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import logging
+import math
+import os
+import sys
+import time
+from typing import Sequence
+
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")  # a CLI: keep TF's C++ chatter out of stderr
+
+import keras  # noqa: E402
+import numpy as np  # noqa: E402
+import tensorflow as tf  # noqa: E402
+
+import tfrecords_schema  # noqa: E402
+from tfrecords_schema import label_map as label_map_lib  # noqa: E402
+from trainer import augment as augment_lib  # noqa: E402
+from trainer import callbacks as callbacks_lib  # noqa: E402
+from trainer import data as data_lib  # noqa: E402
+from trainer import distribute  # noqa: E402
+from trainer import losses, metrics  # noqa: E402
+from trainer import model as model_lib  # noqa: E402
+from trainer.config import PhaseConfig, TrainConfig, config_from_args  # noqa: E402
+from trainer.preprocessing import ImageContract  # noqa: E402
+
+_LOG = logging.getLogger("landmarks-train")
+
+EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
+_MIXED_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
+
+
+class TrainingDiverged(RuntimeError):
+    """The loss became NaN/inf; training stopped and nothing was overwritten."""
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelDir:
+    """File names inside the model dir (local path or ``gs://``)."""
+
+    root: str
+
+    def path(self, *parts: str) -> str:
+        return "/".join([self.root.rstrip("/"), *parts])
+
+    @property
+    def config(self) -> str:
+        return self.path("config.json")
+
+    @property
+    def label_map(self) -> str:
+        return self.path(label_map_lib.LABEL_MAP_FILENAME)
+
+    @property
+    def history(self) -> str:
+        return self.path("history.csv")
+
+    @property
+    def model(self) -> str:
+        return self.path("model.keras")
+
+    @property
+    def summary(self) -> str:
+        return self.path("summary.json")
+
+    @property
+    def success(self) -> str:
+        return self.path("_SUCCESS")
+
+    @property
+    def logs(self) -> str:
+        return self.path("logs")
+
+    @property
+    def backup(self) -> str:
+        return self.path("backup")
+
+    def phase_backup(self, index: int, name: str) -> str:
+        return self.path("backup", f"{index}-{name}")
+
+    @property
+    def last_checkpoint(self) -> str:
+        return self.path("checkpoints", "last.weights.h5")
+
+    @property
+    def best_checkpoint(self) -> str:
+        return self.path("checkpoints", "best.weights.h5")
+
+
+# ---------------------------------------------------------------------------------------------
+# Pure helpers.
+
+
+def phase_epoch_ranges(config: TrainConfig) -> list[tuple[int, PhaseConfig, int, int]]:
+    """``(phase_index, phase, first_epoch, end_epoch)`` for the active phases; epochs are global
+    and 0-based, ``end_epoch`` exclusive (Keras' ``initial_epoch``/``epochs``)."""
+    ranges, start = [], 0
+    for index, phase in enumerate(config.phases):
+        if phase.epochs == 0:
+            continue
+        ranges.append((index, phase, start, start + phase.epochs))
+        start += phase.epochs
+    return ranges
+
+
+def _config_for_comparison(config_json: str) -> dict:
+    """A config without the fields that may change between a run and its resume."""
+    parsed = json.loads(config_json)
+    parsed.pop("verbose", None)
+    return parsed
+
+
+def _write_text(path: str, text: str) -> None:
+    temporary = path + ".tmp"
+    with tf.io.gfile.GFile(temporary, "w") as handle:
+        handle.write(text)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
+
+
+def _read_json(path: str) -> dict:
+    with tf.io.gfile.GFile(path, "r") as handle:
+        return json.loads(handle.read())
+
+
+def _completed_epochs(backup_dir: str) -> int:
+    """Epochs recorded by a ``BackupAndRestore`` folder (0 if there is none)."""
+    path = backup_dir + "/training_metadata.json"
+    if not tf.io.gfile.exists(path):
+        return 0
+    return int(_read_json(path).get("epoch", 0))
+
+
+@contextlib.contextmanager
+def dtype_policy(mixed_precision: str):
+    """Sets Keras' global dtype policy for the block, then restores the previous one."""
+    previous = keras.mixed_precision.global_policy()
+    keras.mixed_precision.set_global_policy(_MIXED_POLICIES[mixed_precision])
+    try:
+        yield
+    finally:
+        keras.mixed_precision.set_global_policy(previous)
+
+
+# ---------------------------------------------------------------------------------------------
+# Model, compile, data.
+
+
+def compile_for_phase(
+    model: keras.Model,
+    phase: PhaseConfig,
+    config: TrainConfig,
+    strategy: tf.distribute.Strategy,
+    training_model: keras.Model | None = None,
+) -> None:
+    """Sets ``trainable`` of ``model`` for ``phase`` and recompiles (fresh Adam at its rate).
+
+    ``training_model`` (default ``model``) is what ``fit`` trains: the classifier itself, or
+    the classifier behind ``DeviceAugmentation`` (it shares the classifier's layers).
+    BatchNorm stays in inference mode in every phase (``trainer.model`` calls the backbone with
+    ``training=False``), as in Keras' finetuning guide.
+    """
+    training_model = model if training_model is None else training_model
+    with strategy.scope():
+        model_lib.set_trainable_from(model, phase.trainable_from)
+        training_model.compile(
+            optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate_at(0)),
+            loss=losses.RankWeightedBCE(rank_weight=config.model.rank_weight),
+            metrics=[metrics.BatchGAP()],
+            jit_compile=config.distribution.jit_compile,
+        )
+
+
+def augment_params(config: TrainConfig) -> augment_lib.AugmentParams | None:
+    """The recipe's augmentation, or None when ``--augment false``.
+
+    With the warp on the device, the host's only resize is the one to S: plain bilinear there
+    (``antialias=False``) more than doubles the host pipeline's rate (bench_input_pipeline.py:
+    ~200 -> ~450 images per core-second at 299 px) for a mean difference of ~1/255.
+    """
+    if not config.data.augment:
+        return None
+    return augment_lib.AugmentParams(antialias=not config.data.augment_on_device)
+
+
+def make_training_model(
+    model: keras.Model, config: TrainConfig, strategy: tf.distribute.Strategy
+) -> keras.Model:
+    """What ``fit`` trains: ``model``, or ``model`` behind ``DeviceAugmentation`` in split mode."""
+    params = augment_params(config)
+    if params is None or not config.data.augment_on_device:
+        return model
+    with strategy.scope():
+        return augment_lib.with_device_augmentation(model, params)
+
+
+def make_train_input(
+    config: TrainConfig,
+    phase: PhaseConfig,
+    num_classes: int,
+    strategy: tf.distribute.Strategy,
+) -> tf.distribute.DistributedDataset:
+    """The phase's training batches, one input pipeline per worker, sharded by file.
+
+    Elements: ``(images, labels)``, or in split mode (augmentation on the device) the inputs
+    dict of ``trainer.augment.with_device_augmentation`` and the labels.
+    """
+    contract = ImageContract(image_size=config.data.image_size)
+    augment = augment_params(config)
+
+    def per_replica(batch_size: int, input_context: tf.distribute.InputContext) -> tf.data.Dataset:
+        seed = config.data.seed
+        if seed is not None:
+            seed += input_context.input_pipeline_id  # different shuffles per worker
+        return data_lib.make_dataset(
+            config.data.train_data,
+            contract=contract,
+            batch_size=batch_size,
+            training=True,
+            augment=augment,
+            num_classes=num_classes,
+            shuffle_buffer=config.data.shuffle_buffer,
+            seed=seed,
+            input_context=input_context,
+            max_images_per_class=config.data.max_images_per_class,
+            repeat=config.data.steps_per_epoch is not None,
+            augment_on_device=config.data.augment_on_device,
+        )
+
+    return distribute.distribute_dataset(strategy, phase.batch_size, per_replica)
+
+
+class DevEvaluator:
+    """GAP over the whole dev set from each image's top-1 class and its probability.
+
+    Runs the model on one device (inference, ``training=False``); only three numbers per image
+    are kept, so memory does not grow with the number of classes.
+    """
+
+    def __init__(self, config: TrainConfig, num_classes: int, batch_size: int):
+        contract = ImageContract(image_size=config.data.image_size)
+        dataset = data_lib.make_dataset(
+            config.data.dev_data,
+            contract=contract,
+            batch_size=batch_size,
+            training=False,
+            num_classes=num_classes,
+            deterministic=True,
+        )
+        if config.data.max_dev_images:
+            dataset = dataset.take(math.ceil(config.data.max_dev_images / batch_size))
+        self.dataset = dataset
+        self._predict = None
+        self._model = None
+
+    def __call__(self, model: keras.Model) -> float:
+        if self._model is not model:
+            self._model = model
+            self._predict = tf.function(lambda images: model(images, training=False))
+        labels, classes, scores = [], [], []
+        for images, batch_labels in self.dataset:
+            probabilities = tf.cast(self._predict(images), tf.float32)
+            labels.append(batch_labels.numpy())
+            classes.append(tf.argmax(probabilities, axis=-1).numpy())
+            scores.append(tf.reduce_max(probabilities, axis=-1).numpy())
+        if not labels:
+            raise data_lib.DataError(f"the dev data {self.dataset!r} holds no records")
+        gap = metrics.gap_from_top1(
+            np.concatenate(labels), np.concatenate(classes), np.concatenate(scores)
+        )
+        return float(gap)
+
+
+def save_classifier_weights(model: keras.Model, path: str) -> None:
+    """The classifier's weights without optimizer state (~1/3 of the size with Adam, and
+    loadable into a model compiled for any phase, or not compiled at all)."""
+    tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
+    optimizer = getattr(model, "optimizer", None)
+    skip = [optimizer] if optimizer is not None else None
+    keras.saving.save_weights(model, path, objects_to_skip=skip)
+
+
+class SaveCheckpoints(keras.callbacks.Callback):
+    """Classifier weights each epoch; the best by ``dev_gap`` when present.
+
+    Saves ``classifier`` (images -> probabilities), not the model ``fit`` trains (which may
+    have ``DeviceAugmentation`` in front), so checkpoints load into ``build_model``'s model.
+    """
+
+    def __init__(self, layout: ModelDir, best_so_far: float | None, classifier: keras.Model):
+        super().__init__()
+        self.layout = layout
+        self.best = best_so_far
+        self.classifier = classifier
+
+    def _save(self, path: str) -> None:
+        save_classifier_weights(self.classifier, path)
+
+    def on_epoch_end(self, epoch, logs=None):
+        self._save(self.layout.last_checkpoint)
+        dev_gap = (logs or {}).get("dev_gap")
+        if dev_gap is not None and (self.best is None or dev_gap > self.best):
+            _LOG.info("epoch %d: dev GAP %.4f is the best so far, saved", epoch + 1, dev_gap)
+            self.best = float(dev_gap)
+            self._save(self.layout.best_checkpoint)
+
+
+def calibrate_batchnorm(model: keras.Model, images: tf.Tensor) -> None:
+    """Sets every backbone BatchNorm's moving mean/variance to its statistics on ``images``.
+
+    One forward pass in training mode with momentum 0: each BatchNorm normalises with, and
+    stores, the statistics of its own input given the layers before it, so afterwards the
+    inference-mode backbone reproduces the training-mode activations on ``images`` (unit scale
+    instead of vanishing). Meant for a randomly initialised backbone; weights are untouched.
+
+    Args:
+      model: a model from ``trainer.model.build_model``.
+      images: float32 ``[N, S, S, 3]`` in [-1, 1], a few dozen training images.
+    """
+    backbone = model.get_layer(model_lib.BACKBONE_NAME)
+    norms = [
+        layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
+    saved = [(layer.momentum, layer.trainable) for layer in norms]
+    try:
+        for layer in norms:
+            # A non-trainable BatchNorm runs in inference mode whatever `training` says.
+            layer.trainable = True
+            layer.momentum = 0.0
+        backbone(images, training=True)
+    finally:
+        for layer, (momentum, trainable) in zip(norms, saved):
+            layer.momentum = momentum
+            layer.trainable = trainable
+    _LOG.info("calibrated %d BatchNorm layers of the random backbone on %d images",
+              len(norms), int(images.shape[0]))
+
+
+def _calibration_images(config: TrainConfig, num_classes: int) -> tf.Tensor:
+    count = config.model.calibrate_batchnorm_images
+    dataset = data_lib.make_dataset(
+        config.data.train_data,
+        contract=ImageContract(image_size=config.data.image_size),
+        batch_size=count,
+        training=False,
+        num_classes=num_classes,
+        deterministic=True,
+    )
+    for images, _ in dataset.take(1):
+        return images
+    raise data_lib.DataError(f"no training records in {config.data.train_data!r}")
+
+
+def _restore_backup(model: keras.Model, backup_dir: str, strategy: tf.distribute.Strategy) -> None:
+    """Loads a phase's backup (weights + optimizer) exactly as ``BackupAndRestore`` does."""
+    restorer = keras.callbacks.BackupAndRestore(backup_dir, double_checkpoint=True)
+    restorer.set_model(model)
+    with strategy.scope():
+        restorer.on_train_begin()
+
+
+def export_model(
+    layout: ModelDir, weights_path: str, config: TrainConfig, num_classes: int
+) -> None:
+    """Writes ``model.keras``: a float32, uncompiled copy (no optimizer state, loads fast)."""
+    with dtype_policy("none"):
+        exported = model_lib.build_model(
+            num_classes,
+            image_size=config.data.image_size,
+            backbone_weights="none",
+            dropout=config.model.dropout,
+            gem_p=config.model.gem_p,
+        )
+    keras.saving.load_weights(exported, weights_path)
+    local = layout.path("model.tmp.keras")
+    exported.save(local)
+    tf.io.gfile.rename(local, layout.model, overwrite=True)
+
+
+# ---------------------------------------------------------------------------------------------
+# The run.
+
+
+def _phase_callbacks(
+    layout: ModelDir,
+    phase: PhaseConfig,
+    first_epoch: int,
+    backup_dir: str,
+    guard: callbacks_lib.DivergenceGuard,
+    evaluator: DevEvaluator | None,
+    best_dev_gap: float | None,
+    classifier: keras.Model,
+) -> list[keras.callbacks.Callback]:
+    """The callbacks of one phase's ``fit``, in the order they must run (see callbacks.py)."""
+    callbacks = [guard]
+    if evaluator is not None:
+        callbacks.append(callbacks_lib.DevGap(evaluator, guard, classifier))
+    callbacks += [
+        keras.callbacks.LearningRateScheduler(
+            lambda epoch, _lr: phase.learning_rate_at(epoch - first_epoch)
+        ),
+        callbacks_lib.EpochLog(phase.name, phase.batch_size),
+        callbacks_lib.HistoryCsv(layout.history, phase.name, guard),
+        callbacks_lib.UnlessDiverged(SaveCheckpoints(layout, best_dev_gap, classifier), guard),
+        # Kept after the phase (delete_checkpoint=False): a re-run restores a finished phase
+        # from it; double_checkpoint survives a kill in the middle of writing the backup.
+        callbacks_lib.UnlessDiverged(
+            keras.callbacks.BackupAndRestore(
+                backup_dir, double_checkpoint=True, delete_checkpoint=False
+            ),
+            guard,
+        ),
+        keras.callbacks.TensorBoard(layout.logs, update_freq="epoch"),
+    ]
+    return callbacks
+
+
+def _check_model_dir(layout: ModelDir, config: TrainConfig) -> bool:
+    """True if the model dir already holds this finished run; raises if it holds another run."""
+    if not tf.io.gfile.exists(layout.config):
+        return False
+    with tf.io.gfile.GFile(layout.config, "r") as handle:
+        existing = handle.read()
+    if _config_for_comparison(existing) != _config_for_comparison(config.to_json()):
+        raise ValueError(
+            f"{layout.root} holds a run with another config ({layout.config}); "
+            "use a new --model_dir or repeat that run's flags to resume it"
+        )
+    return tf.io.gfile.exists(layout.success)
+
+
+def _check_data(config: TrainConfig, num_classes: int) -> dict[int, int]:
+    """Lists the files and checks labels against the label map; returns label counts (or {})."""
+    data_lib.list_files(config.data.train_data)
+    if config.data.dev_data:
+        data_lib.list_files(config.data.dev_data)
+    if not config.data.check_labels:
+        return {}
+    counts = data_lib.count_labels(config.data.train_data)
+    data_lib.check_labels(counts, num_classes)
+    if config.data.dev_data:
+        data_lib.check_labels(data_lib.count_labels(config.data.dev_data), num_classes)
+    return counts
+
+
+def train(config: TrainConfig) -> dict:
+    """Runs (or resumes) the phases of ``config``; returns the summary written to summary.json.
+
+    Raises:
+      ValueError (incl. ``DataError``, ``SchemaError``), FileNotFoundError: bad input.
+      TrainingDiverged: the loss became non-finite.
+    """
+    layout = ModelDir(config.model_dir)
+    if _check_model_dir(layout, config):
+        _LOG.info("%s already holds this finished run (_SUCCESS); nothing to do", layout.root)
+        return _read_json(layout.summary)
+
+    strategy, info = distribute.make_strategy(config.distribution)  # first: may split the CPU
+    if not info.is_chief:
+        # Every worker runs this same code and saves (the saves are collective), but only the
+        # chief writes the model dir; the others keep their own copy, used for their resume.
+        layout = ModelDir(layout.path("workers", info.task))
+        _LOG.info("not the chief: writing to %s", layout.root)
+    for phase in config.active_phases:
+        distribute.check_global_batch(phase.batch_size, info, f"--{phase.name}_batch_size")
+    label_map = label_map_lib.read_label_map(config.data.label_map)
+    num_classes = label_map.num_classes
+    counts = _check_data(config, num_classes)
+    if counts:
+        _LOG.info(
+            "training data: %d images, %d classes used of %d, %d non-landmark images",
+            sum(counts.values()),
+            len([label for label in counts if label >= 0]),
+            num_classes,
+            counts.get(-1, 0),
+        )
+
+    tf.io.gfile.makedirs(layout.root)
+    _write_text(layout.config, config.to_json() + "\n")
+    label_map_lib.write_label_map(label_map, layout.label_map)
+    if config.data.seed is not None:
+        keras.utils.set_random_seed(config.data.seed)
+
+    started = time.perf_counter()
+    with dtype_policy(config.distribution.mixed_precision):
+        with strategy.scope():
+            model = model_lib.build_model(
+                num_classes,
+                image_size=config.data.image_size,
+                backbone_weights=config.model.backbone_weights,
+                dropout=config.model.dropout,
+                gem_p=config.model.gem_p,
+            )
+        if (
+            config.model.backbone_weights.lower() == "none"
+            and config.model.calibrate_batchnorm_images > 0
+        ):
+            # Restored backups overwrite these statistics, so this is harmless on a resume.
+            with strategy.scope():
+                calibrate_batchnorm(model, _calibration_images(config, num_classes))
+        training_model = make_training_model(model, config, strategy)
+        history = callbacks_lib.read_history(layout.history)
+        evaluator = None
+        if config.data.dev_data:
+            eval_batch = max(phase.batch_size for phase in config.active_phases)
+            evaluator = DevEvaluator(config, num_classes, eval_batch)
+        last_images_per_second = None
+        for index, phase, first_epoch, end_epoch in phase_epoch_ranges(config):
+            compile_for_phase(model, phase, config, strategy, training_model)
+            backup_dir = layout.phase_backup(index, phase.name)
+            if _completed_epochs(backup_dir) >= end_epoch:
+                _restore_backup(training_model, backup_dir, strategy)
+                _LOG.info("phase %s: already complete (epochs %d-%d), restored from %s",
+                          phase.name, first_epoch + 1, end_epoch, backup_dir)
+                continue
+            done = _completed_epochs(backup_dir)
+            if done > first_epoch:
+                _LOG.info("phase %s: resuming after epoch %d from %s", phase.name, done, backup_dir)
+            if evaluator is not None and 0 not in history:
+                history[0] = {"epoch": 0, "phase": "init", "dev_gap": f"{evaluator(model):.6g}"}
+                callbacks_lib.write_history(layout.history, history)
+                _LOG.info("dev GAP at initialisation: %s", history[0]["dev_gap"])
+            _LOG.info(
+                "phase %s: epochs %d-%d, backbone trainable from %s, %s, lr %.3g -> %.3g",
+                phase.name, first_epoch + 1, end_epoch, phase.trainable_from,
+                info.describe_batch(phase.batch_size), phase.learning_rate_at(0),
+                phase.learning_rate_at(phase.epochs - 1),
+            )
+            guard = callbacks_lib.DivergenceGuard()
+            phase_callbacks = _phase_callbacks(
+                layout, phase, first_epoch, backup_dir, guard, evaluator, _best_dev_gap(history),
+                classifier=model,
+            )
+            training_model.fit(
+                make_train_input(config, phase, num_classes, strategy),
+                initial_epoch=first_epoch,
+                epochs=end_epoch,
+                steps_per_epoch=config.data.steps_per_epoch,
+                callbacks=phase_callbacks,
+                verbose=config.verbose,
+                shuffle=False,  # the input pipeline shuffles; Keras cannot shuffle a dataset
+            )
+            if guard.diverged:
+                raise TrainingDiverged(
+                    f"training diverged in phase {phase.name}: {guard.where}; stopped, the last "
+                    f"good state is kept in {layout.last_checkpoint} and {layout.backup} "
+                    "(try a lower learning rate)"
+                )
+            history = callbacks_lib.read_history(layout.history)
+            last_images_per_second = history.get(end_epoch, {}).get("images_per_second")
+
+    history = callbacks_lib.read_history(layout.history)
+    best_dev_gap = _best_dev_gap(history)
+    use_best = best_dev_gap is not None and tf.io.gfile.exists(layout.best_checkpoint)
+    weights = layout.best_checkpoint if use_best else layout.last_checkpoint
+    if not tf.io.gfile.exists(weights):  # every phase was restored from backups only
+        save_classifier_weights(model, weights)
+    export_model(layout, weights, config, num_classes)
+    summary = {
+        "model": layout.model,
+        "exported_weights": "best dev GAP" if use_best else "last epoch",
+        "num_classes": num_classes,
+        "train_images": sum(counts.values()) if counts else None,
+        "epochs": config.total_epochs,
+        "strategy": info.kind,
+        "replicas": info.num_replicas,
+        "devices": list(info.devices),
+        "global_batch_by_phase": {p.name: p.batch_size for p in config.active_phases},
+        "mixed_precision": config.distribution.mixed_precision,
+        "dev_gap_initial": _float_or_none(history.get(0, {}).get("dev_gap")),
+        "dev_gap_final": _float_or_none(history.get(config.total_epochs, {}).get("dev_gap")),
+        "dev_gap_best": best_dev_gap,
+        "images_per_second_last_epoch": _float_or_none(last_images_per_second),
+        "seconds_this_process": round(time.perf_counter() - started, 1),
+    }
+    _write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
+    if tf.io.gfile.exists(layout.backup):
+        tf.io.gfile.rmtree(layout.backup)
+    _write_text(layout.success, "")
+    return summary
+
+
+def _float_or_none(value) -> float | None:
+    if value is None or value == "":
+        return None
+    return float(value)
+
+
+def _best_dev_gap(history: dict[int, dict]) -> float | None:
+    """Best dev GAP over the *trained* epochs of ``history`` (the initial row does not count)."""
+    values = [_float_or_none(row.get("dev_gap")) for epoch, row in history.items() if epoch > 0]
+    values = [value for value in values if value is not None and math.isfinite(value)]
+    return max(values) if values else None
+
+
+# ---------------------------------------------------------------------------------------------
+# CLI.
+
+
+def _one_line(error: BaseException, config: TrainConfig | None) -> str:
+    """The error as one line: TF errors explained by ``trainer.data``, others' first line."""
+    pattern = config.data.train_data if config is not None else None
+    if isinstance(error, tf.errors.OpError):
+        return data_lib.explain_data_error(error, pattern)
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    text = lines[0] if lines else type(error).__name__
+    if text == "in user code:":  # raised inside a tf.function: the message is the last line
+        text = lines[-1]
+    return text
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry point; returns the exit code (see the module docstring)."""
+    logging.basicConfig(
+        level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    logging.getLogger("tensorflow").setLevel(logging.WARNING)  # per-step collective chatter
+    config = None
+    try:
+        config = config_from_args(sys.argv[1:] if argv is None else list(argv))
+        summary = train(config)
+    except TrainingDiverged as error:
+        print(f"landmarks-train: error: {error}", file=sys.stderr)
+        return EXIT_DIVERGED
+    except (
+        ValueError,
+        FileNotFoundError,
+        tfrecords_schema.SchemaError,
+        tf.errors.OpError,
+    ) as error:
+        print(f"landmarks-train: error: {_one_line(error, config)}", file=sys.stderr)
+        return EXIT_BAD_INPUT
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
+
+
+if __name__ == "__main__":
+    sys.exit(main())
