@@ -27,6 +27,8 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
+from beam_pipelines import cli
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 _LOG = logging.getLogger("landmarks-demo")
@@ -61,18 +63,44 @@ class DemoConfig:
                 raise ValueError(f"--{name} must be >= 1")
 
 
-def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:
+def build_parser() -> argparse.ArgumentParser:
+    """The demo's own flags; defaults come from :class:`DemoConfig`."""
     defaults = DemoConfig()
-    parser = argparse.ArgumentParser(prog="landmarks-demo", description=__doc__.split("\n")[0])
-    parser.add_argument("--run_dir", default=defaults.run_dir, help="folder for every output")
-    parser.add_argument("--seed", type=int, default=defaults.seed)
-    for name in ("num_classes", "train_per_class", "test_per_class", "num_train_distractors",
-                 "num_test_distractors", "image_size", "crops", "references_per_class"):
-        parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
-    parser.add_argument("--local_features", default=defaults.local_features,
-                        help="default | orb | sift | delf:HANDLE")
-    parser.add_argument("--train_preset", default=defaults.train_preset, choices=("quick", "full"))
-    args, extra = parser.parse_known_args(argv)
+    parser = cli.ErrorRaisingArgumentParser(
+        prog="landmarks-demo", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="Flags not listed above go to landmarks-train (checked when the train stage "
+               "starts),\ne.g. landmarks-demo --run_dir runs/demo --head_epochs 1 "
+               "--finetune_epochs 0.\nThe Beam stages run locally with --runner=FnApiRunner.")
+    default = " (default: %(default)s)"
+    add = parser.add_argument
+    add("--run_dir", default=defaults.run_dir,
+        help="folder for every output; an earlier demo run there is replaced" + default)
+    add("--seed", type=int, default=defaults.seed,
+        help="seed of the toy data and of training" + default)
+    helps = {
+        "num_classes": "toy landmark classes (landmarks-toy-data --num_classes)",
+        "train_per_class": "toy training views per class",
+        "test_per_class": "toy test views per class",
+        "num_train_distractors": "toy training non-landmark images",
+        "num_test_distractors": "toy test non-landmark images",
+        "image_size": "network input side, pixels, >= 71 (landmarks-train --image_size)",
+        "crops": "views per test image in landmarks-predict: 22, 12, 2 or 1",
+        "references_per_class": "reference images per class in landmarks-predict (K)",
+    }
+    for name, text in helps.items():
+        add(f"--{name}", type=int, default=getattr(defaults, name), help=text + default)
+    add("--local_features", default=defaults.local_features,
+        help="local-feature extractor of landmarks-predict: default, orb, sift or delf:HANDLE"
+             + default)
+    add("--train_preset", default=defaults.train_preset, choices=("quick", "full"),
+        help="landmarks-train --preset; full is the recipe and takes hours on a CPU" + default)
+    return parser
+
+
+def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:
+    """Command line -> :class:`DemoConfig`; unknown flags are kept for ``landmarks-train``."""
+    args, extra = build_parser().parse_known_args(argv)
     return DemoConfig(**{**vars(args), "extra_train_flags": tuple(extra)})
 
 
@@ -274,6 +302,7 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point: prints the results table; 2 (one error line) for bad flags or input."""
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)

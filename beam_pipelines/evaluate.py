@@ -38,6 +38,7 @@ from typing import Mapping, Optional, Sequence
 import numpy as np
 import pandas as pd
 
+from beam_pipelines import cli
 from beam_pipelines import io_utils
 from rescoring import gap as gap_lib
 from rescoring import submission as submission_lib
@@ -326,13 +327,34 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def build_parser() -> argparse.ArgumentParser:
+    """The ``landmarks-evaluate`` argument parser."""
+    parser = cli.ErrorRaisingArgumentParser(
+        prog="landmarks-evaluate", description=__doc__.split("\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n"
+               "  landmarks-evaluate --submission predict/submission.csv \\\n"
+               "      --solution toy/test_solution.csv --scores predict/scores.csv "
+               "--output_dir eval/\n"
+               f"writes {REPORT_FILENAME}, {PRECISION_PLOT_FILENAME} and "
+               f"{HISTOGRAM_PLOT_FILENAME}; all paths may be gs:// URLs.")
+    parser.add_argument("--submission", required=True,
+                        help="submission CSV id,landmarks as written by landmarks-predict "
+                             "(required)")
+    parser.add_argument("--solution", required=True,
+                        help="solution CSV id,landmarks,Usage (GLDv2 form; empty landmarks = "
+                             "non-landmark) (required)")
+    parser.add_argument("--output_dir", required=True,
+                        help=f"folder for {REPORT_FILENAME} and the plots (required)")
+    parser.add_argument("--scores", default=None,
+                        help="scores.csv of landmarks-predict: adds the classifier-only metrics "
+                             "(default: none)")
+    return parser
+
+
 def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
-    parser = argparse.ArgumentParser(prog="landmarks-evaluate", description=__doc__.split("\n")[0])
-    parser.add_argument("--submission", required=True, help="submission CSV (id,landmarks)")
-    parser.add_argument("--solution", required=True, help="solution CSV (id,landmarks,Usage)")
-    parser.add_argument("--output_dir", required=True, help="folder for report.json and plots")
-    parser.add_argument("--scores", default=None, help="optional scores.csv of the predict job")
-    return EvaluateConfig(**vars(parser.parse_args(argv)))
+    """Command line -> :class:`EvaluateConfig` (``ValueError`` for bad flags)."""
+    return EvaluateConfig(**vars(build_parser().parse_args(argv)))
 
 
 def _read(path: str, what: str) -> str:
@@ -345,7 +367,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Reads the files, writes ``report.json`` and the plots, returns the report.
 
     Raises:
-      ValueError: a missing or malformed input (one-line message).
+      ValueError: bad flags, or a missing or malformed input (one-line message).
     """
     config = parse_args(argv)
     submission_text = _read(config.submission, "submission")
@@ -377,14 +399,14 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point: prints the table; a bad input gives one error line and exit status 1."""
+    """CLI entry point: prints the table; bad flags or input: one error line, exit status 2."""
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     try:
         report = run(argv)
     except (ValueError, OSError) as error:
         message = str(error).splitlines()[0] if str(error) else type(error).__name__
         print(f"landmarks-evaluate: error: {message}", file=sys.stderr)
-        return 1
+        return 2
     print(format_table(report))
     print(f"report: {io_utils.join(report['inputs']['output_dir'], REPORT_FILENAME)}")
     return 0

@@ -131,7 +131,7 @@ def test_gap_is_null_without_landmarks(tmp_path):
 ])
 def test_bad_input_gives_one_line_error(files, capsys, name, text, message):
     pathlib.Path(files[name]).write_text(text)
-    assert evaluate.main(_argv(files)) == 1
+    assert evaluate.main(_argv(files)) == 2
     captured = capsys.readouterr()
     error_lines = captured.err.strip().splitlines()
     assert len(error_lines) == 1 and "Traceback" not in captured.err
@@ -140,7 +140,7 @@ def test_bad_input_gives_one_line_error(files, capsys, name, text, message):
 
 def test_missing_file_is_an_error(files, capsys):
     files["solution"] += ".missing"
-    assert evaluate.main(_argv(files)) == 1
+    assert evaluate.main(_argv(files)) == 2
     assert "does not exist" in capsys.readouterr().err
 
 

@@ -257,6 +257,8 @@ def _recipe_phases() -> dict[str, PhaseConfig]:
     }
 
 
+DEFAULT_PRESET = "full"  # used when --preset is not given
+
 # Preset = overrides of the dataclass defaults, keyed like the CLI flags (dest names).
 # "quick" (tests, demo; ~1-3 min on 2 shared CPU cores with small data): 96 px, batch 8,
 # 3 x 15 head steps then 15 finetuning steps from layer 85; a random backbone (no download)
@@ -311,46 +313,131 @@ class _ErrorRaisingParser(argparse.ArgumentParser):
         raise ValueError(message)
 
 
+def preset_defaults(preset_name: str) -> dict[str, Any]:
+    """Flag dest -> the value a run gets when that flag is not given, under ``preset_name``.
+
+    The same resolution as :func:`config_from_args` (preset, else dataclass/recipe default); used
+    for the help text, so ``--help`` shows the values a run really uses.
+    """
+    preset = PRESETS[preset_name]
+    values: dict[str, Any] = {}
+    for config_class in (DataConfig, ModelConfig, DistributionConfig):
+        defaults = config_class()
+        for field in dataclasses.fields(config_class):
+            values[field.name] = preset.get(field.name, getattr(defaults, field.name))
+    for name, recipe in _recipe_phases().items():
+        for field in dataclasses.fields(PhaseConfig):
+            if field.name != "name":
+                key = f"{name}_{field.name}"
+                values[key] = preset.get(key, getattr(recipe, field.name))
+    verbose_default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}["verbose"]
+    values["verbose"] = preset.get("verbose", verbose_default)
+    return values
+
+
+def format_flag_value(value: Any) -> str:
+    """A default as it is typed on the command line (``none``, ``true``, ``1e-06``, ``a,b``)."""
+    if value is None or value == ():
+        return "none"
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, float):
+        return f"{value:g}"
+    if isinstance(value, tuple):
+        return ",".join(str(part) for part in value)
+    return str(value)
+
+
+TRAIN_EPILOG = """\
+Defaults: "full" is the recipe, "quick" the --preset for tests and the demo; a flag given on
+the command line beats the preset. Optional numbers take "none"; booleans take true/false.
+Phases run in order head -> finetune -> deep on one epoch counter; a phase with 0 epochs is
+skipped; the learning rate decays geometrically per epoch from *_learning_rate to
+*_final_learning_rate. Batch sizes are global (all replicas together). All paths may be gs://.
+
+example:
+  landmarks-train --train_data 'records/train/train-*.tfrecord' \\
+      --dev_data 'records/train/dev-*.tfrecord' --label_map records/train/label_map.csv \\
+      --model_dir model/ --preset quick
+exit status: 0 done, 2 bad flags or input, 3 training diverged (loss not finite).
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The ``landmarks-train`` argument parser. Unset flags are left out of the namespace."""
+    """The ``landmarks-train`` argument parser. Unset flags are left out of the namespace.
+
+    Help texts show the resolved default under each preset (:func:`preset_defaults`).
+    """
     parser = _ErrorRaisingParser(
         prog="landmarks-train",
         description="Train the Xception + GeM landmark classifier on TFRecords (phases).",
         # Unset flags are absent from the namespace, so an explicit "none" differs from "unset".
         argument_default=argparse.SUPPRESS,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=TRAIN_EPILOG,
     )
-    add = parser.add_argument
-    add("--train_data", help="glob of training TFRecord shards")
-    add("--label_map", help="label_map.csv written by landmarks-ingest")
-    add("--model_dir", help="output folder (resumes if it holds an unfinished run)")
-    add("--dev_data", help="glob of dev TFRecord shards (dev GAP per epoch, best checkpoint)")
-    add("--preset", choices=sorted(PRESETS),
-        help="full = the recipe (default); quick = a few steps at 96 px")
-    add("--image_size", type=int)
-    add("--augment", type=_bool)
-    add("--augment_on_device", type=_bool, help="warp on the accelerator (default) or the host")
-    add("--shuffle_buffer", type=int)
-    add("--max_images_per_class", type=_optional_int, help="class-balanced epochs (recipe: 256)")
-    add("--steps_per_epoch", type=_optional_int, help="repeat the data; global steps per epoch")
-    add("--max_dev_images", type=_optional_int)
-    add("--check_labels", type=_bool, help="check every training label against the label map")
-    add("--seed", type=_optional_int)
-    add("--backbone_weights", help="imagenet | none | path to Xception no-top weights")
-    add("--dropout", type=float)
-    add("--gem_p", type=float)
-    add("--rank_weight", type=float)
-    add("--calibrate_batchnorm_images", type=int, help="random backbone only (0 = off)")
+
+    full, quick = preset_defaults("full"), preset_defaults("quick")
+
+    def add(flag: str, text: str, **kwargs) -> None:
+        """A flag whose help ends in its default: ``(default: X)`` or ``(full: X; quick: Y)``."""
+        dest = flag[2:]
+        full_text, quick_text = format_flag_value(full[dest]), format_flag_value(quick[dest])
+        if full_text == quick_text:
+            text += f" (default: {full_text})"
+        else:
+            text += f" (full: {full_text}; quick: {quick_text})"
+        parser.add_argument(flag, help=text, **kwargs)
+
+    parser.add_argument("--train_data", help="glob of training TFRecord shards (required)")
+    parser.add_argument("--label_map", help="label_map.csv written by landmarks-ingest; its size "
+                        "is the number of classes (required)")
+    parser.add_argument("--model_dir",
+                        help="output folder; resumes an unfinished run found there (required)")
+    add("--dev_data", "glob of dev TFRecord shards: dev GAP per epoch and the best checkpoint")
+    parser.add_argument(
+        "--preset", choices=sorted(PRESETS),
+        help="full = the recipe; quick = a few steps at 96 px (tests, demo) "
+        f"(default: {DEFAULT_PRESET})")
+    add("--image_size", "side of the square network input, pixels, >= 71", type=int)
+    add("--augment", "the recipe's augmentation on training batches", type=_bool)
+    add("--augment_on_device", "run the warp and channel shift batched on the accelerator "
+        "(true) or per image on the host (false)", type=_bool)
+    add("--shuffle_buffer", "records in the shuffle buffer", type=int)
+    add("--max_images_per_class", "class-balanced epochs: at most this many images per class "
+        "(recipe option: 256; none = all)", type=_optional_int)
+    add("--steps_per_epoch", "repeat the data and make an epoch this many global steps "
+        "(none = one pass)", type=_optional_int)
+    add("--max_dev_images", "dev images evaluated per epoch (none = all)", type=_optional_int)
+    add("--check_labels", "read every training label once and check it against the label map",
+        type=_bool)
+    add("--seed", "seed of initialisation, shuffling and augmentation (none = random)",
+        type=_optional_int)
+    add("--backbone_weights", "imagenet (download), none (random init) or a path to Xception "
+        "no-top weights")
+    add("--dropout", "dropout rate before the classifier, in [0, 1)", type=float)
+    add("--gem_p", "initial GeM exponent p (trainable)", type=float)
+    add("--rank_weight", "weight of the rank term of the loss", type=float)
+    add("--calibrate_batchnorm_images", "with --backbone_weights none only: training images used "
+        "to set the backbone's BatchNorm statistics (0 = off)", type=int)
     for name in PHASE_NAMES:
-        add(f"--{name}_epochs", type=int)
-        add(f"--{name}_batch_size", type=int, help="global batch")
-        add(f"--{name}_learning_rate", type=float)
-        add(f"--{name}_final_learning_rate", type=_optional_float)
-        add(f"--{name}_trainable_from", type=_optional_int, help="first trainable backbone layer")
-    add("--strategy", choices=STRATEGY_CHOICES)
-    add("--devices", type=_device_list, help="e.g. /cpu:0,/cpu:1 or /gpu:0,/gpu:1")
-    add("--mixed_precision", choices=MIXED_PRECISION_CHOICES)
-    add("--jit_compile", type=_bool, help="XLA (slow for Xception on CPU)")
-    add("--verbose", type=int, choices=(0, 1, 2), help="Keras progress: 0 silent, 1 bar, 2 line")
+        add(f"--{name}_epochs", f"epochs of the {name} phase (0 = skip it)", type=int)
+        add(f"--{name}_batch_size", f"global batch of the {name} phase, images", type=int)
+        add(f"--{name}_learning_rate", f"Adam learning rate in the {name} phase's first epoch",
+            type=float)
+        add(f"--{name}_final_learning_rate", f"learning rate of the {name} phase's last epoch "
+            "(none = constant)", type=_optional_float)
+        add(f"--{name}_trainable_from", f"first trainable backbone layer index in the {name} "
+            "phase (none = backbone frozen)", type=_optional_int)
+    add("--strategy", "auto = multi_worker with TF_CONFIG, else mirrored over --devices or all "
+        "GPUs, else default (one device)", choices=STRATEGY_CHOICES)
+    add("--devices", "comma-separated devices for mirrored, e.g. /cpu:0,/cpu:1 or /gpu:0,/gpu:1 "
+        "(none = all GPUs)", type=_device_list)
+    add("--mixed_precision", "compute dtype; the output stays float32",
+        choices=MIXED_PRECISION_CHOICES)
+    add("--jit_compile", "XLA compilation (slow for Xception on CPU)", type=_bool)
+    add("--verbose", "Keras progress: 0 silent, 1 bar, 2 one line per epoch", type=int,
+        choices=(0, 1, 2))
     return parser
 
 
@@ -364,7 +451,7 @@ def _resolve(values: dict[str, Any], preset: dict[str, Any], name: str, default:
 def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
     """Parses ``argv`` into a validated :class:`TrainConfig`; raises ``ValueError`` on bad input."""
     values = vars(build_parser().parse_args(argv))
-    preset_name = values.pop("preset", "full")
+    preset_name = values.pop("preset", DEFAULT_PRESET)
     preset = PRESETS[preset_name]
 
     def pick(name, default):

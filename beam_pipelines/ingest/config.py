@@ -14,6 +14,7 @@ import re
 
 from beam_pipelines.ingest.fetch import FetchParams
 from beam_pipelines.ingest.normalise import NormaliseParams
+from beam_pipelines import cli
 
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -97,35 +98,73 @@ class IngestConfig:
         return dataclasses.asdict(self)
 
 
+BEAM_FLAGS_EPILOG = """\
+Flags not listed above go to Beam's PipelineOptions, for example
+  local:    --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing
+  Dataflow: --runner=DataflowRunner --project=MY_PROJECT --region=europe-west1
+            --temp_location=gs://MY_BUCKET/tmp --setup_file=./setup.py
+            --machine_type=n1-standard-4 --max_num_workers=20
+Paths (--manifest, --output_dir, ...) may be gs:// URLs.
+
+example:
+  landmarks-ingest --manifest toy/train.csv --distractor_dir toy/distractors \\
+      --output_dir records/train --dev_fraction 0.2 --num_shards 2 --runner=FnApiRunner
+"""
+
+
 def build_arg_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The job's own flags; defaults come from :class:`IngestConfig`."""
+    parser = cli.ErrorRaisingArgumentParser(
         prog="landmarks-ingest",
         description="Manifest CSV (+ distractor folder) -> normalised, sharded TFRecords. "
         "Unknown flags go to Beam (e.g. --runner=DataflowRunner --project=... --region=...).",
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BEAM_FLAGS_EPILOG,
     )
     defaults = IngestConfig(manifest="-", output_dir="-")
-    parser.add_argument("--manifest", default="", help="CSV id,url[,landmark_id] (local or gs://)")
-    parser.add_argument("--output_dir", default="", help="run folder for shards and reports")
-    parser.add_argument("--distractor_dir", default="", help="folder of non-landmark images")
-    parser.add_argument("--label_map", default="", help="reuse this label_map.csv")
-    parser.add_argument("--split_name", default="", help="name of the main split")
-    parser.add_argument("--dev_fraction", type=float, default=defaults.dev_fraction)
-    parser.add_argument("--num_shards", type=int, default=defaults.num_shards)
-    parser.add_argument("--max_side", type=int, default=defaults.max_side)
-    parser.add_argument("--jpeg_quality", type=int, default=defaults.jpeg_quality)
-    parser.add_argument("--max_pixels", type=int, default=defaults.max_pixels)
-    parser.add_argument("--max_bytes", type=int, default=defaults.max_bytes)
-    parser.add_argument("--timeout_seconds", type=float, default=defaults.timeout_seconds)
-    parser.add_argument("--max_attempts", type=int, default=defaults.max_attempts)
-    parser.add_argument("--backoff_seconds", type=float, default=defaults.backoff_seconds)
-    parser.add_argument("--overwrite", action="store_true",
-                        help="delete the contents of a non-empty --output_dir first")
-    parser.add_argument("--no_tfds_metadata", dest="tfds_metadata", action="store_false",
-                        help="skip the TensorFlow Datasets metadata (one extra read of the shards)")
+    default = " (default: %(default)s)"
+    add = parser.add_argument
+    add("--manifest", default="",
+        help="CSV with header id,url,landmark_id (train) or id,url (test); local or gs:// "
+             "(required)")
+    add("--output_dir", default="",
+        help="run folder for shards, label_map.csv, rejected.csv, stats.json (required)")
+    add("--distractor_dir", default="",
+        help="folder of non-landmark images, stored with label -1, listed non-recursively "
+             "(default: none)")
+    add("--label_map", default="",
+        help="reuse this label_map.csv (e.g. the train map for a dev set); unknown landmark ids "
+             "are rejected (default: build one from the manifest)")
+    add("--split_name", default="",
+        help="name of the main split (default: train for a labelled manifest, test otherwise)")
+    add("--dev_fraction", type=float, default=defaults.dev_fraction,
+        help="share of each class held out as split dev, in [0, 1); 0 = no dev split" + default)
+    add("--num_shards", type=int, default=defaults.num_shards,
+        help="shards of the main split; dev gets ceil(num_shards * dev_fraction)" + default)
+    add("--max_side", type=int, default=defaults.max_side,
+        help="longer side of stored images, pixels (never enlarged)" + default)
+    add("--jpeg_quality", type=int, default=defaults.jpeg_quality,
+        help="JPEG quality of stored images, 1-95" + default)
+    add("--max_pixels", type=int, default=defaults.max_pixels,
+        help="reject decoded images with more pixels (decompression bombs)" + default)
+    add("--max_bytes", type=int, default=defaults.max_bytes,
+        help="reject downloads or files larger than this, bytes" + default)
+    add("--timeout_seconds", type=float, default=defaults.timeout_seconds,
+        help="timeout of one download attempt, seconds" + default)
+    add("--max_attempts", type=int, default=defaults.max_attempts,
+        help="download attempts per URL, including the first" + default)
+    add("--backoff_seconds", type=float, default=defaults.backoff_seconds,
+        help="wait before the first retry, seconds; doubles with each retry" + default)
+    add("--overwrite", action="store_true",
+        help="delete the contents of a non-empty --output_dir first (default: off, a non-empty "
+             "folder is refused)")
+    add("--no_tfds_metadata", dest="tfds_metadata", action="store_false",
+        help="skip the TensorFlow Datasets metadata, which costs one extra read of the shards "
+             "(default: off, metadata written)")
     return parser
 
 
 def parse_args(argv=None) -> tuple[IngestConfig, list[str]]:
-    """(config, the remaining flags for Beam). Raises ``ValueError`` for bad values."""
+    """(config, the remaining flags for Beam). Raises ``ValueError`` for bad flags or values."""
     known, beam_args = build_arg_parser().parse_known_args(argv)
     return IngestConfig(**vars(known)), beam_args

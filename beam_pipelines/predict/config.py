@@ -24,6 +24,7 @@ import dataclasses
 import os
 import posixpath
 from typing import Optional, Sequence
+from beam_pipelines import cli
 
 CROP_CHOICES = (22, 12, 2, 1)
 """``--crops``: 22 = the recipe's views, 12 = the earlier variant (c=0.1), 2 = whole + mirror,
@@ -159,51 +160,59 @@ def _inside(path: str, folder: str) -> bool:
     return path == folder or path.startswith(folder + "/")
 
 
+BEAM_FLAGS_EPILOG = """\
+Flags not listed above go to Beam's PipelineOptions, for example
+  local:    --runner=FnApiRunner   or   --runner=DirectRunner --direct_num_workers=2
+  Dataflow: --runner=DataflowRunner --project=MY_PROJECT --region=europe-west1
+            --temp_location=gs://MY_BUCKET/tmp --setup_file=./setup.py
+            --machine_type=n1-highmem-8 --max_num_workers=10
+All paths may be gs:// URLs.
+
+example:
+  landmarks-predict --model model/model.keras --test_data 'records/test/test-*.tfrecord' \\
+      --reference_data 'records/train/train-*.tfrecord' --output_dir predict/ --runner=FnApiRunner
+"""
+
+
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(
+    """The job's own flags (Beam's are left to ``PipelineOptions``)."""
+    parser = cli.ErrorRaisingArgumentParser(
         prog="landmarks-predict",
         description=(
             "Crop voting with the trained classifier, then local-feature rescoring against "
             "per-class reference images -> submission.csv. Unknown flags go to Beam."
         ),
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=BEAM_FLAGS_EPILOG,
     )
-    parser.add_argument("--model", default="", help="trained model.keras")
-    parser.add_argument("--test_data", default="", help="glob of the test TFRecord shards")
-    parser.add_argument(
-        "--reference_data", default="", help="glob of the reference (training) TFRecord shards"
-    )
-    parser.add_argument("--output_dir", default="", help="run folder for the outputs")
-    parser.add_argument(
-        "--label_map", default="", help="label_map.csv (default: beside the model file)"
-    )
-    parser.add_argument(
-        "--reference_features",
-        default="",
-        help="reusable reference-feature folder (default: <parent of output_dir>/reference_features)",
-    )
-    parser.add_argument(
-        "--local_features",
-        default="default",
-        help="extractor spec: default, delf:HANDLE, or an offline extractor name",
-    )
-    parser.add_argument(
-        "--references_per_class", type=int, default=DEFAULT_REFERENCES_PER_CLASS,
-        help="references featurised and compared per class (K)",
-    )
-    parser.add_argument(
-        "--crops", type=int, default=22, help="views per test image: 22, 12, 2 or 1"
-    )
-    parser.add_argument(
-        "--blend_weight", type=float, default=DEFAULT_BLEND_WEIGHT,
-        help="w in final = (1 - w) * local_max_normalised + w * nn_confidence",
-    )
-    parser.add_argument(
-        "--batch_images", type=int, default=DEFAULT_BATCH_IMAGES,
-        help="test images per forward pass (each brings --crops views)",
-    )
-    parser.add_argument(
-        "--overwrite", action="store_true", help="empty a non-empty output folder"
-    )
+    default = " (default: %(default)s)"
+    add = parser.add_argument
+    add("--model", default="", help="trained model.keras written by landmarks-train (required)")
+    add("--test_data", default="", help="glob of the test TFRecord shards (required)")
+    add("--reference_data", default="",
+        help="glob of the reference (training) TFRecord shards; records with a label are "
+             "candidates for the per-class references (required)")
+    add("--output_dir", default="",
+        help="run folder for submission.csv, scores.csv, config.json, stats.json (required)")
+    add("--label_map", default="", help="label_map.csv (default: the one beside --model)")
+    add("--reference_features", default="",
+        help="folder of the reusable reference features, outside --output_dir "
+             f"(default: <parent of --output_dir>/{REFERENCE_FEATURES_DIRNAME})")
+    add("--local_features", default="default",
+        help="local-feature extractor spec: default, orb, sift or delf:HANDLE" + default)
+    add("--references_per_class", type=int, default=DEFAULT_REFERENCES_PER_CLASS,
+        help="K, reference images featurised and compared per class" + default)
+    add("--crops", type=int, default=22,
+        help="views per test image: "
+             f"{', '.join(str(choice) for choice in CROP_CHOICES)} "
+             "(22 = the recipe, 1 = whole image only)" + default)
+    add("--blend_weight", type=float, default=DEFAULT_BLEND_WEIGHT,
+        help="w in final = (1 - w) * local_max_normalised + w * nn_confidence, in [0, 1]"
+             + default)
+    add("--batch_images", type=int, default=DEFAULT_BATCH_IMAGES,
+        help="test images per forward pass (each brings --crops views)" + default)
+    add("--overwrite", action="store_true",
+        help="empty a non-empty --output_dir (default: off, a non-empty folder is refused)")
     return parser
 
 
