@@ -116,8 +116,19 @@ def finish(directory: str, metadata: dict, num_written: Optional[int]) -> None:
 # ---- the Beam part -------------------------------------------------------------------------
 
 
+_LABEL_OUT_OF_RANGE = beam.metrics.Metrics.counter(
+    transforms.NAMESPACE, "reference_label_out_of_range")
+
+
 def _is_candidate(record, num_classes: int) -> bool:
-    return 0 <= record.label < num_classes
+    """Labelled references only; non-landmarks (-1) are expected, a label beyond the label map
+    means records and model disagree: counted and logged, never silently dropped."""
+    if record.label >= num_classes:
+        _LABEL_OUT_OF_RANGE.inc()
+        _LOG.warning("reference %s has label %d outside the label map's %d classes; skipped",
+                     record.image_id, record.label, num_classes)
+        return False
+    return record.label >= 0
 
 
 def _selection_key(record) -> tuple[int, tuple[str, str]]:
