@@ -1,4 +1,4 @@
-"""landmarks-demo end to end on a tiny toy set (the real jobs, the local Beam runner)."""
+"""landmarks-demo end to end on the default toy set (the real jobs, the local Beam runner)."""
 
 import csv
 import json
@@ -8,19 +8,15 @@ import pytest
 
 from beam_pipelines import demo
 
-TINY = [
-    "--num_classes", "3", "--train_per_class", "6", "--test_per_class", "2",
-    "--num_train_distractors", "4", "--num_test_distractors", "3", "--crops", "2",
-    "--image_size", "71", "--references_per_class", "4",
-    # passed through to landmarks-train: a few steps only
-    "--steps_per_epoch", "3", "--head_epochs", "1", "--finetune_epochs", "1",
-]
+
+# The default toy set (6 classes, 24 landmark test views, 12 distractors) and the demo's own
+# training length: the same run a user gets from `make demo`, about 1.5 minutes here.
 
 
 @pytest.mark.slow
 def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
     run_dir = tmp_path / "demo"
-    assert demo.main(["--run_dir", str(run_dir), *TINY]) == 0
+    assert demo.main(["--run_dir", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert "GAP, classifier alone" in table and "after local-feature rescoring" in table
 
@@ -32,6 +28,11 @@ def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
     for key in ("gap", "gap_nn_only", "top1_accuracy"):
         assert 0.0 <= report[key] <= 1.0
         assert summary[key] == report[key]
+    # The seed's central claim, in miniature: with distractors in the test set, local-feature
+    # rescoring raises GAP over the classifier alone (measured 0.69 -> 0.79, 0.57 -> 0.71,
+    # 0.84 -> 0.88 in three runs). Training must have learned something for this to mean much.
+    assert summary["dev_gap_final"] > summary["dev_gap_initial"] + 0.2
+    assert report["gap"] > report["gap_nn_only"]
     for plot in summary["outputs"]["plots"]:
         with open(plot, "rb") as handle:
             assert handle.read(8) == b"\x89PNG\r\n\x1a\n"
@@ -41,7 +42,7 @@ def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
         test_ids = sorted(row["id"] for row in csv.DictReader(handle))
     with open(summary["outputs"]["submission"]) as handle:
         submitted = [row["id"] for row in csv.DictReader(handle)]
-    assert sorted(submitted) == test_ids and len(test_ids) == 3 * 2 + 3
+    assert sorted(submitted) == test_ids and len(test_ids) == 6 * 4 + 12
 
 
 def test_rerun_replaces_an_earlier_demo_but_never_a_foreign_folder(tmp_path):
