@@ -27,7 +27,7 @@ import sys
 import time
 from typing import Callable, Optional, Sequence
 
-from beam_pipelines import cli
+from beam_pipelines import cli, toy_data
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -40,17 +40,21 @@ DEMO_MARKER = "demo.json"
 DEMO_TRAIN_FLAGS = ("--finetune_epochs", "4")
 
 
+_TOY_DEFAULTS = toy_data.ToyDataConfig(output_dir="unused")
+
+
 @dataclasses.dataclass(frozen=True)
 class DemoConfig:
     """What the demo runs. The defaults finish in a few minutes on 2 CPU cores."""
 
     run_dir: str = "runs/demo"
-    seed: int = 0
-    num_classes: int = 6
-    train_per_class: int = 16
-    test_per_class: int = 4
-    num_train_distractors: int = 16
-    num_test_distractors: int = 12
+    # The toy set's size: landmarks-toy-data's own defaults, not a second copy of them.
+    seed: int = _TOY_DEFAULTS.seed
+    num_classes: int = _TOY_DEFAULTS.num_classes
+    train_per_class: int = _TOY_DEFAULTS.train_per_class
+    test_per_class: int = _TOY_DEFAULTS.test_per_class
+    num_train_distractors: int = _TOY_DEFAULTS.num_train_distractors
+    num_test_distractors: int = _TOY_DEFAULTS.num_test_distractors
     image_size: int = 96
     local_features: str = "default"
     crops: int = 22
@@ -146,7 +150,7 @@ def _check_exit(name: str, code: int) -> None:
 
 def run(config: DemoConfig) -> dict:
     """Runs the six stages; returns the summary written to ``demo.json``."""
-    from beam_pipelines import evaluate, toy_data
+    from beam_pipelines import evaluate
     from beam_pipelines.ingest import pipeline as ingest
     from beam_pipelines.predict import pipeline as predict
     from trainer import config as train_config
