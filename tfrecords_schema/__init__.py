@@ -12,5 +12,14 @@ SCHEMA_VERSION = 1
 """Bumped whenever a key, a type or a meaning changes. Readers refuse other versions."""
 
 
-class SchemaError(ValueError):
+class InputError(ValueError):
+    """The user's input is wrong: a flag, a file, a label, a record, a manifest.
+
+    Every command reports an ``InputError`` (and its subclasses) in one line with exit code 2;
+    any other exception is a bug, logged with its traceback, exit code 1. It lives here because
+    this is the one package that every other package may import.
+    """
+
+
+class SchemaError(InputError):
     """A record or file does not follow this schema (wrong version, missing key, bad value)."""

@@ -58,7 +58,7 @@ _HASH_BUCKETS = 2**62  # 62-bit keys: collisions within one class are negligible
 _INT64_MIN = np.iinfo(np.int64).min
 
 
-class DataError(ValueError):
+class DataError(tfrecords_schema.InputError):
     """The training data cannot be read as asked (message is one line, meant for the user)."""
 
 

@@ -46,7 +46,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_pipelines import io_utils
 from beam_pipelines.predict import config as config_lib
 from beam_pipelines.predict import model_handler, outputs, reference_cache, transforms
-from tfrecords_schema import SchemaError
+from tfrecords_schema import InputError, SchemaError
 from tfrecords_schema.label_map import LabelMap
 
 _LOG = logging.getLogger(__name__)
@@ -55,7 +55,7 @@ PIPELINE_STATS_FILENAME = ".pipeline_stats.json"
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 
 
-class PredictError(ValueError):
+class PredictError(InputError):
     """A problem with the inputs found before any pipeline starts (one-line message)."""
 
 
