@@ -32,7 +32,8 @@ optimizer) without training; the first unfinished phase resumes from its last co
 
 Exit codes of :func:`main`: 0 success; 2 bad input or config (one line on stderr,
 ``landmarks-train: error: ...``); 3 training diverged (NaN loss: stopped, last good
-checkpoint and backup kept, nothing overwritten with NaN weights).
+checkpoint and backup kept, nothing overwritten with NaN weights); 1 an internal error (a bug:
+traceback logged, then ``landmarks-train: internal error: ...``).
 """
 
 from __future__ import annotations
@@ -57,8 +58,10 @@ import tfrecords_schema  # noqa: E402
 from tfrecords_schema import label_map as label_map_lib  # noqa: E402
 from trainer import augment as augment_lib  # noqa: E402
 from trainer import callbacks as callbacks_lib  # noqa: E402
+from trainer import cli  # noqa: E402
 from trainer import data as data_lib  # noqa: E402
 from trainer import distribute  # noqa: E402
+from trainer import keras_compat  # noqa: E402
 from trainer import losses, metrics  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
 from trainer.config import PhaseConfig, TrainConfig, config_from_args  # noqa: E402
@@ -70,8 +73,10 @@ EXIT_OK, EXIT_BAD_INPUT, EXIT_DIVERGED = 0, 2, 3
 _MIXED_POLICIES = {"none": "float32", "bfloat16": "mixed_bfloat16", "float16": "mixed_float16"}
 
 
-class TrainingDiverged(RuntimeError):
-    """The loss became NaN/inf; training stopped and nothing was overwritten."""
+class TrainingDiverged(cli.CommandFailure):
+    """The loss became NaN/inf; training stopped and nothing was overwritten (exit code 3)."""
+
+    exit_code = EXIT_DIVERGED
 
 
 @dataclasses.dataclass(frozen=True)
@@ -228,9 +233,13 @@ def make_training_model(
     """What ``fit`` trains: ``model``, or ``model`` behind ``DeviceAugmentation`` in split mode."""
     params = augment_params(config)
     if params is None or not config.data.augment_on_device:
-        return model
-    with strategy.scope():
-        return augment_lib.with_device_augmentation(model, params)
+        training_model = model
+    else:
+        with strategy.scope():
+            training_model = augment_lib.with_device_augmentation(model, params)
+    keras_compat.build_from_local_batch(training_model)
+    keras_compat.reduce_scalar_logs_across_workers()
+    return training_model
 
 
 def make_train_input(
@@ -461,7 +470,7 @@ def _check_model_dir(layout: ModelDir, config: TrainConfig) -> bool:
     with tf.io.gfile.GFile(layout.config, "r") as handle:
         existing = handle.read()
     if _config_for_comparison(existing) != _config_for_comparison(config.to_json()):
-        raise ValueError(
+        raise tfrecords_schema.InputError(
             f"{layout.root} holds a run with another config ({layout.config}); "
             "use a new --model_dir or repeat that run's flags to resume it"
         )
@@ -636,41 +645,37 @@ def _best_dev_gap(history: dict[int, dict]) -> float | None:
 # CLI.
 
 
-def _one_line(error: BaseException, config: TrainConfig | None) -> str:
-    """The error as one line: TF errors explained by ``trainer.data``, others' first line."""
-    pattern = config.data.train_data if config is not None else None
-    if isinstance(error, tf.errors.OpError):
-        return data_lib.explain_data_error(error, pattern)
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    text = lines[0] if lines else type(error).__name__
-    if text == "in user code:":  # raised inside a tf.function: the message is the last line
-        text = lines[-1]
-    return text
+def _run(argv: Sequence[str]) -> int:
+    """Parses ``argv``, trains, prints the summary; returns :data:`EXIT_OK`.
+
+    A TensorFlow error raised while training is re-raised as ``DataError`` with
+    ``trainer.data``'s one-line explanation (file and record) only when
+    :func:`trainer.data.is_data_error` says it is about the records (corrupt or truncated
+    TFRecords, another schema version, labels outside the label map, undecodable images, a
+    record file that cannot be opened); any other TensorFlow error is not the user's input and
+    reaches :func:`trainer.cli.run_command` unchanged, which reports it as a bug (exit code 1).
+    """
+    config = config_from_args(argv)
+    try:
+        summary = train(config)
+    except tf.errors.OpError as error:
+        if not data_lib.is_data_error(error):
+            raise
+        message = data_lib.explain_data_error(error, config.data.train_data)
+        raise data_lib.DataError(message) from error
+    print(json.dumps(summary, indent=2))
+    return EXIT_OK
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    """CLI entry point; returns the exit code (see the module docstring)."""
+    """CLI entry point; returns the exit code (see the module docstring and
+    :func:`trainer.cli.run_command`)."""
     logging.basicConfig(
         level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     logging.getLogger("tensorflow").setLevel(logging.WARNING)  # per-step collective chatter
-    config = None
-    try:
-        config = config_from_args(sys.argv[1:] if argv is None else list(argv))
-        summary = train(config)
-    except TrainingDiverged as error:
-        print(f"landmarks-train: error: {error}", file=sys.stderr)
-        return EXIT_DIVERGED
-    except (
-        ValueError,
-        FileNotFoundError,
-        tfrecords_schema.SchemaError,
-        tf.errors.OpError,
-    ) as error:
-        print(f"landmarks-train: error: {_one_line(error, config)}", file=sys.stderr)
-        return EXIT_BAD_INPUT
-    print(json.dumps(summary, indent=2))
-    return EXIT_OK
+    argv = sys.argv[1:] if argv is None else list(argv)
+    return cli.run_command("landmarks-train", lambda: _run(argv))
 
 
 if __name__ == "__main__":
