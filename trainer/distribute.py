@@ -23,6 +23,7 @@ from typing import Callable
 
 import tensorflow as tf
 
+from tfrecords_schema import InputError
 from trainer.config import DistributionConfig
 
 _LOG = logging.getLogger(__name__)
@@ -53,7 +54,7 @@ def ensure_logical_cpus(count: int) -> None:
     """Splits the first physical CPU into ``count`` logical devices (no-op if already >= count).
 
     Raises:
-      ValueError: TensorFlow's devices are already initialised with fewer CPU devices.
+      InputError: TensorFlow's devices are already initialised with fewer CPU devices.
     """
     if count <= 1:
         return
@@ -69,7 +70,7 @@ def ensure_logical_cpus(count: int) -> None:
         available = len(tf.config.list_logical_devices("CPU"))
         if available >= count:
             return
-        raise ValueError(
+        raise InputError(
             f"--devices needs {count} CPU devices but this process has {available} "
             "(they are fixed once TensorFlow has started)"
         ) from error
@@ -87,7 +88,7 @@ def make_strategy(config: DistributionConfig) -> tuple[tf.distribute.Strategy, S
     over them; local GPUs -> MirroredStrategy over all of them; else the default strategy.
 
     Raises:
-      ValueError: a named device does not exist.
+      InputError: a named device does not exist, or TF_CONFIG is malformed.
     """
     kind = config.strategy
     if kind == "auto":
@@ -140,9 +141,9 @@ def _check_tf_config(text: str) -> None:
     try:
         parsed = json.loads(text)
     except json.JSONDecodeError as error:
-        raise ValueError(f"TF_CONFIG is not valid JSON: {error}") from error
+        raise InputError(f"TF_CONFIG is not valid JSON: {error}") from error
     if "cluster" not in parsed or "task" not in parsed:
-        raise ValueError("TF_CONFIG needs 'cluster' and 'task' entries")
+        raise InputError("TF_CONFIG needs 'cluster' and 'task' entries")
 
 
 def _check_devices_exist(devices: tuple[str, ...]) -> None:
@@ -152,16 +153,48 @@ def _check_devices_exist(devices: tuple[str, ...]) -> None:
         name = device.lower().lstrip("/")
         name = name.split("device:")[-1]
         if name not in short:
-            raise ValueError(
+            raise InputError(
                 f"device {device!r} not found; this machine has "
                 f"{', '.join(sorted(d.name for d in tf.config.list_logical_devices()))}"
             )
 
 
+def worker_temp_dir(model_dir: str, info: StrategyInfo) -> str:
+    """Where a non-chief worker writes: ``<model_dir>/workertemp_<task id>``.
+
+    The layout of Keras' multi-worker guide: every worker runs the same code and saves the same
+    files, but only the chief's land in the model dir; another worker's go to its own temporary
+    folder, which it deletes once the run has succeeded (it holds that worker's backup until
+    then, so a restarted worker resumes from it).
+    """
+    task_id = info.task.rsplit("-", 1)[-1]
+    return "/".join([model_dir.rstrip("/"), f"workertemp_{task_id}"])
+
+
+def broadcast_from_chief(
+    strategy: tf.distribute.Strategy, info: StrategyInfo, value: float
+) -> float:
+    """The chief's ``value`` on every worker; ``value`` itself without several workers.
+
+    A collective under MultiWorkerMirroredStrategy: every worker must call it at the same
+    point (the value the others pass is ignored). The chief's local replicas each contribute
+    ``value / local replicas`` and every other replica 0, and one all-reduce SUM in float64
+    delivers the same number to every worker (exactly ``value`` with one replica per worker).
+    """
+    if info.kind != "multi_worker":
+        return value
+    local_replicas = len(strategy.extended.worker_devices)
+    share = value / local_replicas if info.is_chief else 0.0
+    per_replica = strategy.experimental_distribute_values_from_function(
+        lambda _context: tf.constant(share, tf.float64)
+    )
+    return float(strategy.reduce(tf.distribute.ReduceOp.SUM, per_replica, axis=None))
+
+
 def check_global_batch(global_batch: int, info: StrategyInfo, what: str) -> None:
-    """Raises ``ValueError`` unless ``global_batch`` splits evenly over the replicas."""
+    """Raises ``InputError`` unless ``global_batch`` splits evenly over the replicas."""
     if global_batch % info.num_replicas:
-        raise ValueError(
+        raise InputError(
             f"{what} {global_batch} is not divisible by the {info.num_replicas} replicas"
         )
 

@@ -19,7 +19,8 @@ Model dir (re-running the same command resumes an interrupted run):
                         without optimizer state (best dev-GAP weights when dev data is given)
     summary.json        dev_gap_initial, dev_gap_final, figures of the run
     _SUCCESS            written last
-    workers/<task>/     under MultiWorkerMirroredStrategy: the non-chief workers' own files
+    workertemp_<id>/    under MultiWorkerMirroredStrategy, while a run is unfinished: a
+                        non-chief worker's own files (its backup); deleted on success
 
 Phases and resume. Each phase (head, finetune from 85, deep from 25) is one ``fit`` call:
 phases differ in batch size, hence in dataset, and the recipe recompiles after changing
@@ -282,10 +283,21 @@ class DevEvaluator:
     """GAP over the whole dev set from each image's top-1 class and its probability.
 
     Runs the model on one device (inference, ``training=False``); only three numbers per image
-    are kept, so memory does not grow with the number of classes.
+    are kept, so memory does not grow with the number of classes. Under several workers only
+    the chief evaluates, and every worker receives the chief's figure
+    (:func:`trainer.distribute.broadcast_from_chief`): the dev GAP is computed once, and the
+    best-checkpoint choice and the history are the same everywhere.
     """
 
-    def __init__(self, config: TrainConfig, num_classes: int, batch_size: int):
+    def __init__(
+        self,
+        config: TrainConfig,
+        num_classes: int,
+        batch_size: int,
+        strategy: tf.distribute.Strategy | None = None,
+        info: distribute.StrategyInfo | None = None,
+    ):
+        self.strategy, self.info = strategy, info
         contract = ImageContract(image_size=config.data.image_size)
         dataset = data_lib.make_dataset(
             config.data.dev_data,
@@ -302,6 +314,12 @@ class DevEvaluator:
         self._model = None
 
     def __call__(self, model: keras.Model) -> float:
+        if self.info is None or self.info.kind != "multi_worker":
+            return self._evaluate(model)
+        local = self._evaluate(model) if self.info.is_chief else 0.0
+        return distribute.broadcast_from_chief(self.strategy, self.info, local)
+
+    def _evaluate(self, model: keras.Model) -> float:
         if self._model is not model:
             self._model = model
             self._predict = tf.function(lambda images: model(images, training=False))
@@ -397,6 +415,26 @@ def _calibration_images(config: TrainConfig, num_classes: int) -> tf.Tensor:
     for images, _ in dataset.take(1):
         return images
     raise data_lib.DataError(f"no training records in {config.data.train_data!r}")
+
+
+def _copy_backup_from_chief(chief_backup: str, own_backup: str) -> None:
+    """Replaces a non-chief worker's backup of a phase by a copy of the chief's.
+
+    As in Keras' multi-worker design, every worker restores the chief's state and writes its
+    own: then all workers resume at the same epoch with the same weights and optimizer, even if
+    one was killed before it finished writing its own backup. Needs the model dir to be
+    readable by every worker (``gs://`` or a shared disk). Safe at the start of a phase: the
+    chief cannot write a new backup before this worker joins the phase's first collective.
+    """
+    if tf.io.gfile.exists(own_backup):
+        tf.io.gfile.rmtree(own_backup)
+    if not tf.io.gfile.exists(chief_backup):
+        return
+    for folder, _subfolders, files in tf.io.gfile.walk(chief_backup):
+        target = own_backup + folder[len(chief_backup):]
+        tf.io.gfile.makedirs(target)
+        for name in files:
+            tf.io.gfile.copy(f"{folder}/{name}", f"{target}/{name}", overwrite=True)
 
 
 def _restore_backup(model: keras.Model, backup_dir: str, strategy: tf.distribute.Strategy) -> None:
@@ -498,17 +536,18 @@ def train(config: TrainConfig) -> dict:
       ValueError (incl. ``DataError``, ``SchemaError``), FileNotFoundError: bad input.
       TrainingDiverged: the loss became non-finite.
     """
-    layout = ModelDir(config.model_dir)
+    layout = chief = ModelDir(config.model_dir)
     if _check_model_dir(layout, config):
         _LOG.info("%s already holds this finished run (_SUCCESS); nothing to do", layout.root)
         return _read_json(layout.summary)
 
     strategy, info = distribute.make_strategy(config.distribution)  # first: may split the CPU
     if not info.is_chief:
-        # Every worker runs this same code and saves (the saves are collective), but only the
-        # chief writes the model dir; the others keep their own copy, used for their resume.
-        layout = ModelDir(layout.path("workers", info.task))
-        _LOG.info("not the chief: writing to %s", layout.root)
+        # Every worker runs this same code, but only the chief writes the model dir; the others
+        # write their own temporary folder (their backup, for their resume), removed on success.
+        layout = ModelDir(distribute.worker_temp_dir(config.model_dir, info))
+        _LOG.info("not the chief (%s): writing to %s until the run succeeds", info.task,
+                  layout.root)
     for phase in config.active_phases:
         distribute.check_global_batch(phase.batch_size, info, f"--{phase.name}_batch_size")
     label_map = label_map_lib.read_label_map(config.data.label_map)
@@ -547,15 +586,19 @@ def train(config: TrainConfig) -> dict:
             with strategy.scope():
                 calibrate_batchnorm(model, _calibration_images(config, num_classes))
         training_model = make_training_model(model, config, strategy)
-        history = callbacks_lib.read_history(layout.history)
+        # Every decision that changes which collectives run (restore a phase, evaluate at
+        # initialisation) is read from the chief's files, so all workers take the same path.
+        history = callbacks_lib.read_history(chief.history)
         evaluator = None
         if config.data.dev_data:
             eval_batch = max(phase.batch_size for phase in config.active_phases)
-            evaluator = DevEvaluator(config, num_classes, eval_batch)
+            evaluator = DevEvaluator(config, num_classes, eval_batch, strategy, info)
         last_images_per_second = None
         for index, phase, first_epoch, end_epoch in phase_epoch_ranges(config):
             compile_for_phase(model, phase, config, strategy, training_model)
             backup_dir = layout.phase_backup(index, phase.name)
+            if layout != chief:
+                _copy_backup_from_chief(chief.phase_backup(index, phase.name), backup_dir)
             if _completed_epochs(backup_dir) >= end_epoch:
                 _restore_backup(training_model, backup_dir, strategy)
                 _LOG.info("phase %s: already complete (epochs %d-%d), restored from %s",
@@ -594,9 +637,11 @@ def train(config: TrainConfig) -> dict:
                     f"good state is kept in {layout.last_checkpoint} and {layout.backup} "
                     "(try a lower learning rate)"
                 )
-            history = callbacks_lib.read_history(layout.history)
+            history = callbacks_lib.read_history(chief.history)
             last_images_per_second = history.get(end_epoch, {}).get("images_per_second")
 
+    if not info.is_chief:
+        return _finish_non_chief(layout, info)
     history = callbacks_lib.read_history(layout.history)
     best_dev_gap = _best_dev_gap(history)
     use_best = best_dev_gap is not None and tf.io.gfile.exists(layout.best_checkpoint)
@@ -626,6 +671,14 @@ def train(config: TrainConfig) -> dict:
         tf.io.gfile.rmtree(layout.backup)
     _write_text(layout.success, "")
     return summary
+
+
+def _finish_non_chief(layout: ModelDir, info: distribute.StrategyInfo) -> dict:
+    """A non-chief worker's end: nothing to export (the chief does), its temporary folder goes."""
+    if tf.io.gfile.exists(layout.root):
+        tf.io.gfile.rmtree(layout.root)
+    _LOG.info("worker %s done; removed its temporary folder %s", info.task, layout.root)
+    return {"task": info.task, "chief": False, "removed": layout.root}
 
 
 def _float_or_none(value) -> float | None:
