@@ -1,15 +1,98 @@
-"""What every command-line entry point of ``beam_pipelines`` shares."""
+"""What every command-line entry point of ``beam_pipelines`` shares.
+
+The parser and the exit-code wrapper are :mod:`trainer.cli`'s (one implementation for all
+commands; ``trainer`` cannot import this package). This module adds what only the Beam jobs
+need: telling Beam's flags apart from misspelt ones (:func:`parse_job_args`).
+"""
+
+from __future__ import annotations
 
 import argparse
+from typing import Optional, Sequence
+
+from tfrecords_schema import InputError
+from trainer.cli import (  # noqa: F401 - re-exported for the commands of this package
+    EXIT_BAD_INPUT,
+    EXIT_INTERNAL_ERROR,
+    EXIT_OK,
+    ErrorRaisingArgumentParser,
+    option_strings,
+    run_command,
+    unknown_arguments_message,
+)
 
 
-class ErrorRaisingArgumentParser(argparse.ArgumentParser):
-    """argparse that raises ``ValueError`` instead of printing usage and exiting.
+def registered_option_classes() -> list[type]:
+    """Every ``PipelineOptions`` subclass defined in this process that adds flags.
 
-    Each ``main`` turns it into one line ``landmarks-<name>: error: ...`` and exit code 2, and
-    ``run(argv)`` callers (tests, the demo) get an exception rather than ``SystemExit``.
-    (``trainer.config`` has its own copy: ``trainer`` must not import ``beam_pipelines``.)
+    Beam's own, Dataflow's (``GoogleCloudOptions``, ``WorkerOptions``, ...) and any a user
+    defined, subclasses of subclasses included. As in Beam's ``get_all_options``, a class is
+    taken once per name (a module imported twice defines it twice).
     """
+    import apache_beam  # noqa: F401 - registers the option classes of Beam's own modules
+    from apache_beam.options.pipeline_options import PipelineOptions
 
-    def error(self, message):
-        raise ValueError(message)
+    found: dict[str, type] = {}
+    pending = list(PipelineOptions.__subclasses__())
+    while pending:
+        options_class = pending.pop(0)
+        pending.extend(options_class.__subclasses__())
+        if "_add_argparse_args" in options_class.__dict__:
+            found.setdefault(str(options_class), options_class)
+    return list(found.values())
+
+
+def beam_flag_parser() -> argparse.ArgumentParser:
+    """A parser that knows every flag of :func:`registered_option_classes`, built by each
+    class's own ``_add_argparse_args`` (so it follows Beam, no list is kept here).
+
+    Built on each call: an options class defined after the first call still counts. A flag that
+    two classes define is kept once (``conflict_handler="resolve"``). A bad value of a Beam flag
+    (``--direct_num_workers two``) raises :class:`~tfrecords_schema.InputError`.
+    """
+    from apache_beam.options.pipeline_options import _BeamArgumentParser
+
+    class BeamFlagParser(_BeamArgumentParser):
+        def error(self, message):
+            raise InputError(message)
+
+    parser = BeamFlagParser(allow_abbrev=False, add_help=False, conflict_handler="resolve")
+    for options_class in registered_option_classes():
+        options_class._add_argparse_args(parser)  # pylint: disable=protected-access
+    return parser
+
+
+def check_beam_args(beam_args: Sequence[str], own_flags: Sequence[str] = ()) -> argparse.Namespace:
+    """Checks that ``beam_args`` are all Beam flags with valid values; returns Beam's view of them.
+
+    Args:
+      beam_args: what the job's own parser left over.
+      own_flags: the job's flags, for the suggestion when a flag is misspelt.
+
+    Raises:
+      InputError: an unknown flag (``unknown flag --runer (did you mean --runner?)``, suggestion
+        from the job's and Beam's flags), a stray value, or a bad value of a Beam flag.
+    """
+    parser = beam_flag_parser()
+    namespace, unknown = parser.parse_known_args(list(beam_args))
+    if unknown:
+        known = [*own_flags, *option_strings(parser)]
+        raise InputError(unknown_arguments_message(unknown, known))
+    return namespace
+
+
+def parse_job_args(
+    parser: argparse.ArgumentParser, argv: Optional[Sequence[str]]
+) -> tuple[argparse.Namespace, list[str]]:
+    """Splits a Beam job's command line: (its own flags, Beam's flags unchanged, in order).
+
+    Every argument must be either one of ``parser``'s flags or a flag of a registered
+    ``PipelineOptions`` class (:func:`check_beam_args`); the Beam part is returned exactly as
+    given, for ``PipelineOptions(beam_args)``.
+
+    Raises:
+      InputError: a bad own flag or value, an unknown flag, a bad Beam value.
+    """
+    namespace, beam_args = parser.parse_known_args(None if argv is None else list(argv))
+    check_beam_args(beam_args, own_flags=option_strings(parser))
+    return namespace, list(beam_args)

@@ -28,6 +28,7 @@ import time
 from typing import Callable, Optional, Sequence
 
 from beam_pipelines import cli, toy_data
+from tfrecords_schema import InputError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,12 +65,13 @@ class DemoConfig:
 
     def __post_init__(self):
         if not self.run_dir:
-            raise ValueError("--run_dir must not be empty")
+            raise InputError("--run_dir must not be empty")
         if self.image_size < 71:
-            raise ValueError(f"--image_size must be >= 71 (Xception's minimum), got {self.image_size}")
+            raise InputError(
+                f"--image_size must be >= 71 (Xception's minimum), got {self.image_size}")
         for name in ("num_classes", "train_per_class", "test_per_class"):
             if getattr(self, name) < 1:
-                raise ValueError(f"--{name} must be >= 1")
+                raise InputError(f"--{name} must be >= 1")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -78,8 +80,9 @@ def build_parser() -> argparse.ArgumentParser:
     parser = cli.ErrorRaisingArgumentParser(
         prog="landmarks-demo", description=__doc__.split("\n")[0],
         formatter_class=argparse.RawDescriptionHelpFormatter,
-        epilog="Flags not listed above go to landmarks-train (checked when the train stage "
-               "starts),\ne.g. landmarks-demo --run_dir runs/demo --head_epochs 1 "
+        epilog="Flags not listed above go to landmarks-train (checked before the first stage; "
+               "any other\nflag is refused), e.g. landmarks-demo --run_dir runs/demo "
+               "--head_epochs 1 "
                "--finetune_epochs 0.\nThe Beam stages run locally with --runner=FnApiRunner.")
     default = " (default: %(default)s)"
     add = parser.add_argument
@@ -108,16 +111,45 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:
-    """Command line -> :class:`DemoConfig`; unknown flags are kept for ``landmarks-train``."""
-    args, extra = build_parser().parse_known_args(argv)
+    """Command line -> :class:`DemoConfig`; the flags that are not the demo's are kept for
+    ``landmarks-train`` and checked now, before any stage runs (:func:`check_train_flags`).
+
+    Raises:
+      InputError: a bad demo flag, or a flag that neither the demo nor landmarks-train knows.
+    """
+    parser = build_parser()
+    args, extra = parser.parse_known_args(argv)
+    check_train_flags(extra, own_flags=cli.option_strings(parser), preset=args.train_preset)
     return DemoConfig(**{**vars(args), "extra_train_flags": tuple(extra)})
+
+
+def check_train_flags(
+    train_flags: Sequence[str], own_flags: Sequence[str] = (), preset: str = "quick"
+) -> None:
+    """Checks flags meant for ``landmarks-train`` as its parser and config would, under the
+    demo's ``preset`` and with placeholder paths (nothing is read): unknown flags (suggestion
+    from the demo's and the trainer's flags), bad values, values that do not fit together.
+
+    Raises:
+      InputError: one line naming the problem.
+    """
+    from trainer import config as train_config
+
+    train_parser = train_config.build_parser()
+    _, unknown = train_parser.parse_known_args(list(train_flags))
+    if unknown:
+        known = [*own_flags, *cli.option_strings(train_parser)]
+        raise InputError(cli.unknown_arguments_message(unknown, known))
+    placeholders = ["--train_data", "unused", "--label_map", "unused", "--model_dir", "unused",
+                    "--preset", preset]
+    train_config.config_from_args([*placeholders, *DEMO_TRAIN_FLAGS, *train_flags])
 
 
 def _prepare_run_dir(run_dir: str) -> None:
     """Empties a folder an earlier demo wrote; refuses any other non-empty folder."""
     if os.path.isdir(run_dir) and os.listdir(run_dir):
         if not os.path.exists(os.path.join(run_dir, DEMO_MARKER)):
-            raise ValueError(
+            raise InputError(
                 f"{run_dir} is not empty and was not written by landmarks-demo; "
                 "choose another --run_dir"
             )
@@ -256,6 +288,7 @@ def run(config: DemoConfig) -> dict:
         "top1_accuracy_nn_only": report.get("top1_accuracy_nn_only"),
         "dev_gap_initial": train_summary.get("dev_gap_initial"),
         "dev_gap_final": train_summary.get("dev_gap_final"),
+        "views_per_image": predict_views_per_image(paths["predict"]),
         "seconds_total": round(time.perf_counter() - total_start, 1),
         "stages": [dataclasses.asdict(stage) for stage in stages],
         "outputs": {
@@ -278,25 +311,63 @@ def _fmt(value) -> str:
     return "n/a" if value is None else f"{value:.4f}"
 
 
+def _required(record: dict, key: str, source: str):
+    """``record[key]``; a missing key fails loudly instead of leaving a blank in the report."""
+    if key not in record or record[key] is None:
+        raise RuntimeError(f"{source} has no {key!r}; cannot report it")
+    return record[key]
+
+
+# What landmarks-ingest's stats.json holds (beam_pipelines.ingest.stats.summarise, plus the
+# launcher's timing) and the demo reports.
+INGEST_STATS_KEYS = ("rows_in", "written", "rejected", "written_per_split", "images_per_second")
+
+
 def _ingest_detail(stats: dict) -> str:
-    return (
-        f"{stats.get('rows_in')} rows -> {stats.get('written_total', stats.get('written'))} written, "
-        f"{stats.get('rejected_total', stats.get('rejected'))} rejected, "
-        f"{stats.get('images_per_second') or 0:.1f} img/s"
-    )
+    """One line about an ingest run from its ``stats.json`` (:data:`INGEST_STATS_KEYS`)."""
+    rows_in, written, rejected, per_split, rate = (
+        _required(stats, key, "ingest stats.json") for key in INGEST_STATS_KEYS)
+    splits = ", ".join(f"{name} {count}" for name, count in sorted(per_split.items()))
+    return (f"{rows_in} rows -> {written} written ({splits or 'none'}), {rejected} rejected, "
+            f"{rate:.1f} img/s")
+
+
+def predict_views_per_image(predict_dir: str) -> int:
+    """Views per test image of the predict run in ``predict_dir``, from its ``config.json``.
+
+    The job records its ``--crops``; the count is that of the crop spec it maps to
+    (``rescoring.crops.CropSpec.for_num_views``), so the report names what was really run.
+    """
+    from rescoring import crops
+
+    path = os.path.join(predict_dir, "config.json")
+    with open(path) as handle:
+        recorded = json.load(handle)
+    requested = _required(_required(recorded, "config", path), "crops", f"{path} config")
+    return crops.CropSpec.for_num_views(int(requested)).num_views
+
+
+def voting_label(views: int) -> str:
+    """How the classifier-only GAP was voted: ``"22-crop voting"``, or one view without voting."""
+    return "1 view, no voting" if views == 1 else f"{views}-crop voting"
 
 
 def format_table(summary: dict) -> str:
     """The final table shown to the user."""
+    voting = voting_label(_required(summary, "views_per_image", "the demo summary"))
+    results = [
+        (f"GAP, classifier alone ({voting})", _fmt(summary["gap_nn_only"])),
+        ("GAP, after local-feature rescoring", _fmt(summary["gap"])),
+        ("GAP over landmark images only", _fmt(summary["gap_landmarks_only"])),
+        ("top-1 accuracy (landmark images)", _fmt(summary["top1_accuracy"])),
+        ("dev GAP at init -> after training",
+         f"{_fmt(summary['dev_gap_initial'])} -> {_fmt(summary['dev_gap_final'])}"),
+    ]
+    width = max(len(label) for label, _ in results)
     lines = [
         "",
         "landmarks-demo: results on the toy test set",
-        f"  GAP, classifier alone (22-crop voting) : {_fmt(summary['gap_nn_only'])}",
-        f"  GAP, after local-feature rescoring     : {_fmt(summary['gap'])}",
-        f"  GAP over landmark images only          : {_fmt(summary['gap_landmarks_only'])}",
-        f"  top-1 accuracy (landmark images)       : {_fmt(summary['top1_accuracy'])}",
-        f"  dev GAP at init -> after training      : {_fmt(summary['dev_gap_initial'])} -> "
-        f"{_fmt(summary['dev_gap_final'])}",
+        *(f"  {label:<{width}} : {value}" for label, value in results),
         "",
         "  stage            seconds",
     ]
@@ -311,16 +382,21 @@ def format_table(summary: dict) -> str:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point: prints the results table; 2 (one error line) for bad flags or input."""
+    """CLI entry point: prints the results table; returns the exit code.
+
+    0 done; 2 bad flags or input (one ``landmarks-demo: error:`` line); 3 training diverged;
+    1 an internal error, a stage that failed for another reason included (a bug: traceback
+    logged). See :func:`beam_pipelines.cli.run_command`.
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     for noisy in ("apache_beam", "absl", "tensorflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
-    try:
-        config = parse_args(argv)
-        summary = run(config)
-    except (ValueError, RuntimeError, FileNotFoundError) as error:
-        print(f"landmarks-demo: error: {str(error).splitlines()[0]}", file=sys.stderr)
-        return 2
+    return cli.run_command("landmarks-demo", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    """Parses, runs the six stages, prints the table; returns 0."""
+    summary = run(parse_args(argv))
     print(format_table(summary))
     return 0
 

@@ -42,6 +42,7 @@ from beam_pipelines import cli
 from beam_pipelines import io_utils
 from rescoring import gap as gap_lib
 from rescoring import submission as submission_lib
+from tfrecords_schema import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -65,7 +66,7 @@ class EvaluateConfig:
     def __post_init__(self):
         for name in ("submission", "solution", "output_dir"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+                raise InputError(f"--{name} is required")
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -77,37 +78,37 @@ def parse_scores(text: str, known_ids: Optional[set] = None) -> pd.DataFrame:
     columns floats.
 
     Raises:
-      ValueError: missing columns, unparsable numbers, repeated ids, or ids outside
+      InputError: missing columns, unparsable numbers, repeated ids, or ids outside
         ``known_ids``.
     """
     try:
         frame = pd.read_csv(io.StringIO(text), dtype=str, keep_default_na=False)
     except pd.errors.EmptyDataError:
-        raise ValueError("scores: empty file") from None
+        raise InputError("scores: empty file") from None
     missing = [column for column in SCORES_COLUMNS if column not in frame.columns]
     if missing:
-        raise ValueError(f"scores: missing columns {', '.join(missing)} (has "
+        raise InputError(f"scores: missing columns {', '.join(missing)} (has "
                          f"{', '.join(frame.columns)})")
     duplicated = frame["id"][frame["id"].duplicated()]
     if len(duplicated):
-        raise ValueError(f"scores: image id {duplicated.iloc[0]!r} repeated")
+        raise InputError(f"scores: image id {duplicated.iloc[0]!r} repeated")
     if known_ids is not None:
         unknown = sorted(set(frame["id"]) - known_ids)
         if unknown:
-            raise ValueError(f"scores: {len(unknown)} ids are not in the solution, "
+            raise InputError(f"scores: {len(unknown)} ids are not in the solution, "
                              f"e.g. {unknown[0]!r}")
     for column in ("nn_label", "label"):
         try:
             frame[column] = pd.array([int(v) if v.strip() else None for v in frame[column]],
                                      dtype="Int64")
         except ValueError:
-            raise ValueError(f"scores: column {column} holds a non-integer label") from None
+            raise InputError(f"scores: column {column} holds a non-integer label") from None
     for column in ("nn_confidence", "local_max", "local_mean", "local_best_half", "final_score"):
         try:
             frame[column] = np.array([float(v) if v.strip() else math.nan for v in frame[column]],
                                      np.float64)
         except ValueError:
-            raise ValueError(f"scores: column {column} holds a non-number") from None
+            raise InputError(f"scores: column {column} holds a non-number") from None
     return frame.set_index("id")
 
 
@@ -170,7 +171,7 @@ def evaluate(submission_text: str, solution_text: str, scores_text: Optional[str
     """The report (see the module docstring) from the three files' text.
 
     Raises:
-      ValueError: a malformed file, a repeated id, or a submission/scores id that is not in the
+      InputError: a malformed file, a repeated id, or a submission/scores id that is not in the
         solution.
     """
     full_solution = submission_lib.parse_solution(solution_text)
@@ -178,7 +179,7 @@ def evaluate(submission_text: str, solution_text: str, scores_text: Optional[str
     predictions = submission_lib.parse_submission(submission_text)
     unknown = [image_id for image_id in predictions if image_id not in full_solution]
     if unknown:
-        raise ValueError(f"submission: {len(unknown)} ids are not in the solution, "
+        raise InputError(f"submission: {len(unknown)} ids are not in the solution, "
                          f"e.g. {unknown[0]!r}")
     problems = submission_lib.validate_submission(submission_text, list(full_solution))
 
@@ -353,13 +354,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> EvaluateConfig:
-    """Command line -> :class:`EvaluateConfig` (``ValueError`` for bad flags)."""
+    """Command line -> :class:`EvaluateConfig` (``InputError`` for bad or unknown flags)."""
     return EvaluateConfig(**vars(build_parser().parse_args(argv)))
 
 
 def _read(path: str, what: str) -> str:
     if not io_utils.exists(path):
-        raise ValueError(f"{what} file {path} does not exist")
+        raise InputError(f"{what} file {path} does not exist")
     return io_utils.read_text(path)
 
 
@@ -367,7 +368,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Reads the files, writes ``report.json`` and the plots, returns the report.
 
     Raises:
-      ValueError: bad flags, or a missing or malformed input (one-line message).
+      InputError: bad or unknown flags, or a missing or malformed input (one-line message).
     """
     config = parse_args(argv)
     submission_text = _read(config.submission, "submission")
@@ -399,14 +400,18 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """CLI entry point: prints the table; bad flags or input: one error line, exit status 2."""
+    """CLI entry point: prints the table; returns the exit code.
+
+    0 done; 2 bad flags or input (one ``landmarks-evaluate: error:`` line); 1 an internal error
+    (a bug: traceback logged), see :func:`beam_pipelines.cli.run_command`.
+    """
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        report = run(argv)
-    except (ValueError, OSError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"landmarks-evaluate: error: {message}", file=sys.stderr)
-        return 2
+    return cli.run_command("landmarks-evaluate", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    """Runs the evaluation and prints its table; the exit code of a run that got to its end."""
+    report = run(argv)
     print(format_table(report))
     print(f"report: {io_utils.join(report['inputs']['output_dir'], REPORT_FILENAME)}")
     return 0

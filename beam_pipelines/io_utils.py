@@ -20,6 +20,8 @@ import uuid
 from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
+from tfrecords_schema import InputError
+
 SUCCESS_MARKER = "_SUCCESS"
 
 
@@ -85,7 +87,7 @@ def _contents(path: str) -> list[str]:
     if _is_local(path):
         if not os.path.isdir(path):
             if os.path.exists(path):
-                raise ValueError(f"output path {path} exists and is not a folder")
+                raise InputError(f"output path {path} exists and is not a folder")
             return []
         return sorted(os.path.join(path, name) for name in os.listdir(path))
     return match(join(path, "**"))
@@ -95,12 +97,12 @@ def prepare_output_dir(path: str, overwrite: bool) -> None:
     """Makes ``path`` an empty folder ready for one run's outputs.
 
     Raises:
-      ValueError: ``path`` holds files and ``overwrite`` is False (the message names
+      InputError: ``path`` holds files and ``overwrite`` is False (the message names
         ``--overwrite``).
     """
     contents = _contents(path)
     if contents and not overwrite:
-        raise ValueError(
+        raise InputError(
             f"output folder {path} is not empty ({len(contents)} entries); choose a new folder "
             "or pass --overwrite to delete its contents"
         )

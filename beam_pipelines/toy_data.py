@@ -49,6 +49,7 @@ from PIL import Image, ImageDraw, ImageEnhance, ImageFilter
 
 from beam_pipelines import cli
 from beam_pipelines import io_utils
+from tfrecords_schema import InputError
 
 logger = logging.getLogger(__name__)
 
@@ -83,21 +84,21 @@ class ToyDataConfig:
 
     def __post_init__(self):
         if not self.output_dir:
-            raise ValueError("output_dir is required")
+            raise InputError("output_dir is required")
         if not 1 <= self.num_classes <= len(CLASS_SOURCES):
-            raise ValueError(f"num_classes must be in [1, {len(CLASS_SOURCES)}] (one skimage "
+            raise InputError(f"num_classes must be in [1, {len(CLASS_SOURCES)}] (one skimage "
                              f"photo per class), got {self.num_classes}")
         for name in ("train_per_class", "test_per_class", "num_train_distractors",
                      "num_test_distractors"):
             if getattr(self, name) < 0:
-                raise ValueError(f"{name} must be >= 0, got {getattr(self, name)}")
+                raise InputError(f"{name} must be >= 0, got {getattr(self, name)}")
         if self.train_per_class < 1:
-            raise ValueError("train_per_class must be >= 1")
+            raise InputError("train_per_class must be >= 1")
         if not 32 <= self.min_size <= self.max_size <= 4096:
-            raise ValueError(f"need 32 <= min_size <= max_size <= 4096, got min_size="
+            raise InputError(f"need 32 <= min_size <= max_size <= 4096, got min_size="
                              f"{self.min_size}, max_size={self.max_size}")
         if self.seed < 0:
-            raise ValueError(f"seed must be >= 0, got {self.seed}")
+            raise InputError(f"seed must be >= 0, got {self.seed}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -521,7 +522,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> ToyDataConfig:
-    """Command line -> :class:`ToyDataConfig` (``ValueError`` for invalid flags or values)."""
+    """Command line -> :class:`ToyDataConfig` (``InputError`` for bad or unknown flags, values)."""
     args = build_parser().parse_args(argv)
     return ToyDataConfig(**vars(args))
 
@@ -529,16 +530,18 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> ToyDataConfig:
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """CLI entry point: writes the dataset and prints a one-line summary.
 
-    Returns 0, or 2 for bad flags or values (one ``landmarks-toy-data: error:`` line on stderr).
+    Returns 0; 2 for bad flags or values (one ``landmarks-toy-data: error:`` line on stderr);
+    1 for an internal error (a bug: traceback logged), see :func:`beam_pipelines.cli.run_command`.
     """
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
-    try:
-        config = parse_args(argv)
-        summary = generate(config, progress=lambda done, total: logger.info(
-            "%d/%d images", done, total) if done % 25 == 0 or done == total else None)
-    except ValueError as error:
-        print(f"landmarks-toy-data: error: {error}", file=sys.stderr)
-        return 2
+    return cli.run_command("landmarks-toy-data", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    """Generates the dataset and prints its summary line; returns 0."""
+    config = parse_args(argv)
+    summary = generate(config, progress=lambda done, total: logger.info(
+        "%d/%d images", done, total) if done % 25 == 0 or done == total else None)
     counts = summary["counts"]
     print(f"wrote {counts['train_images']} training views of {counts['classes']} landmarks, "
           f"{counts['train_distractors']} training distractors, "

@@ -89,8 +89,9 @@ def _measure(dataset, images, batch_size, threads):
 
 
 def _reference_pipeline(pattern, size, batch_size):
-    """PITFALLS' "decode+crop+flip" figure (~650-775 img/s per core): a random S x S window cut
-    while decoding, a random flip, scaling; no resize and no warp. Calibrates this machine."""
+    """The "decode+crop+flip" rate (~650-775 img/s per core measured earlier on these CPUs): a
+    random S x S window cut while decoding, a random flip, scaling; no resize and no warp.
+    Calibrates this machine."""
     import tensorflow as tf
 
     from tfrecords_schema import image_record

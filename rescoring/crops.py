@@ -1,4 +1,4 @@
-"""Test-time views of one image for crop voting (RECIPE.md, "Stage 1 at test time").
+"""Test-time views of one image for crop voting (docs/METHOD.md, "Stage 1 at test time").
 
 The recipe's 22 views of an image, for a model input of S x S pixels (S = 299):
 

@@ -9,6 +9,9 @@ Every extractor made by :func:`make_extractor` has
   ``tfrecords_schema.local_features``), and
 * ``max_descriptor_distance``: the putative-match threshold to use for its descriptors in
   ``rescoring.verification.VerificationParams`` (descriptor spaces differ, so does the bound).
+* ``load()``: loads what ``extract`` needs now instead of on first use (``make_extractor``
+  itself never touches the module), so a caller can tell "does not load" from "fails on an
+  image".
 
 Specs:
 
@@ -16,7 +19,7 @@ Specs:
   DELF through TF-Hub: ``hub.load(handle)`` (a tfhub.dev URL, a local SavedModel folder,
   ``file://`` or ``gs://``), its ``signatures["default"]`` called with the recipe's parameters:
   image resized to 384 x 384, RGB in [0, 1], ``score_threshold=100``, ``image_scales`` =
-  0.25 ... 2.0, ``max_feature_num=1000``. 40-dim descriptors; match distance 0.8 (RECIPE.md).
+  0.25 ... 2.0, ``max_feature_num=1000``. 40-dim descriptors; match distance 0.8 (docs/METHOD.md).
 ``"sift"``
   OpenCV SIFT on the grey image, longer side bounded by ``max_image_side``, RootSIFT
   descriptors (L1-normalise, square root: unit L2 rows, Hellinger-kernel matching, better
@@ -162,6 +165,10 @@ class OpenCVExtractor:
         state["_detector"] = None
         return state
 
+    def load(self) -> None:
+        """Builds the OpenCV detector now (otherwise on the first ``extract``)."""
+        self._get_detector()
+
     def extract(self, image: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         """See the module docstring: (locations (y, x) [N, 2], unit descriptors [N, D])."""
         import cv2
@@ -226,6 +233,11 @@ class DelfExtractor:
         state["_module"] = None
         state["_signature"] = None
         return state
+
+    def load(self) -> None:
+        """Loads the module now (otherwise on the first ``extract``); raises what ``hub.load``
+        or the signature lookup raise (``OSError``, ``KeyError``, TF errors, ...)."""
+        self._get_signature()
 
     def _get_signature(self):
         if self._signature is None:

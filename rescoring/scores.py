@@ -1,4 +1,4 @@
-"""From inlier counts to the final confidence (RECIPE.md, end of stage 2).
+"""From inlier counts to the final confidence (docs/METHOD.md, "Stage 2").
 
 1. :func:`aggregate`: one test image's inlier counts against its (up to 32) references ->
    ``(max, mean, mean of the best half)``, the columns of :data:`COLUMNS`.

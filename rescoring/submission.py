@@ -28,6 +28,8 @@ import io
 import math
 from typing import Iterable, Iterator, Mapping, Optional, Sequence, Tuple, Union
 
+from tfrecords_schema import InputError
+
 SUBMISSION_HEADER = ("id", "landmarks")
 SOLUTION_HEADER = ("id", "landmarks", "Usage")
 USAGES = ("Public", "Private", "Ignored")
@@ -93,14 +95,14 @@ def _csv_rows(text: str, expected_header: Sequence[str], what: str,
     try:
         header = next(reader)
     except StopIteration:
-        raise ValueError(
+        raise InputError(
             f"{what}: empty file, expected header {','.join(expected_header)}") from None
     header = [name.strip() for name in header]
     allowed = [list(expected_header)]
     if optional_last:
         allowed.append(list(expected_header[:-1]))
     if header not in allowed:
-        raise ValueError(
+        raise InputError(
             f"{what}: line 1: header is {','.join(header)!r}, "
             f"expected {','.join(expected_header)!r}")
     for fields in reader:
@@ -108,11 +110,11 @@ def _csv_rows(text: str, expected_header: Sequence[str], what: str,
         if not fields or (len(fields) == 1 and not fields[0].strip()):
             continue
         if len(fields) != len(header):
-            raise ValueError(f"{what}: line {line_number}: expected {len(header)} fields, "
+            raise InputError(f"{what}: line {line_number}: expected {len(header)} fields, "
                              f"got {len(fields)}: {','.join(fields)!r}")
         image_id = fields[0].strip()
         if not image_id:
-            raise ValueError(f"{what}: line {line_number}: empty id")
+            raise InputError(f"{what}: line {line_number}: empty id")
         yield line_number, [image_id] + [field.strip() for field in fields[1:]]
 
 
@@ -120,7 +122,7 @@ def parse_prediction(field: str, line_number: Optional[int] = None) -> Predictio
     """``"<label> <score>"`` -> ``(label, score)``; ``""`` -> ``None``.
 
     Raises:
-      ValueError: not exactly two tokens, a non-integer label, a negative label, or a score that
+      InputError: not exactly two tokens, a non-integer label, a negative label, or a score that
         is not a finite number. The message names ``line_number`` when given.
     """
     where = f"line {line_number}: " if line_number is not None else ""
@@ -128,19 +130,19 @@ def parse_prediction(field: str, line_number: Optional[int] = None) -> Predictio
     if not tokens:
         return None
     if len(tokens) != 2:
-        raise ValueError(f"{where}expected '<landmark_id> <score>', got {field!r}")
+        raise InputError(f"{where}expected '<landmark_id> <score>', got {field!r}")
     try:
         label = int(tokens[0])
     except ValueError:
-        raise ValueError(f"{where}landmark id {tokens[0]!r} is not an integer") from None
+        raise InputError(f"{where}landmark id {tokens[0]!r} is not an integer") from None
     if label < 0:
-        raise ValueError(f"{where}landmark id {label} is negative")
+        raise InputError(f"{where}landmark id {label} is negative")
     try:
         score = float(tokens[1])
     except ValueError:
-        raise ValueError(f"{where}score {tokens[1]!r} is not a number") from None
+        raise InputError(f"{where}score {tokens[1]!r} is not a number") from None
     if not math.isfinite(score):
-        raise ValueError(f"{where}score {tokens[1]!r} is not finite")
+        raise InputError(f"{where}score {tokens[1]!r} is not finite")
     return label, score
 
 
@@ -148,16 +150,16 @@ def parse_submission(text: str) -> dict[str, Prediction]:
     """Submission CSV text -> ``{image_id: (label, score) | None}`` in file order.
 
     Raises:
-      ValueError: a wrong header, a malformed row, or a repeated id, naming the line.
+      InputError: a wrong header, a malformed row, or a repeated id, naming the line.
     """
     predictions: dict[str, Prediction] = {}
     for line_number, (image_id, field) in _csv_rows(text, SUBMISSION_HEADER, "submission"):
         if image_id in predictions:
-            raise ValueError(f"submission: line {line_number}: image id {image_id!r} repeated")
+            raise InputError(f"submission: line {line_number}: image id {image_id!r} repeated")
         try:
             predictions[image_id] = parse_prediction(field, line_number)
         except ValueError as error:
-            raise ValueError(f"submission: {error}") from None
+            raise InputError(f"submission: {error}") from None
     return predictions
 
 
@@ -168,15 +170,15 @@ def _solution_rows(text: str) -> Iterator[tuple[int, str, list[int], str]]:
         image_id, landmarks = fields[0], fields[1]
         usage = fields[2] if len(fields) > 2 else ""
         if len(fields) > 2 and usage not in USAGES:
-            raise ValueError(f"solution: line {line_number}: Usage {usage!r} is not one of "
+            raise InputError(f"solution: line {line_number}: Usage {usage!r} is not one of "
                              f"{', '.join(USAGES)}")
         if image_id in seen:
-            raise ValueError(f"solution: line {line_number}: image id {image_id!r} repeated")
+            raise InputError(f"solution: line {line_number}: image id {image_id!r} repeated")
         seen.add(image_id)
         try:
             labels = [int(token) for token in landmarks.split()]
         except ValueError:
-            raise ValueError(f"solution: line {line_number}: landmarks {landmarks!r} are not "
+            raise InputError(f"solution: line {line_number}: landmarks {landmarks!r} are not "
                              "space-separated integers") from None
         yield line_number, image_id, labels, usage
 
@@ -188,7 +190,7 @@ def parse_solution(text: str) -> dict[str, list[int]]:
     ``Usage`` column may be missing (header ``id,landmarks``).
 
     Raises:
-      ValueError: a wrong header, a malformed row, an unknown Usage or a repeated id.
+      InputError: a wrong header, a malformed row, an unknown Usage or a repeated id.
     """
     return {image_id: labels for _, image_id, labels, _ in _solution_rows(text)}
 
@@ -231,7 +233,7 @@ def _csv_rows_lenient(text: str) -> Iterator[tuple[int, str, str, str]]:
     header = next(reader, None)
     if header is None or [name.strip() for name in header] != list(SUBMISSION_HEADER):
         shown = ",".join(header) if header else "nothing"
-        raise ValueError(f"line 1: header is {shown!r}, expected {','.join(SUBMISSION_HEADER)!r}")
+        raise InputError(f"line 1: header is {shown!r}, expected {','.join(SUBMISSION_HEADER)!r}")
     for fields in reader:
         line_number = reader.line_num
         if not fields or (len(fields) == 1 and not fields[0].strip()):
@@ -275,9 +277,9 @@ def check_submission(text: str, expected_ids: Iterable[str]) -> dict[str, Predic
       ``{image_id: (label, score) | None}``.
 
     Raises:
-      ValueError: listing every problem found by :func:`validate_submission`.
+      InputError: listing every problem found by :func:`validate_submission`.
     """
     problems = validate_submission(text, expected_ids)
     if problems:
-        raise ValueError("invalid submission: " + "; ".join(problems))
+        raise InputError("invalid submission: " + "; ".join(problems))
     return parse_submission(text)

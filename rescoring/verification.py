@@ -1,6 +1,6 @@
 """Geometric verification of two images' local features: putative matches, then affine RANSAC.
 
-The score of one comparison (RECIPE.md, stage 2) is the number of RANSAC inliers:
+The score of one comparison (docs/METHOD.md, "Stage 2") is the number of RANSAC inliers:
 
 1. Putative matches: every descriptor of image 2 takes its nearest neighbour among image 1's
    descriptors, kept if their Euclidean distance is below ``max_descriptor_distance`` (0.8 for
@@ -53,7 +53,7 @@ _TRIALS_PER_CHUNK = 250
 
 @dataclasses.dataclass(frozen=True)
 class VerificationParams:
-    """Thresholds of one comparison (RECIPE.md defaults, tuned for DELF features).
+    """Thresholds of one comparison (docs/METHOD.md defaults, tuned for DELF features).
 
     Attributes:
       max_descriptor_distance: a putative match needs Euclidean descriptor distance below this

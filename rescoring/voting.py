@@ -1,9 +1,9 @@
 """Crop voting: many views' class probabilities -> one class and its confidence.
 
-RECIPE.md: each view votes for its top-1 class with that class's probability; per class the
-votes are summed and divided by the number of views; the answer is the class with the largest
-sum, and that average is its confidence. So a class most views agree on beats a single very
-confident view: 3 views at 0.5 (sum 1.5) win over 1 view at 0.99.
+docs/METHOD.md, "Stage 1 at test time": each view votes for its top-1 class with that class's
+probability; per class the votes are summed and divided by the number of views; the answer is
+the class with the largest sum, and that average is its confidence. So a class most views
+agree on beats a single very confident view: 3 views at 0.5 (sum 1.5) win over 1 view at 0.99.
 
 Ties, resolved deterministically: a view whose top probability is shared by several classes
 votes for the lowest class index; classes with equal vote sums resolve to the lowest class

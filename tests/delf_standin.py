@@ -16,6 +16,12 @@ The real ``google/delf/1`` module exposes ``signatures["default"]`` with inputs 
 * ``scales``: ``image_scales[0]`` for every feature.
 
 The first ``min(grid * grid, max_feature_num)`` features are returned.
+
+Failure option (for the tests of failing extractors): with ``fail_when_blue_below=t`` the call
+raises ``InvalidArgumentError`` ("delf stand-in failure: ...", a ``tf.debugging`` assertion
+inside the SavedModel) whenever the mean of the image's blue channel (in [0, 1]) is below ``t``:
+deterministic per image, whatever process calls it. scikit-image's photographs: coffee ~0.20,
+chelsea ~0.34, astronaut ~0.38, so ``t = 0.28`` fails on coffee only; ``t = 2`` fails always.
 :func:`save_delf_standin` writes it with ``tf.saved_model.save(..., signatures=...)``, so
 ``tensorflow_hub.load(folder)`` exercises the same loading path as the real module.
 """
@@ -31,9 +37,11 @@ POOLED_CELL = 4  # each cell average-pooled to 4 x 4 pixels: 48 values per descr
 class DelfStandin(tf.Module):
     """``tf.Module`` with DELF's ``default`` signature; see the module docstring."""
 
-    def __init__(self, grid: int = 8, dim: int = 40, seed: int = 0):
+    def __init__(self, grid: int = 8, dim: int = 40, seed: int = 0,
+                 fail_when_blue_below: float | None = None):
         super().__init__()
         self.grid = grid
+        self.fail_when_blue_below = fail_when_blue_below
         rng = np.random.default_rng(seed)
         inputs = POOLED_CELL * POOLED_CELL * 3
         self.projection = tf.Variable(
@@ -50,6 +58,13 @@ class DelfStandin(tf.Module):
     )
     def default(self, image, score_threshold, image_scales, max_feature_num):
         grid = self.grid
+        if self.fail_when_blue_below is not None:  # decided when traced: no op otherwise
+            check = tf.debugging.assert_greater_equal(
+                tf.reduce_mean(image[..., 2]), tf.constant(self.fail_when_blue_below, tf.float32),
+                message="delf stand-in failure: blue mean below the threshold",
+            )
+            with tf.control_dependencies([check]):
+                image = tf.identity(image)
         shape = tf.cast(tf.shape(image)[:2], tf.float32)
         side = grid * POOLED_CELL
         pooled = tf.image.resize(image[None], [side, side], antialias=True)[0]  # [g*4, g*4, 3]
@@ -74,8 +89,9 @@ class DelfStandin(tf.Module):
         }
 
 
-def save_delf_standin(folder, grid: int = 8, dim: int = 40, seed: int = 0) -> str:
+def save_delf_standin(folder, grid: int = 8, dim: int = 40, seed: int = 0,
+                      fail_when_blue_below: float | None = None) -> str:
     """Writes the stand-in SavedModel to ``folder``; returns the folder as a string."""
-    module = DelfStandin(grid=grid, dim=dim, seed=seed)
+    module = DelfStandin(grid=grid, dim=dim, seed=seed, fail_when_blue_below=fail_when_blue_below)
     tf.saved_model.save(module, str(folder), signatures={"default": module.default})
     return str(folder)

@@ -144,6 +144,7 @@ def test_mixed_manifest_every_row_accounted_for(tmp_path, mixed_dataset):
         "--manifest", str(manifest_path), "--output_dir", str(out),
         "--distractor_dir", str(distractor_dir), "--max_side", str(MAX_SIDE),
         "--num_shards", "2", "--dev_fraction", "0.3", *FAST_FETCH, RUNNER,
+        "--max_rejected_fraction", "0.6",  # 22 of 39 rows are bad on purpose
     ])
 
     # Nothing written outside the output folder; exactly the documented files inside it.
@@ -233,8 +234,11 @@ def test_mixed_manifest_every_row_accounted_for(tmp_path, mixed_dataset):
     assert stats["class_histogram"]["non_landmark_images"] == 2
     assert stats["bytes_written"] == sum((out / name).stat().st_size for name in os.listdir(out)
                                          if name.endswith(".tfrecord")) - 16 * len(records)
+    assert stats["status"] == "ok" and stats["failure"] is None
+    assert stats["rejected_fraction"] == round(stats["rejected"] / rows_in, 6)
     config = json.loads((out / "config.json").read_text())
     assert config["max_side"] == MAX_SIDE and config["dev_fraction"] == 0.3
+    assert config["beam_args"] == [RUNNER]  # the Beam flags that were passed
     assert io_utils.has_success_marker(str(out))
 
 

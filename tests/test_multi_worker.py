@@ -157,30 +157,29 @@ def test_one_step_on_two_workers_equals_one_step_on_two_local_devices(records, t
     differences = {name: float(np.max(np.abs(distributed[name] - mirrored[name])))
                    for name in mirrored}
     worst = max(differences, key=differences.get)
-    assert differences[worst] <= _thread_count_effect(records, tmp_path, step), (
-        worst, differences[worst])
+    allowed = _thread_count_effect(records, tmp_path, step, mirrored)
+    assert differences[worst] <= allowed, (worst, differences[worst], allowed)
     summary = json.loads((tmp_path / "two_workers" / "summary.json").read_text())
     assert (summary["strategy"], summary["replicas"]) == ("multi_worker", 2)
 
 
-def _thread_count_effect(records, tmp_path, step) -> float:
-    """Largest weight difference between one-device steps with 1 and 2 intra-op threads.
+def _thread_count_effect(records, tmp_path, step, default_threads) -> float:
+    """Largest weight difference between the two-device step with the default thread pool
+    (``default_threads``: its weights) and the same step with one intra-op thread.
 
-    Zero here when no kernel depends on the thread count; then nothing may differ at all.
+    Zero where no kernel depends on the thread count; then nothing may differ at all.
     """
-    results = []
-    for threads in (1, 2):
-        model_dir = tmp_path / f"threads{threads}"
-        env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2",
-                   TF_NUM_INTRAOP_THREADS=str(threads))
-        completed = subprocess.run(
-            [sys.executable, "-m", "trainer.train",
-             *_args(records, model_dir, *step, "--devices", "/cpu:0,/cpu:1")],
-            cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
-        )
-        assert completed.returncode == 0, completed.stderr[-4000:]
-        results.append(_weights(model_dir / "checkpoints" / "last.weights.h5"))
-    return max(float(np.max(np.abs(results[0][name] - results[1][name]))) for name in results[0])
+    model_dir = tmp_path / "one_thread"
+    env = dict(os.environ, PYTHONPATH=REPO, TF_CPP_MIN_LOG_LEVEL="2", TF_NUM_INTRAOP_THREADS="1")
+    completed = subprocess.run(
+        [sys.executable, "-m", "trainer.train",
+         *_args(records, model_dir, *step, "--devices", "/cpu:0,/cpu:1")],
+        cwd=REPO, env=env, capture_output=True, text=True, timeout=WORKER_TIMEOUT_S,
+    )
+    assert completed.returncode == 0, completed.stderr[-4000:]
+    one_thread = _weights(model_dir / "checkpoints" / "last.weights.h5")
+    return max(float(np.max(np.abs(one_thread[name] - default_threads[name])))
+               for name in default_threads)
 
 
 def _backup_epoch(model_dir, phase_folder: str) -> int:
@@ -199,13 +198,13 @@ def _dev_gaps(text: str) -> list[str]:
 @pytest.mark.slow
 def test_two_workers_resume_after_a_worker_is_killed_mid_epoch(records, tmp_path):
     model_dir = tmp_path / "model"
-    args = _args(records, model_dir, "--dev_data", records["dev"], "--head_epochs", "1",
-                 "--finetune_epochs", "2", "--steps_per_epoch", "3")
+    args = _args(records, model_dir, "--dev_data", records["dev"], "--head_epochs", "0",
+                 "--finetune_epochs", "2", "--steps_per_epoch", "2")
     with Workers(args, tmp_path, tag="first") as first:
         deadline = time.monotonic() + WORKER_TIMEOUT_S
-        # The finetune phase is epochs 2-3: wait for its first epoch's backup, then kill one
-        # worker in the middle of the next epoch (a step takes seconds here).
-        while _backup_epoch(model_dir, "1-finetune") < 2:
+        # Wait for the first epoch's backup, then kill one worker in the middle of the second
+        # epoch (a step takes seconds here).
+        while _backup_epoch(model_dir, "1-finetune") < 1:
             assert time.monotonic() < deadline, first.text(0)[-4000:]
             assert all(p.poll() is None for p in first.processes), first.text(0)[-4000:]
             time.sleep(0.5)
@@ -221,9 +220,8 @@ def test_two_workers_resume_after_a_worker_is_killed_mid_epoch(records, tmp_path
     with Workers(args, tmp_path, tag="second") as second:
         _assert_succeeded(second, second.wait())
     chief, other = second.text(0), second.text(1)
-    assert "phase head: already complete" in chief
-    assert "phase finetune: resuming after epoch 2" in chief
-    assert "phase finetune: resuming after epoch 2" in other
+    assert "phase finetune: resuming after epoch 1" in chief
+    assert "phase finetune: resuming after epoch 1" in other
     assert (model_dir / "_SUCCESS").exists()
     assert not (model_dir / "workertemp_1").exists(), "the non-chief's folder is removed"
     # The dev GAP is computed once (by the chief) and every worker logs the same figures.
@@ -231,7 +229,7 @@ def test_two_workers_resume_after_a_worker_is_killed_mid_epoch(records, tmp_path
 
     history = (model_dir / "history.csv").read_text().splitlines()
     epochs = [int(line.split(",")[0]) for line in history[1:]]
-    assert epochs == [0, 1, 2, 3]
+    assert epochs == [0, 1, 2]
     model = keras.saving.load_model(str(model_dir / "model.keras"))
     probabilities = model.predict(np.zeros([2, 71, 71, 3], np.float32), verbose=0)
     assert probabilities.shape == (2, len(LANDMARK_IDS)) and np.all(np.isfinite(probabilities))

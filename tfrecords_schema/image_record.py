@@ -58,6 +58,75 @@ FIELDS: tuple[tuple[str, str, str], ...] = (
     (KEY_SCHEMA_VERSION, "schema_version", "int"),
 )
 
+# ------------------------------------------------------------------------------------------
+# Other layouts of image records (what a reader may meet instead of this one)
+# ------------------------------------------------------------------------------------------
+
+LAYOUT_LANDMARKS = "landmarks"
+"""This project's layout (:data:`FIELDS`, with a ``schema/version`` key)."""
+LAYOUT_DELF = "delf"
+"""The layout of DELF's ``research/delf/delf/python/training/build_image_dataset.py``:
+``image/encoded``, ``image/id``, ``image/height``, ``image/width``, ``image/colorspace``,
+``image/channels``, ``image/format`` and, in training records only, ``image/class/label``
+(the raw landmark id, or a contiguous id for the clean set); no ``schema/version``."""
+LAYOUT_UNKNOWN = "unknown"
+
+DELF_MARKER_KEYS = ("image/colorspace", "image/channels")
+"""Keys DELF writes and this layout does not."""
+
+
+def detect_layout(feature_keys: Iterable[str]) -> str:
+    """:data:`LAYOUT_LANDMARKS`, :data:`LAYOUT_DELF` or :data:`LAYOUT_UNKNOWN` for the feature
+    keys of one ``tf.train.Example`` (pure: looks at the key names only).
+
+    A ``schema/version`` key means this project's layout (whatever its version). Without it,
+    DELF's own keys ``image/colorspace`` / ``image/channels``, or ``image/encoded`` together with
+    ``image/class/label`` (what DELF's training records have and ours lack), mean DELF's.
+    """
+    keys = set(feature_keys)
+    if KEY_SCHEMA_VERSION in keys:
+        return LAYOUT_LANDMARKS
+    if keys & set(DELF_MARKER_KEYS) or {KEY_ENCODED, KEY_LABEL} <= keys:
+        return LAYOUT_DELF
+    return LAYOUT_UNKNOWN
+
+
+def describe_layout(feature_keys: Iterable[str]) -> str:
+    """The layout of a record's keys in words, for error messages (pure).
+
+    E.g. ``"the layout of DELF's build_image_dataset.py (no schema/version key)"``.
+    """
+    keys = sorted(set(feature_keys))
+    layout = detect_layout(keys)
+    if layout == LAYOUT_LANDMARKS:
+        return "this project's image-record layout (with a schema/version key)"
+    if layout == LAYOUT_DELF:
+        return "the layout of DELF's build_image_dataset.py (no schema/version key)"
+    shown = ", ".join(keys[:8]) + (", ..." if len(keys) > 8 else "")
+    return f"an unknown layout (keys: {shown or 'none'}; no schema/version key)"
+
+
+def conversion_hint(source: str = "") -> str:
+    """How to turn records of another layout into this one: the ``landmarks-ingest`` command.
+
+    ``source``: the glob or file the records came from (``GLOB`` when unknown).
+    """
+    glob = source or "GLOB"
+    return f"convert it with: landmarks-ingest --input_tfrecords '{glob}' --output_dir DIR"
+
+
+def foreign_layout_error(feature_keys: Iterable[str], missing_key: str, source: str = "",
+                         what: str = "record") -> SchemaError:
+    """The :class:`SchemaError` for a record that lacks ``missing_key``: names the key, and for a
+    record without ``schema/version`` (not written by this project) its layout and the command
+    that converts it."""
+    keys = set(feature_keys)
+    if KEY_SCHEMA_VERSION in keys:
+        return SchemaError(f"{what} is missing the key {missing_key!r}")
+    return SchemaError(
+        f"{what} lacks the key {missing_key!r}: it is in {describe_layout(keys)}, not this "
+        f"project's image-record layout; {conversion_hint(source)}")
+
 
 @dataclasses.dataclass(frozen=True)
 class ImageRecord:
@@ -119,11 +188,17 @@ def check_version(version: int, where: str = "record") -> None:
         )
 
 
-def parse_record(serialized: bytes) -> ImageRecord:
+def parse_record(serialized: bytes, source: str = "") -> ImageRecord:
     """Parses one serialised example into an :class:`ImageRecord` (Python side, no graph).
 
+    Args:
+      serialized: one record.
+      source: the file or glob it came from, only for the conversion hint of a foreign layout.
+
     Raises:
-      SchemaError: a key is missing or the schema version differs.
+      SchemaError: a key is missing (for a record of another layout, e.g. DELF's, the message
+        names the layout and the ``landmarks-ingest --input_tfrecords`` command that converts
+        it) or the schema version differs.
     """
     try:
         example = tf.train.Example.FromString(serialized)
@@ -133,7 +208,7 @@ def parse_record(serialized: bytes) -> ImageRecord:
     values = {}
     for key, attr, kind in FIELDS:
         if key not in feature:
-            raise SchemaError(f"record is missing the key {key!r}")
+            raise foreign_layout_error(feature.keys(), key, source)
         if kind == "int":
             raw = feature[key].int64_list.value
         else:

@@ -1,6 +1,6 @@
 """The resolved configuration of one ``landmarks-train`` run: frozen dataclasses, presets, CLI.
 
-Every number of the recipe (``shared/RECIPE.md``) is a default here; every field has a flag.
+Every number of the recipe (``docs/METHOD.md``) is a default here; every field has a flag.
 Resolution order: dataclass defaults < ``--preset`` < explicit flags. The resolved config is
 written as ``config.json`` into the model dir, so a run can be reproduced and a resume can check
 that it continues the same run.
@@ -28,6 +28,9 @@ import dataclasses
 import json
 from typing import Any, Sequence
 
+from tfrecords_schema import InputError
+from trainer import cli
+
 PHASE_NAMES = ("head", "finetune", "deep")
 MIXED_PRECISION_CHOICES = ("none", "bfloat16", "float16")
 STRATEGY_CHOICES = ("auto", "default", "mirrored", "multi_worker")
@@ -42,7 +45,8 @@ class DataConfig:
       label_map: the ingest's ``label_map.csv``; its size is the number of classes.
       dev_data: optional glob of dev shards; enables dev GAP per epoch and "best" checkpoints.
       image_size: side in pixels of the square network input (Xception needs >= 71).
-      augment: the recipe's per-batch augmentation on training batches.
+      augment: the recipe's augmentation of training images (drawn per image, see
+        docs/METHOD.md).
       augment_on_device: split mode of ``trainer.data``: the host decodes, crops and resizes;
         the warp and channel shift run batched on the accelerator in front of the model
         (``trainer.augment.DeviceAugmentation``). False: everything on the host, per image.
@@ -70,19 +74,19 @@ class DataConfig:
 
     def validate(self) -> None:
         if not self.train_data:
-            raise ValueError("--train_data is required")
+            raise InputError("--train_data is required")
         if not self.label_map:
-            raise ValueError("--label_map is required")
+            raise InputError("--label_map is required")
         if self.image_size < 71:
-            raise ValueError(
+            raise InputError(
                 f"--image_size must be >= 71 (Xception's minimum), got {self.image_size}"
             )
         if self.shuffle_buffer < 1:
-            raise ValueError(f"--shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
+            raise InputError(f"--shuffle_buffer must be >= 1, got {self.shuffle_buffer}")
         for name in ("max_images_per_class", "steps_per_epoch", "max_dev_images"):
             value = getattr(self, name)
             if value is not None and value < 1:
-                raise ValueError(f"--{name} must be >= 1 when given, got {value}")
+                raise InputError(f"--{name} must be >= 1 when given, got {value}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -110,15 +114,15 @@ class ModelConfig:
 
     def validate(self) -> None:
         if not self.backbone_weights:
-            raise ValueError("--backbone_weights must be imagenet, none or a path")
+            raise InputError("--backbone_weights must be imagenet, none or a path")
         if not 0.0 <= self.dropout < 1.0:
-            raise ValueError(f"--dropout must be in [0, 1), got {self.dropout}")
+            raise InputError(f"--dropout must be in [0, 1), got {self.dropout}")
         if self.gem_p <= 0:
-            raise ValueError(f"--gem_p must be > 0, got {self.gem_p}")
+            raise InputError(f"--gem_p must be > 0, got {self.gem_p}")
         if self.rank_weight < 0:
-            raise ValueError(f"--rank_weight must be >= 0, got {self.rank_weight}")
+            raise InputError(f"--rank_weight must be >= 0, got {self.rank_weight}")
         if self.calibrate_batchnorm_images < 0:
-            raise ValueError(
+            raise InputError(
                 f"--calibrate_batchnorm_images must be >= 0, got {self.calibrate_batchnorm_images}"
             )
 
@@ -147,17 +151,17 @@ class PhaseConfig:
     def validate(self) -> None:
         prefix = f"--{self.name}_"
         if self.trainable_from is not None and self.trainable_from < 0:
-            raise ValueError(
+            raise InputError(
                 f"{prefix}trainable_from must be >= 0 or none, got {self.trainable_from}"
             )
         if self.epochs < 0:
-            raise ValueError(f"{prefix}epochs must be >= 0, got {self.epochs}")
+            raise InputError(f"{prefix}epochs must be >= 0, got {self.epochs}")
         if self.batch_size < 1:
-            raise ValueError(f"{prefix}batch_size must be >= 1, got {self.batch_size}")
+            raise InputError(f"{prefix}batch_size must be >= 1, got {self.batch_size}")
         if not self.learning_rate > 0:
-            raise ValueError(f"{prefix}learning_rate must be > 0, got {self.learning_rate}")
+            raise InputError(f"{prefix}learning_rate must be > 0, got {self.learning_rate}")
         if self.final_learning_rate is not None and not self.final_learning_rate > 0:
-            raise ValueError(
+            raise InputError(
                 f"{prefix}final_learning_rate must be > 0, got {self.final_learning_rate}"
             )
 
@@ -190,16 +194,16 @@ class DistributionConfig:
 
     def validate(self) -> None:
         if self.strategy not in STRATEGY_CHOICES:
-            raise ValueError(f"--strategy must be one of {STRATEGY_CHOICES}, got {self.strategy!r}")
+            raise InputError(f"--strategy must be one of {STRATEGY_CHOICES}, got {self.strategy!r}")
         if self.mixed_precision not in MIXED_PRECISION_CHOICES:
-            raise ValueError(
+            raise InputError(
                 f"--mixed_precision must be one of {MIXED_PRECISION_CHOICES}, "
                 f"got {self.mixed_precision!r}"
             )
         if self.devices and self.strategy in ("default", "multi_worker"):
-            raise ValueError(f"--devices cannot be combined with --strategy {self.strategy}")
+            raise InputError(f"--devices cannot be combined with --strategy {self.strategy}")
         if len(set(self.devices)) != len(self.devices):
-            raise ValueError(f"--devices names a device twice: {','.join(self.devices)}")
+            raise InputError(f"--devices names a device twice: {','.join(self.devices)}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -219,18 +223,18 @@ class TrainConfig:
 
     def validate(self) -> None:
         if not self.model_dir:
-            raise ValueError("--model_dir is required")
+            raise InputError("--model_dir is required")
         self.data.validate()
         self.model.validate()
         self.distribution.validate()
         if [phase.name for phase in self.phases] != list(PHASE_NAMES):
-            raise ValueError(f"phases must be {PHASE_NAMES} in this order")
+            raise InputError(f"phases must be {PHASE_NAMES} in this order")
         for phase in self.phases:
             phase.validate()
         if self.total_epochs < 1:
-            raise ValueError("every phase has 0 epochs: nothing to train")
+            raise InputError("every phase has 0 epochs: nothing to train")
         if self.verbose not in (0, 1, 2):
-            raise ValueError(f"--verbose must be 0, 1 or 2, got {self.verbose}")
+            raise InputError(f"--verbose must be 0, 1 or 2, got {self.verbose}")
 
     @property
     def active_phases(self) -> tuple[PhaseConfig, ...]:
@@ -306,13 +310,6 @@ def _device_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
 
 
-class _ErrorRaisingParser(argparse.ArgumentParser):
-    """argparse that raises ``ValueError`` instead of printing usage and exiting."""
-
-    def error(self, message):
-        raise ValueError(message)
-
-
 def preset_defaults(preset_name: str) -> dict[str, Any]:
     """Flag dest -> the value a run gets when that flag is not given, under ``preset_name``.
 
@@ -359,7 +356,8 @@ example:
   landmarks-train --train_data 'records/train/train-*.tfrecord' \\
       --dev_data 'records/train/dev-*.tfrecord' --label_map records/train/label_map.csv \\
       --model_dir model/ --preset quick
-exit status: 0 done, 2 bad flags or input, 3 training diverged (loss not finite).
+exit status: 0 done, 1 internal error (a bug: traceback logged), 2 bad flags or input,
+3 training diverged (loss not finite).
 """
 
 
@@ -368,7 +366,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     Help texts show the resolved default under each preset (:func:`preset_defaults`).
     """
-    parser = _ErrorRaisingParser(
+    parser = cli.ErrorRaisingArgumentParser(
         prog="landmarks-train",
         description="Train the Xception + GeM landmark classifier on TFRecords (phases).",
         # Unset flags are absent from the namespace, so an explicit "none" differs from "unset".
@@ -449,7 +447,11 @@ def _resolve(values: dict[str, Any], preset: dict[str, Any], name: str, default:
 
 
 def config_from_args(argv: Sequence[str] | None) -> TrainConfig:
-    """Parses ``argv`` into a validated :class:`TrainConfig`; raises ``ValueError`` on bad input."""
+    """Parses ``argv`` into a validated :class:`TrainConfig`.
+
+    Raises:
+      InputError: a bad, unknown or abbreviated flag, or values that do not fit together.
+    """
     values = vars(build_parser().parse_args(argv))
     preset_name = values.pop("preset", DEFAULT_PRESET)
     preset = PRESETS[preset_name]

@@ -104,10 +104,16 @@ def count_labels(file_pattern) -> dict[int, int]:
 
     Args:
       file_pattern: glob, or a list of files.
+
+    Raises:
+      DataError: the first record is not this project's image record (e.g. DELF's layout, whose
+        ``image/class/label`` is a landmark id, not a class index: counting it would mislead).
     """
     counts: collections.Counter = collections.Counter()
     spec = {image_record.KEY_LABEL: tf.io.FixedLenFeature([], tf.int64)}
-    for batch in _parse_only(_files(file_pattern), spec):
+    files = _files(file_pattern)
+    _check_first_record(files, file_pattern)
+    for batch in _parse_only(files, spec):
         values, numbers = np.unique(batch[image_record.KEY_LABEL], return_counts=True)
         counts.update(dict(zip(values.tolist(), numbers.tolist())))
     return dict(sorted(counts.items()))
@@ -200,8 +206,15 @@ def _label_fingerprints(files: list[str]) -> tuple[np.ndarray, np.ndarray]:
 # The dataset.
 
 
-def _check_first_record(files: list[str]) -> None:
-    """Fails early, in one line, on a schema-version mismatch or a non-record first file."""
+def _source_glob(file_pattern, path: str) -> str:
+    """The glob to name in a conversion hint: the user's pattern, else the file itself."""
+    return file_pattern if isinstance(file_pattern, str) and file_pattern else path
+
+
+def _check_first_record(files: list[str], file_pattern=None) -> None:
+    """Fails early, in one line, on a schema-version mismatch, a record of another layout (e.g.
+    DELF's: the message names it and the ``landmarks-ingest --input_tfrecords`` command that
+    converts it) or a non-record first file."""
     for path in files:
         try:
             first = list(tf.data.TFRecordDataset(path).take(1).as_numpy_iterator())
@@ -209,7 +222,7 @@ def _check_first_record(files: list[str]) -> None:
             raise DataError(f"{path}: not a readable TFRecord file ({_first_line(error)})") from None
         if first:
             try:
-                image_record.parse_record(first[0])
+                image_record.parse_record(first[0], source=_source_glob(file_pattern, path))
             except tfrecords_schema.SchemaError as error:
                 raise DataError(f"{path}: {error}") from None
             return
@@ -317,7 +330,7 @@ def make_dataset(
         drop_remainder = training
 
     all_files = _files(file_pattern)
-    _check_first_record(all_files)
+    _check_first_record(all_files, file_pattern)
     files, element_shard = shard_files(all_files, input_context)
     parse = _parse_fn(num_classes)
 
@@ -438,19 +451,98 @@ def locate_bad_record(file_pattern, check: str = "images"):
     return None
 
 
+_PROBLEM_TEXT = {
+    "frames": "corrupt or truncated TFRecord data",
+    "images": "an image that cannot be decoded",
+    "examples": "a record that is not an image record",
+}
+# tf.io.parse_*'s message for an absent key, e.g. "Feature: image/class/landmark_id (data type:
+# int64) is required but could not be found."
+_MISSING_FEATURE = re.compile(
+    r"Feature: (\S+) \(data type: \w+\) is required but could not be found")
+_DECODE_FAILURE = ("jpeg", "decode", "image file format", "image data")
+
+
+def _record_problem(error: BaseException) -> str | None:
+    """Which record problem a TensorFlow error names, or None: ``"schema"``, ``"labels"``,
+    ``"frames"`` (corrupt TFRecord framing), ``"keys"`` (a record without a key the image record
+    needs: names a key such as ``image/class/landmark_id``, so it is tested before the decode
+    words), ``"images"`` (undecodable) or ``"examples"``."""
+    line = _first_line(error)
+    if "schema version mismatch" in line:
+        return "schema"
+    if LABEL_MISMATCH in line:
+        return "labels"
+    if isinstance(error, tf.errors.DataLossError):
+        return "frames"
+    if _MISSING_FEATURE.search(line):
+        return "keys"
+    if any(word in line.lower() for word in _DECODE_FAILURE):
+        return "images"
+    if "parse" in line.lower() or "Feature" in line or "Key:" in line:
+        return "examples"
+    return None
+
+
+def _record_keys(path: str, index: int) -> list[str]:
+    """The feature keys of record ``index`` of ``path`` ([] if unreadable); failure path only."""
+    try:
+        for serialized in tf.data.TFRecordDataset(path).skip(index).take(1).as_numpy_iterator():
+            return list(tf.train.Example.FromString(serialized).features.feature.keys())
+    except Exception:  # noqa: BLE001 - a damaged record: no keys to describe
+        return []
+    return []
+
+
+def _explain_missing_key(line: str, file_pattern) -> str:
+    """A record without a key: names the key, the record and its layout (and, for a foreign
+    layout such as DELF's, the ``landmarks-ingest --input_tfrecords`` command that converts it)."""
+    key = _MISSING_FEATURE.search(line).group(1)
+    found = locate_bad_record(file_pattern, "examples") if file_pattern else None
+    if found is None:
+        where = f" in {file_pattern!r}" if file_pattern else ""
+        return f"a record without the key {key!r}{where}: {line}"
+    path, index, _ = found
+    keys = _record_keys(path, index)
+    error = image_record.foreign_layout_error(keys, key, source=_source_glob(file_pattern, path),
+                                              what=f"{path}, record #{index} (0-based)")
+    return str(error)
+
+
+def is_data_error(error: BaseException) -> bool:
+    """True if ``error``, raised while training, is about the user's records, not about the code.
+
+    Data errors: :class:`DataError` and ``FileNotFoundError``; ``DataLossError`` (corrupt or
+    truncated TFRecord data); ``NotFoundError`` (a listed record file that cannot be opened);
+    an ``InvalidArgumentError`` that names a record problem :func:`explain_data_error` explains
+    (another schema version, a label outside the label map, an image that cannot be decoded, a
+    record that is not an image record). Any other TensorFlow error (a shape mismatch in the
+    model, out of memory, a failed collective, ...) is not the data's fault: the CLI reports
+    it as a bug, with its traceback.
+    """
+    if isinstance(error, (DataError, FileNotFoundError)):
+        return True
+    if isinstance(error, (tf.errors.DataLossError, tf.errors.NotFoundError)):
+        return True
+    return isinstance(error, tf.errors.InvalidArgumentError) and _record_problem(error) is not None
+
+
 def explain_data_error(error: BaseException, file_pattern=None) -> str:
     """One line for the user from an error raised while iterating :func:`make_dataset`.
 
     Recognises schema-version mismatches, labels outside the label map, corrupt TFRecord
-    framing, unparsable examples and undecodable JPEGs. With ``file_pattern`` a corrupt record
-    is located (file and record index, by :func:`locate_bad_record`; slow, failure path only).
+    framing, records without a key of the image record (named, with the record's layout, e.g.
+    DELF's, and how to convert it), unparsable examples and undecodable JPEGs. With
+    ``file_pattern`` a corrupt record is located (file and record index, by
+    :func:`locate_bad_record`; slow, failure path only).
     Anything else comes back as its first line without TensorFlow's node noise.
     """
     if isinstance(error, (DataError, FileNotFoundError)):
         return _first_line(error)
     line = _first_line(error)
     where = f" in {file_pattern!r}" if file_pattern else ""
-    if "schema version mismatch" in line:
+    problem = _record_problem(error)
+    if problem == "schema":
         found = locate_bad_record(file_pattern, "examples") if file_pattern else None
         message = (f"another schema version than this code reads (version "
                    f"{tfrecords_schema.SCHEMA_VERSION}); re-run landmarks-ingest")
@@ -460,20 +552,17 @@ def explain_data_error(error: BaseException, file_pattern=None) -> str:
             return (f"records{where}: {message}; first unreadable record: {found[0]}, "
                     f"record #{found[1]} (0-based): {found[2]}")
         return f"records{where}: {message}"
-    if LABEL_MISMATCH in line:
+    if problem == "labels":
         reason = line[line.index(LABEL_MISMATCH):].split("]")[0]
         value = re.search(r"\[x \([^)]*\) = \] \[(-?\d+)", line)
         found = f" (label {value.group(1)})" if value else ""
         return f"{reason}{found}{where}; use the label_map.csv written by the same ingest run"
-    if isinstance(error, tf.errors.DataLossError):
-        check, what = "frames", "corrupt or truncated TFRecord data"
-    elif "jpeg" in line.lower() or "image" in line.lower():
-        check, what = "images", "an image that cannot be decoded"
-    elif "parse" in line.lower() or "Feature" in line:
-        check, what = "examples", "a record that is not an image record"
-    else:
+    if problem is None:
         return line
-    found = locate_bad_record(file_pattern, check) if file_pattern else None
+    if problem == "keys":
+        return _explain_missing_key(line, file_pattern)
+    what = _PROBLEM_TEXT[problem]
+    found = locate_bad_record(file_pattern, problem) if file_pattern else None
     if found is None:
         return f"{what}{where}: {line}"
     path, index, reason = found

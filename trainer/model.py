@@ -32,6 +32,7 @@ import os
 
 import keras
 
+from tfrecords_schema import InputError
 from trainer import layers
 
 logger = logging.getLogger(__name__)
@@ -44,11 +45,14 @@ EMBEDDING_WIDTH = 2048  # channels of Xception's last block
 
 
 def _resolve_backbone_weights(backbone_weights):
-    """``"imagenet"`` -> ``"imagenet"``, ``"none"``/``None`` -> ``None``, a file -> its path."""
+    """``"imagenet"`` -> ``"imagenet"``, ``"none"``/``None`` -> ``None``, a file -> its path.
+
+    Raises ``InputError`` (``--backbone_weights`` is the user's) for anything else.
+    """
     if backbone_weights is None:
         return None
     if not isinstance(backbone_weights, (str, os.PathLike)):
-        raise ValueError(
+        raise InputError(
             f"backbone_weights must be 'imagenet', 'none' or a weights file path, "
             f"got {backbone_weights!r}"
         )
@@ -58,14 +62,14 @@ def _resolve_backbone_weights(backbone_weights):
     if value.lower() == "imagenet":
         return "imagenet"
     if not value.endswith((".weights.h5", ".h5", ".keras")):
-        raise ValueError(
+        raise InputError(
             f"backbone_weights must be 'imagenet', 'none' or a path to a Keras weights file "
             f"(*.weights.h5, *.h5 or *.keras); got {value!r}"
         )
     if "://" in value:
-        raise ValueError(f"backbone_weights must be a local file (copy it first), got {value!r}")
+        raise InputError(f"backbone_weights must be a local file (copy it first), got {value!r}")
     if not os.path.isfile(value):
-        raise ValueError(f"backbone_weights file does not exist: {value!r}")
+        raise InputError(f"backbone_weights file does not exist: {value!r}")
     return value
 
 

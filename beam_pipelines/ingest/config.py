@@ -2,7 +2,8 @@
 
 Everything the job does is decided by :class:`IngestConfig`; it is written next to the outputs
 as ``config.json``. Beam's own flags (``--runner``, ``--project``, ``--direct_num_workers``, ...)
-are not part of it: :func:`parse_args` returns them separately for ``PipelineOptions``.
+are not part of it: :func:`parse_args` returns them separately for ``PipelineOptions`` (and
+refuses a flag that is neither the job's nor Beam's).
 """
 
 from __future__ import annotations
@@ -15,6 +16,7 @@ import re
 from beam_pipelines.ingest.fetch import FetchParams
 from beam_pipelines.ingest.normalise import NormaliseParams
 from beam_pipelines import cli
+from tfrecords_schema import InputError
 
 _SPLIT_NAME = re.compile(r"[a-z][a-z0-9_]{0,31}")
 
@@ -25,6 +27,9 @@ class IngestConfig:
 
     Attributes:
       manifest: CSV with header ``id,url,landmark_id`` (train) or ``id,url`` (test); local or gs://.
+      input_tfrecords: instead of ``manifest``, a glob of TFRecord shards in DELF's
+        ``build_image_dataset.py`` layout or in this project's own (see
+        :mod:`beam_pipelines.ingest.tfrecord_input`); exactly one of the two is given.
       output_dir: run folder (must be empty unless ``overwrite``).
       distractor_dir: optional folder of non-landmark images (label -1), listed non-recursively.
       label_map: optional existing ``label_map.csv`` to reuse (e.g. the train map for a dev set);
@@ -38,10 +43,13 @@ class IngestConfig:
       overwrite: delete the contents of a non-empty ``output_dir`` first.
       tfds_metadata: also write TensorFlow Datasets metadata (``dataset_info.json``,
         ``features.json``) so ``tfds.builder_from_directory(output_dir)`` reads the shards.
+      max_rejected_fraction: the run fails (no ``_SUCCESS``, exit code 4) when more than this
+        share of the input rows is rejected, or when nothing is written.
     """
 
-    manifest: str
-    output_dir: str
+    manifest: str = ""
+    output_dir: str = ""
+    input_tfrecords: str = ""
     distractor_dir: str = ""
     label_map: str = ""
     split_name: str = ""
@@ -56,23 +64,33 @@ class IngestConfig:
     backoff_seconds: float = 0.5
     overwrite: bool = False
     tfds_metadata: bool = True
+    max_rejected_fraction: float = 0.5
 
     def __post_init__(self):
-        if not self.manifest:
-            raise ValueError("--manifest is required")
+        if bool(self.manifest) == bool(self.input_tfrecords):
+            raise InputError(
+                "give exactly one input: --manifest (a CSV of id,url[,landmark_id]) or "
+                "--input_tfrecords (a glob of TFRecord shards, e.g. DELF's GLDv2 records); got "
+                + ("both" if self.manifest else "neither"))
         if not self.output_dir:
-            raise ValueError("--output_dir is required")
+            raise InputError("--output_dir is required")
         if self.num_shards < 1:
-            raise ValueError(f"--num_shards must be >= 1, got {self.num_shards}")
+            raise InputError(f"--num_shards must be >= 1, got {self.num_shards}")
         if not 0.0 <= self.dev_fraction < 1.0:
-            raise ValueError(f"--dev_fraction must be in [0, 1), got {self.dev_fraction}")
+            raise InputError(f"--dev_fraction must be in [0, 1), got {self.dev_fraction}")
         if self.split_name and not _SPLIT_NAME.fullmatch(self.split_name):
-            raise ValueError(
+            raise InputError(
                 f"--split_name must match {_SPLIT_NAME.pattern}, got {self.split_name!r}")
+        if not 0.0 <= self.max_rejected_fraction <= 1.0:
+            raise InputError("--max_rejected_fraction must be in [0, 1], got "
+                             f"{self.max_rejected_fraction}")
         if self.split_name == "dev" and self.dev_fraction > 0:
-            raise ValueError("--split_name dev clashes with the dev split of --dev_fraction")
-        self.normalise_params()  # validates the image limits
-        self.fetch_params()  # validates the fetch settings
+            raise InputError("--split_name dev clashes with the dev split of --dev_fraction")
+        try:
+            self.normalise_params()  # validates the image limits
+            self.fetch_params()  # validates the fetch settings
+        except ValueError as error:  # their checks name the flags' values
+            raise InputError(str(error)) from error
 
     def normalise_params(self) -> NormaliseParams:
         return NormaliseParams(max_side=self.max_side, max_pixels=self.max_pixels,
@@ -87,9 +105,14 @@ class IngestConfig:
         """``split_name`` if given, else ``train`` for a labelled manifest, ``test`` otherwise."""
         return self.split_name or ("train" if labelled else "test")
 
-    def shards_per_split(self, labelled: bool) -> dict[str, int]:
-        """Split name -> number of shards."""
-        shards = {self.main_split(labelled): self.num_shards}
+    def shards_per_split(self, labelled: bool | None) -> dict[str, int]:
+        """Split name -> number of shards. ``labelled=None`` (TFRecord input, labelled or not
+        record by record): both main splits, ``train`` and ``test`` (one if ``split_name``)."""
+        if labelled is None:
+            shards = {self.main_split(True): self.num_shards,
+                      self.main_split(False): self.num_shards}
+        else:
+            shards = {self.main_split(labelled): self.num_shards}
         if self.dev_fraction > 0:
             shards["dev"] = max(1, math.ceil(self.num_shards * self.dev_fraction))
         return shards
@@ -99,7 +122,8 @@ class IngestConfig:
 
 
 BEAM_FLAGS_EPILOG = """\
-Flags not listed above go to Beam's PipelineOptions, for example
+Flags not listed above go to Beam's PipelineOptions (a flag that no registered
+PipelineOptions class knows is refused, with the closest flag as a suggestion), for example
   local:    --runner=DirectRunner --direct_num_workers=2 --direct_running_mode=multi_processing
   Dataflow: --runner=DataflowRunner --project=MY_PROJECT --region=europe-west1
             --temp_location=gs://MY_BUCKET/tmp --setup_file=./setup.py
@@ -117,7 +141,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
     parser = cli.ErrorRaisingArgumentParser(
         prog="landmarks-ingest",
         description="Manifest CSV (+ distractor folder) -> normalised, sharded TFRecords. "
-        "Unknown flags go to Beam (e.g. --runner=DataflowRunner --project=... --region=...).",
+        "Beam's flags go to Beam (e.g. --runner=DataflowRunner --project=... --region=...); "
+        "any other flag is refused.",
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BEAM_FLAGS_EPILOG,
     )
@@ -126,7 +151,12 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--manifest", default="",
         help="CSV with header id,url,landmark_id (train) or id,url (test); local or gs:// "
-             "(required)")
+             "(default: none; exactly one of --manifest and --input_tfrecords is required)")
+    add("--input_tfrecords", default="",
+        help="instead of --manifest: glob of TFRecord shards to convert, in the layout of "
+             "DELF's build_image_dataset.py (image/encoded, image/id, image/class/label = "
+             "landmark id; no label = test split) or in this project's layout; quote it "
+             "(default: none)")
     add("--output_dir", default="",
         help="run folder for shards, label_map.csv, rejected.csv, stats.json (required)")
     add("--distractor_dir", default="",
@@ -158,6 +188,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add("--overwrite", action="store_true",
         help="delete the contents of a non-empty --output_dir first (default: off, a non-empty "
              "folder is refused)")
+    add("--max_rejected_fraction", type=float, default=defaults.max_rejected_fraction,
+        help="fail (exit code 4, no _SUCCESS) when more than this share of the input rows is "
+             "rejected, in [0, 1]; a run that writes nothing always fails" + default)
     add("--no_tfds_metadata", dest="tfds_metadata", action="store_false",
         help="skip the TensorFlow Datasets metadata, which costs one extra read of the shards "
              "(default: off, metadata written)")
@@ -165,6 +198,10 @@ def build_arg_parser() -> argparse.ArgumentParser:
 
 
 def parse_args(argv=None) -> tuple[IngestConfig, list[str]]:
-    """(config, the remaining flags for Beam). Raises ``ValueError`` for bad flags or values."""
-    known, beam_args = build_arg_parser().parse_known_args(argv)
+    """(config, Beam's flags unchanged). Raises ``InputError`` for bad or unknown flags or values.
+
+    A flag that is neither the job's nor a registered ``PipelineOptions`` flag is refused
+    (:func:`beam_pipelines.cli.parse_job_args`).
+    """
+    known, beam_args = cli.parse_job_args(build_arg_parser(), argv)
     return IngestConfig(**vars(known)), beam_args

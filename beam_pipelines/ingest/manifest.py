@@ -14,8 +14,11 @@ from __future__ import annotations
 
 import csv
 import dataclasses
+import hashlib
 import re
+from typing import Optional
 
+from tfrecords_schema import InputError
 from tfrecords_schema.image_record import NON_LANDMARK
 
 ID_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
@@ -31,6 +34,7 @@ REASONS = frozenset(
 
 ORIGIN_MANIFEST = "manifest"
 ORIGIN_DISTRACTOR = "distractor"
+ORIGIN_TFRECORD = "tfrecord"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,7 +47,13 @@ class ManifestRow:
       landmark_id: original landmark id, or -1 for a non-landmark / unlabelled image.
       line: 1-based line number in the manifest (the header is line 1); for a distractor file,
         its 1-based position in the sorted folder listing.
-      origin: :data:`ORIGIN_MANIFEST` or :data:`ORIGIN_DISTRACTOR`.
+      origin: :data:`ORIGIN_MANIFEST`, :data:`ORIGIN_DISTRACTOR` or :data:`ORIGIN_TFRECORD`
+        (``--input_tfrecords``: ``url`` is the TFRecord file, ``line`` 0, the image in ``data``).
+      data: the image file's bytes when the input carried them (TFRecord input); then nothing
+        is fetched. None: fetch ``url``.
+      unlabelled: the input said nothing about the label (a DELF test record without
+        ``image/class/label``): the row goes to the unlabelled split (``test``). A row with
+        ``landmark_id`` -1 and ``unlabelled`` False is a non-landmark image (a distractor).
     """
 
     image_id: str
@@ -51,11 +61,17 @@ class ManifestRow:
     landmark_id: int
     line: int
     origin: str = ORIGIN_MANIFEST
+    data: Optional[bytes] = dataclasses.field(default=None, repr=False)
+    unlabelled: bool = False
 
     @property
-    def order_key(self) -> tuple[int, int]:
-        """Input order: manifest lines first, then distractor files; "first" = smallest key."""
-        return (0 if self.origin == ORIGIN_MANIFEST else 1, self.line)
+    def order_key(self) -> tuple:
+        """Input order: manifest lines first, then distractor files, then TFRecord records (by
+        file name, then by the SHA-1 of the image bytes: Beam's reader gives no record index);
+        "first" = smallest key."""
+        rank = {ORIGIN_MANIFEST: 0, ORIGIN_DISTRACTOR: 1}.get(self.origin, 2)
+        content = hashlib.sha1(self.data).hexdigest() if self.data is not None else ""
+        return (rank, self.line, self.url, content)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -87,19 +103,19 @@ class ManifestHeader:
 def parse_header(line: str, source: str = "manifest") -> ManifestHeader:
     """Validates the header line: ``id,url,landmark_id`` (train) or ``id,url`` (test).
 
-    Column order is free and extra columns are ignored. Raises ``ValueError`` naming ``source``
+    Column order is free and extra columns are ignored. Raises ``InputError`` naming ``source``
     and the expected columns.
     """
     try:
         fields = next(csv.reader([line.lstrip("\ufeff")]))
     except (csv.Error, StopIteration) as error:
-        raise ValueError(f"{source}: unreadable header line {line!r}") from error
+        raise InputError(f"{source}: unreadable header line {line!r}") from error
     columns = tuple(field.strip().lower() for field in fields)
     expected = f"'{','.join(TRAIN_COLUMNS)}' (train) or '{','.join(TEST_COLUMNS)}' (test)"
     if "id" not in columns or "url" not in columns:
-        raise ValueError(f"{source}: header {line.strip()!r} lacks id/url columns; want {expected}")
+        raise InputError(f"{source}: header {line.strip()!r} lacks id/url columns; want {expected}")
     if len(set(columns)) != len(columns):
-        raise ValueError(f"{source}: header {line.strip()!r} repeats a column")
+        raise InputError(f"{source}: header {line.strip()!r} repeats a column")
     return ManifestHeader(columns)
 
 
@@ -172,7 +188,12 @@ def keep_first(rows: list[ManifestRow]) -> tuple[ManifestRow, list[Rejection]]:
     """
     ordered = sorted(rows, key=lambda row: row.order_key)
     kept = ordered[0]
-    where = f"line {kept.line}" if kept.origin == ORIGIN_MANIFEST else f"distractor {kept.url}"
+    if kept.origin == ORIGIN_MANIFEST:
+        where = f"line {kept.line}"
+    elif kept.origin == ORIGIN_TFRECORD:
+        where = f"a record in {kept.url}"
+    else:
+        where = f"distractor {kept.url}"
     rejections = [
         Rejection(image_id=row.image_id, url=row.url, reason="duplicate_id",
                   detail=f"id already used at {where}", line=row.line, origin=row.origin)

@@ -4,7 +4,15 @@ Usage::
 
     landmarks-ingest --manifest train.csv --output_dir runs/ingest [--distractor_dir DIR]
         [--max_side 512] [--num_shards 4] [--dev_fraction 0.1] [--label_map FILE]
-        [--split_name NAME] [--overwrite] [Beam flags, e.g. --runner=DataflowRunner ...]
+        [--split_name NAME] [--max_rejected_fraction 0.5] [--overwrite]
+        [Beam flags, e.g. --runner=DataflowRunner ...]
+    landmarks-ingest --input_tfrecords 'gldv2/train-*' --output_dir runs/ingest [...]
+
+``--input_tfrecords`` replaces the manifest by existing TFRecord shards, in the layout of DELF's
+``build_image_dataset.py`` (what most GLDv2 users have) or in this project's own: each record is
+converted (:mod:`~beam_pipelines.ingest.tfrecord_input`; ``image/class/label`` is the landmark
+id, a record without it is unlabelled and goes to split ``test``) and then takes the manifest
+rows' path below from "group by id" on, its image bytes normalised like a fetched file.
 
 Data flow (every input row ends in exactly one shard record or one ``rejected.csv`` row)::
 
@@ -20,6 +28,14 @@ Outputs in ``--output_dir``: the shards, ``label_map.csv``, ``rejected.csv``
 (``id,url,reason,detail,line``), ``stats.json``, ``config.json``, TensorFlow Datasets metadata
 (``dataset_info.json``, ``features.json``: ``tfds.builder_from_directory(output_dir)`` reads
 the shards; ``--no_tfds_metadata`` skips it), then ``_SUCCESS``.
+
+Exit codes: 0 done; 2 bad input (a flag, the manifest's header, a missing file, ...);
+**4 the job ran but did not do its work** (:data:`EXIT_INCOMPLETE`): nothing was written, or
+more than ``--max_rejected_fraction`` (default 0.5) of the input rows were rejected. Then
+``rejected.csv``, ``stats.json`` (``status: failed``, ``failure``, ``rejected_fraction``,
+``rejected_per_reason``, ``rejected_examples``) and ``config.json`` are written, but neither TFDS
+metadata nor ``_SUCCESS``: the folder is incomplete, and the one-line error names the dominant
+rejection reasons with an example each. 1: the counts do not balance (a bug), or any other bug.
 
 Runs on Beam's local FnApiRunner unless ``--runner`` is given; every read and write goes
 through Beam's FileSystems, so ``gs://`` paths and Dataflow work by flags alone (ship the code
@@ -49,18 +65,37 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import io_utils
+from beam_pipelines import cli, io_utils
 from beam_pipelines.ingest import manifest as manifest_lib
 from beam_pipelines.ingest import tfds_metadata
 from beam_pipelines.ingest.config import IngestConfig, parse_args
 from beam_pipelines.ingest.manifest import ManifestRow
-from beam_pipelines.ingest.transforms import COUNTS_FILENAME, build_pipeline
+from beam_pipelines.ingest import stats as stats_lib
+from beam_pipelines.ingest.transforms import COUNTS_FILENAME, REJECTED_FILENAME, build_pipeline
+from tfrecords_schema import InputError
 from tfrecords_schema.image_record import NON_LANDMARK
 from tfrecords_schema.label_map import LabelMap
+from trainer.cli import CommandFailure
 
 _LOGGER = logging.getLogger(__name__)
 
 STATS_FILENAME = "stats.json"
+EXIT_INCOMPLETE = 4
+"""Exit code of a run that finished but did not do its work (see the module docstring)."""
+
+
+class IngestIncomplete(CommandFailure):
+    """The job ran but did not do its work: nothing written, or too many rows rejected.
+
+    ``main`` reports the message in one line with exit code :data:`EXIT_INCOMPLETE`;
+    ``stats`` holds what was written to ``stats.json`` (``status: failed``).
+    """
+
+    exit_code = EXIT_INCOMPLETE
+
+    def __init__(self, message: str, stats: dict):
+        super().__init__(message)
+        self.stats = stats
 CONFIG_FILENAME = "config.json"
 DISTRACTOR_PREFIX = "distractor_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -74,7 +109,7 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 def read_first_line(path: str) -> str:
     """The first line of ``path`` (the manifest header), read without loading the whole file."""
     if not io_utils.exists(path):
-        raise ValueError(f"manifest not found: {path}")
+        raise InputError(f"manifest not found: {path}")
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         head = raw.read(1 << 16)
     text = head.decode("utf-8-sig", errors="replace")
@@ -102,7 +137,7 @@ def list_distractors(folder: str) -> list[ManifestRow]:
 def with_absolute_local_paths(config: IngestConfig) -> IngestConfig:
     """Local paths made absolute, so workers and ``config.json`` do not depend on the cwd."""
     changes = {}
-    for name in ("manifest", "output_dir", "distractor_dir", "label_map"):
+    for name in ("manifest", "input_tfrecords", "output_dir", "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and FileSystems.get_scheme(path) is None:
             changes[name] = os.path.abspath(path)
@@ -116,10 +151,10 @@ def _is_within(path: str, folder: str) -> bool:
 
 def check_inputs_outside_output(config: IngestConfig) -> None:
     """Refuses an output folder holding an input: ``--overwrite`` would delete it."""
-    for name in ("manifest", "distractor_dir", "label_map"):
+    for name in ("manifest", "input_tfrecords", "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and _is_within(path, config.output_dir):
-            raise ValueError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
+            raise InputError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
                              "write each run to its own folder")
 
 
@@ -157,6 +192,22 @@ def write_tfds_metadata_if_reachable(output_dir: str) -> None:
     tfds_metadata.write_tfds_metadata(output_dir)
 
 
+def remove_empty_splits(output_dir: str, shards: dict[str, int],
+                        written_per_split: dict[str, int], keep=("dev",)) -> dict[str, int]:
+    """Deletes the (empty) shards of the splits that received no record, except ``keep``;
+    returns the remaining split -> shards. For TFRecord input, whose records decide whether
+    they go to ``train`` or ``test``: a train set does not get empty ``test`` shards."""
+    remaining = {}
+    for split, num_shards in shards.items():
+        if split in keep or written_per_split.get(split, 0) > 0:
+            remaining[split] = num_shards
+            continue
+        paths = io_utils.match(io_utils.join(output_dir, f"{split}-*-of-*.tfrecord"))
+        if paths:
+            FileSystems.delete(paths)
+    return remaining
+
+
 def run(argv=None, config: IngestConfig | None = None) -> dict:
     """Runs one ingest and returns the ``stats.json`` contents.
 
@@ -166,35 +217,58 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
       config: an already built configuration.
 
     Raises:
-      ValueError: bad flags, a bad manifest header, a non-empty output folder without
-        ``--overwrite``, or an unreadable ``--label_map``.
+      InputError: bad or unknown flags, a bad manifest header, a non-empty output folder
+        without ``--overwrite``, an unreadable ``--label_map``, no file matching
+        ``--input_tfrecords`` or one that is not a TFRecord file.
+      IngestIncomplete: the job ran but wrote nothing or rejected more than
+        ``--max_rejected_fraction`` of its input (``error.stats`` is ``stats.json``).
     """
     if config is None:
         config, beam_args = parse_args(argv)
     else:
         beam_args = list(argv or [])
+        cli.check_beam_args(beam_args)
     config = with_absolute_local_paths(config)
     check_inputs_outside_output(config)
-    header = manifest_lib.parse_header(read_first_line(config.manifest), source=config.manifest)
-    if config.dev_fraction > 0 and not header.labelled:
-        raise ValueError("--dev_fraction needs a labelled manifest (id,url,landmark_id)")
+    header = None  # TFRecord input: no header, records are labelled or not one by one
+    if config.manifest:
+        header = manifest_lib.parse_header(read_first_line(config.manifest),
+                                           source=config.manifest)
+        if config.dev_fraction > 0 and not header.labelled:
+            raise InputError("--dev_fraction needs a labelled manifest (id,url,landmark_id)")
+    elif not io_utils.match(config.input_tfrecords):
+        raise InputError(f"no files match --input_tfrecords {config.input_tfrecords!r} (quote "
+                         "the glob so that the shell does not expand it)")
     given_label_map = None
     if config.label_map:
         if not io_utils.exists(config.label_map):
-            raise ValueError(f"--label_map not found: {config.label_map}")
+            raise InputError(f"--label_map not found: {config.label_map}")
         given_label_map = LabelMap.from_csv_text(io_utils.read_text(config.label_map),
                                                  source=config.label_map)
     distractors = list_distractors(config.distractor_dir) if config.distractor_dir else []
     io_utils.prepare_output_dir(config.output_dir, config.overwrite)
 
-    _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
-                 "labelled" if header.labelled else "unlabelled", len(distractors),
-                 config.output_dir)
+    if header is not None:
+        _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
+                     "labelled" if header.labelled else "unlabelled", len(distractors),
+                     config.output_dir)
+    else:
+        _LOGGER.info("ingest: TFRecords %s + %d distractor files -> %s", config.input_tfrecords,
+                     len(distractors), config.output_dir)
     start = time.monotonic()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_pipeline(pipeline, config, header, distractors, given_label_map)
-    result = pipeline.run()
-    state = result.wait_until_finish()
+    try:
+        result = pipeline.run()
+        state = result.wait_until_finish()
+    except Exception as error:  # noqa: BLE001 - only Beam's TFRecord framing error is input
+        if header is None and "Not a valid TFRecord" in str(error):
+            raise InputError(
+                f"a file matched by --input_tfrecords {config.input_tfrecords!r} is not a "
+                "TFRecord file or is truncated (Beam's reader: 'Not a valid TFRecord'); check "
+                "the glob and the files' sizes, outputs in "
+                f"{config.output_dir} are incomplete") from error
+        raise
     seconds = time.monotonic() - start
     if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
         raise RuntimeError(f"ingest pipeline ended in state {state}")
@@ -202,22 +276,41 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     counts_path = io_utils.join(config.output_dir, COUNTS_FILENAME)
     stats = json.loads(io_utils.read_text(counts_path))
     FileSystems.delete([counts_path])
+    if header is not None:
+        labelled, shards = header.labelled, config.shards_per_split(header.labelled)
+    else:
+        labelled = stats["class_histogram"]["num_classes"] > 0
+        shards = remove_empty_splits(config.output_dir, config.shards_per_split(None),
+                                     stats["written_per_split"])
+    outcome = stats_lib.assess(
+        stats, config.max_rejected_fraction, noun="rows" if header is not None else "records",
+        source="the manifest" if header is not None else "--input_tfrecords")
     stats.update({
         "seconds": round(seconds, 3),
         "images_per_second": round(stats["written"] / seconds, 3) if seconds > 0 else 0.0,
-        "shards_per_split": config.shards_per_split(header.labelled),
-        "labelled": header.labelled,
+        "shards_per_split": shards,
+        "labelled": labelled,
+        "input": "manifest" if header is not None else "tfrecords",
         "counters": beam_counters(result),
+        **outcome,
     })
     io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
-    io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME), config.to_dict())
-    if config.tfds_metadata and stats["written"] > 0:
-        write_tfds_metadata_if_reachable(config.output_dir)
-    if stats["balanced"]:
+    io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME),
+                        {**config.to_dict(), "beam_args": list(beam_args)})
+    failure = stats["failure"]
+    if failure is None:
+        if config.tfds_metadata:
+            write_tfds_metadata_if_reachable(config.output_dir)
         io_utils.write_success_marker(config.output_dir)
-    else:
+    elif failure["kind"] == stats_lib.FAILURE_UNBALANCED:
         _LOGGER.error("ingest: rows in (%d) != written (%d) + rejected (%d); no _SUCCESS marker",
                       stats["rows_in"], stats["written"], stats["rejected"])
+    else:
+        # No TFDS metadata and no _SUCCESS: nothing here may pass for a complete dataset.
+        message = (f"{failure['message']}; outputs in {config.output_dir} are incomplete (no "
+                   f"_SUCCESS): see {REJECTED_FILENAME} and {STATS_FILENAME} there")
+        _LOGGER.error("ingest: %s", message)
+        raise IngestIncomplete(message, stats)
     _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
                  stats["rows_in"], stats["written"], stats["rejected"], seconds,
                  stats["images_per_second"])
@@ -225,15 +318,23 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
 
 
 def main(argv=None) -> int:
-    """CLI entry point: prints a short summary; exit code 0 on success, 2 on bad input."""
+    """CLI entry point: prints a short summary; returns the exit code.
+
+    0 success; 1 the counts do not balance (no ``_SUCCESS``) or an internal error (a bug: its
+    traceback is logged); 2 bad input, e.g. an unknown flag (one ``landmarks-ingest: error:``
+    line, see :func:`beam_pipelines.cli.run_command`); 4 (:data:`EXIT_INCOMPLETE`) the job ran
+    but wrote nothing or rejected too much (:class:`IngestIncomplete`, one such line naming the
+    dominant reasons).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(message)s")
     # Beam logs one INFO line per postponed type hint; keep the progress lines readable.
     logging.getLogger("apache_beam.typehints").setLevel(logging.WARNING)
-    try:
-        stats = run(argv)
-    except ValueError as error:
-        print(f"landmarks-ingest: error: {error}", file=sys.stderr)
-        return 2
+    return cli.run_command("landmarks-ingest", lambda: _main(argv))
+
+
+def _main(argv) -> int:
+    """Runs the ingest and prints its summary line; the exit code of a finished run."""
+    stats = run(argv)
     per_split = ", ".join(f"{name} {count}" for name, count in stats["written_per_split"].items())
     per_reason = ", ".join(f"{name} {count}" for name, count in
                            stats["rejected_per_reason"].items()) or "none"

@@ -14,7 +14,8 @@ No renaming is needed: TFDS flattens the nested feature dict below into exactly 
 description leaves out (``schema/version``, ``image/format``, ...) are simply not decoded.
 
 TFDS reaches files through ``tf.io.gfile``: local folders and real ``gs://`` buckets work; a
-storage emulator does not (see PITFALLS), so the ingest job treats this step as optional there.
+storage emulator does not (``tf.io.gfile``'s GCS endpoint is fixed and cannot be pointed at
+one), so the ingest job treats this step as optional there.
 """
 
 from __future__ import annotations

@@ -5,8 +5,12 @@ Beam ships to workers must live in an importable module, not in ``__main__`` (``
 beam_pipelines.ingest.pipeline`` would otherwise pickle ``__main__.LabelledRow`` and a worker
 process could not find it). Each DoFn is an adapter around a pure function of
 :mod:`~beam_pipelines.ingest.manifest`, :mod:`~beam_pipelines.ingest.split`,
-:mod:`~beam_pipelines.ingest.fetch`, :mod:`~beam_pipelines.ingest.normalise` or
-:mod:`~beam_pipelines.ingest.stats`.
+:mod:`~beam_pipelines.ingest.fetch`, :mod:`~beam_pipelines.ingest.normalise`,
+:mod:`~beam_pipelines.ingest.tfrecord_input` or :mod:`~beam_pipelines.ingest.stats`.
+
+Two sources feed the same downstream steps (dedupe, label map, split, normalise, write, counts):
+manifest lines (+ distractor files), or the records of ``--input_tfrecords``, which become
+:class:`ManifestRow` s that carry their image bytes (nothing is fetched for them).
 """
 
 from __future__ import annotations
@@ -26,6 +30,7 @@ from beam_pipelines import io_utils
 from beam_pipelines.ingest import manifest as manifest_lib
 from beam_pipelines.ingest import split as split_lib
 from beam_pipelines.ingest import stats as stats_lib
+from beam_pipelines.ingest import tfrecord_input
 from beam_pipelines.ingest.config import IngestConfig
 from beam_pipelines.ingest.fetch import FetchFailed, FetchParams, fetch_bytes
 from beam_pipelines.ingest.manifest import ManifestHeader, ManifestRow, Rejection
@@ -131,14 +136,24 @@ def write_label_map(label_map: LabelMap, output_dir: str) -> int:
 
 
 class AssignLabel(beam.DoFn):
-    """Row -> :class:`LabelledRow` with the class index (main split), or ``unknown_landmark``."""
+    """Row -> :class:`LabelledRow` with the class index (main split), or ``unknown_landmark``.
 
-    def __init__(self, split: str):
+    With ``unlabelled_split`` (TFRecord input), rows without any label (``row.unlabelled``) go
+    there, and non-landmark rows too when the input holds no labelled row at all
+    (``any_labelled``, a side input): converting a test set keeps it a test set.
+    """
+
+    def __init__(self, split: str, unlabelled_split: str | None = None):
         self._split = split
+        self._unlabelled_split = unlabelled_split or split
 
-    def process(self, row: ManifestRow, label_map: LabelMap):
+    def process(self, row: ManifestRow, label_map: LabelMap, any_labelled: bool = True):
+        if row.unlabelled:
+            yield LabelledRow(row, NON_LANDMARK, self._unlabelled_split)
+            return
         if row.landmark_id == NON_LANDMARK:
-            yield LabelledRow(row, NON_LANDMARK, self._split)
+            yield LabelledRow(row, NON_LANDMARK,
+                              self._split if any_labelled else self._unlabelled_split)
             return
         try:
             label = label_map.class_index(row.landmark_id)
@@ -155,13 +170,23 @@ def key_by_class(labelled: LabelledRow):
     return labelled.label, labelled
 
 
-def assign_dev_split(keyed: tuple[int, list[LabelledRow]], fraction: float):
-    """One class's rows with ``split`` set to ``dev`` for the hash-chosen share."""
+def assign_dev_split(keyed: tuple[int, list[LabelledRow]], fraction: float,
+                     from_split: str | None = None):
+    """One class's rows with ``split`` set to ``dev`` for the hash-chosen share.
+
+    Only rows of ``from_split`` (all rows if None) are candidates; the others pass unchanged
+    (TFRecord input: unlabelled test rows never move to dev). The group is iterated twice
+    instead of being copied, so rows that carry image bytes are not all held in memory.
+    """
     _, members = keyed
-    members = list(members)
-    chosen = split_lib.dev_ids([member.row.image_id for member in members], fraction)
+
+    def candidate(member: LabelledRow) -> bool:
+        return from_split is None or member.split == from_split
+
+    chosen = split_lib.dev_ids(
+        [member.row.image_id for member in members if candidate(member)], fraction)
     for member in members:
-        split = "dev" if member.row.image_id in chosen else member.split
+        split = "dev" if candidate(member) and member.row.image_id in chosen else member.split
         yield LabelledRow(member.row, member.label, split)
 
 
@@ -201,7 +226,7 @@ class FetchAndNormalise(beam.DoFn):
         row = labelled.row
         self._progress.tick()
         try:
-            data = fetch_bytes(row.url, self._fetch_params)
+            data = row.data if row.data is not None else fetch_bytes(row.url, self._fetch_params)
             image = normalise_image(data, self._normalise_params)
         except (FetchFailed, ImageRejected) as failure:
             yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
@@ -251,7 +276,8 @@ def written_event(written: WrittenImage) -> stats_lib.Outcome:
 
 
 def rejected_event(rejection: Rejection) -> stats_lib.Outcome:
-    return stats_lib.Outcome(stats_lib.REJECTED, rejection.reason)
+    return stats_lib.Outcome(stats_lib.REJECTED, rejection.reason, image_id=rejection.image_id,
+                             detail=" ".join(rejection.detail.split())[:500])
 
 
 class CountOutcomes(beam.CombineFn):
@@ -280,6 +306,31 @@ def write_counts(summary: dict, num_classes: int, output_dir: str) -> None:
 
 
 
+class ConvertRecords(beam.DoFn):
+    """``(file, serialised record)`` -> :class:`ManifestRow` carrying the image bytes, or a
+    :class:`Rejection` (tagged); an adapter around :func:`tfrecord_input.convert_record`."""
+
+    def process(self, keyed_record):
+        path, serialized = keyed_record
+        converted = tfrecord_input.convert_record(serialized)
+        if isinstance(converted, tfrecord_input.RecordRejected):
+            yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
+                image_id=converted.image_id, url=path, reason=converted.reason,
+                detail=converted.detail, line=0, origin=manifest_lib.ORIGIN_TFRECORD))
+            return
+        Metrics.counter("ingest", f"layout_{converted.layout}").inc()
+        landmark_id = converted.landmark_id
+        yield ManifestRow(
+            image_id=converted.image_id, url=path,
+            landmark_id=NON_LANDMARK if landmark_id is None else landmark_id, line=0,
+            origin=manifest_lib.ORIGIN_TFRECORD, data=converted.image_bytes,
+            unlabelled=landmark_id is None)
+
+
+def is_labelled(row: ManifestRow) -> bool:
+    return row.landmark_id >= 0
+
+
 def manifest_folder(path: str) -> str:
     """The folder holding the manifest (relative image paths are resolved against it)."""
     folder, _ = FileSystems.split(path)
@@ -291,20 +342,44 @@ def manifest_folder(path: str) -> str:
 # ------------------------------------------------------------------------------------------
 
 
-def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: ManifestHeader,
-                   distractors: list[ManifestRow], given_label_map: LabelMap | None) -> None:
-    """Adds every ingest step to ``pipeline`` (nothing runs until ``pipeline.run()``)."""
-    out = config.output_dir
-    main_split = config.main_split(header.labelled)
-    shards = config.shards_per_split(header.labelled)
+def is_positive(count: int) -> bool:
+    return count > 0
 
-    lines = (
-        pipeline
-        | "ManifestPath" >> beam.Create([config.manifest])
-        | "ReadLines" >> beam.ParDo(ReadManifestLines())
-        | "SpreadLines" >> beam.Reshuffle()
-    )
-    parsed = lines | "Parse" >> beam.ParDo(ParseLine(header)).with_outputs(_REJECTED, main="rows")
+
+def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: ManifestHeader | None,
+                   distractors: list[ManifestRow], given_label_map: LabelMap | None) -> None:
+    """Adds every ingest step to ``pipeline`` (nothing runs until ``pipeline.run()``).
+
+    ``header``: the manifest's; None for ``--input_tfrecords`` (records are labelled or not one
+    by one: labelled ones go to the main split, unlabelled ones to ``test``).
+    """
+    out = config.output_dir
+    from_tfrecords = header is None
+    if from_tfrecords:
+        main_split, unlabelled_split = config.main_split(True), config.main_split(False)
+        shards = config.shards_per_split(None)
+        # ReadAllFromTFRecord (the glob as an element) keys each record by its file and, like
+        # ReadFromTFRecord, reads local and gs:// files through Beam's FileSystems.
+        lines = (
+            pipeline
+            | "InputPattern" >> beam.Create([config.input_tfrecords])
+            | "ReadRecords" >> beam.io.ReadAllFromTFRecord(with_filename=True)
+        )
+        parsed = lines | "ConvertRecords" >> beam.ParDo(ConvertRecords()).with_outputs(
+            _REJECTED, main="rows")
+        base_dir = ""
+    else:
+        main_split, unlabelled_split = config.main_split(header.labelled), None
+        shards = config.shards_per_split(header.labelled)
+        lines = (
+            pipeline
+            | "ManifestPath" >> beam.Create([config.manifest])
+            | "ReadLines" >> beam.ParDo(ReadManifestLines())
+            | "SpreadLines" >> beam.Reshuffle()
+        )
+        parsed = lines | "Parse" >> beam.ParDo(ParseLine(header)).with_outputs(
+            _REJECTED, main="rows")
+        base_dir = manifest_folder(config.manifest)
     distractor_rows = pipeline | "Distractors" >> beam.Create(distractors)
     all_rows = (parsed.rows, distractor_rows) | "AllRows" >> beam.Flatten()
 
@@ -327,8 +402,17 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
         )
     num_classes = label_map | "WriteLabelMap" >> beam.Map(write_label_map, out)
 
+    side_inputs = [beam.pvalue.AsSingleton(label_map)]
+    if from_tfrecords:
+        any_labelled = (
+            unique.rows
+            | "OnlyLabelled" >> beam.Filter(is_labelled)
+            | "CountLabelled" >> beam.combiners.Count.Globally()
+            | "AnyLabelled" >> beam.Map(is_positive)
+        )
+        side_inputs.append(beam.pvalue.AsSingleton(any_labelled))
     labelled = unique.rows | "AssignLabel" >> beam.ParDo(
-        AssignLabel(main_split), beam.pvalue.AsSingleton(label_map)
+        AssignLabel(main_split, unlabelled_split), *side_inputs
     ).with_outputs(_REJECTED, main="rows")
     to_fetch = labelled.rows
     if config.dev_fraction > 0:
@@ -336,14 +420,15 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
             to_fetch
             | "KeyByClass" >> beam.Map(key_by_class)
             | "GroupByClass" >> beam.GroupByKey()
-            | "DevSplit" >> beam.FlatMap(assign_dev_split, config.dev_fraction)
+            | "DevSplit" >> beam.FlatMap(assign_dev_split, config.dev_fraction,
+                                         main_split if from_tfrecords else None)
         )
 
     images = (
         to_fetch
         | "SpreadImages" >> beam.Reshuffle()
         | "FetchAndNormalise" >> beam.ParDo(FetchAndNormalise(
-            config.fetch_params(manifest_folder(config.manifest)), config.normalise_params()
+            config.fetch_params(base_dir), config.normalise_params()
         )).with_outputs(_REJECTED, main="written")
     )
     for split, num_shards in shards.items():

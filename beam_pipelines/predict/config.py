@@ -1,9 +1,10 @@
 """The frozen, validated configuration of ``landmarks-predict`` and its command line.
 
-``parse_args(argv)`` splits the command line: the job's own flags go to :class:`PredictConfig`
-(through argparse's ``parse_known_args``), everything else (``--runner``,
-``--direct_running_mode``, Dataflow flags, ...) is returned untouched for Beam's
-``PipelineOptions``. Validation raises ``ValueError`` with a one-line message; nothing here
+``parse_args(argv)`` splits the command line: the job's own flags go to :class:`PredictConfig`,
+Beam's flags (``--runner``, ``--direct_running_mode``, Dataflow flags, ...) are returned
+untouched for Beam's ``PipelineOptions``, and any other flag is refused with a suggestion
+(:func:`beam_pipelines.cli.parse_job_args`). Validation raises ``InputError`` with a one-line
+message; nothing here
 touches files or models (the launcher resolves the model's image size and class count and
 stores them with :meth:`PredictConfig.resolved`).
 
@@ -24,7 +25,9 @@ import dataclasses
 import os
 import posixpath
 from typing import Optional, Sequence
+
 from beam_pipelines import cli
+from tfrecords_schema import InputError
 
 CROP_CHOICES = (22, 12, 2, 1)
 """``--crops``: 22 = the recipe's views, 12 = the earlier variant (c=0.1), 2 = whole + mirror,
@@ -33,6 +36,7 @@ CROP_CHOICES = (22, 12, 2, 1)
 DEFAULT_REFERENCES_PER_CLASS = 32
 DEFAULT_BLEND_WEIGHT = 0.15
 DEFAULT_BATCH_IMAGES = 4
+DEFAULT_MAX_FAILED_FRACTION = 0.01
 REFERENCE_FEATURES_DIRNAME = "reference_features"
 
 
@@ -58,6 +62,9 @@ class PredictConfig:
       batch_images: images per forward pass (each contributes ``crops`` views, so a batch holds
         up to ``batch_images * crops`` views).
       overwrite: empty a non-empty output folder instead of refusing it.
+      max_failed_fraction: the run fails (exit code 4, no ``_SUCCESS``) when more than this
+        fraction of the local-feature extractions it ran failed: (test + reference extraction
+        failures) / (test + reference images given to the extractor in this run).
       image_size: model input side in pixels (resolved from the model by the launcher; 0 until
         then).
       num_classes: model output width (resolved from the model; 0 until then).
@@ -75,25 +82,29 @@ class PredictConfig:
     blend_weight: float = DEFAULT_BLEND_WEIGHT
     batch_images: int = DEFAULT_BATCH_IMAGES
     overwrite: bool = False
+    max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
     image_size: int = 0
     num_classes: int = 0
 
     def __post_init__(self):
         for name in ("model", "test_data", "reference_data", "output_dir"):
             if not getattr(self, name):
-                raise ValueError(f"--{name} is required")
+                raise InputError(f"--{name} is required")
         if self.crops not in CROP_CHOICES:
-            raise ValueError(f"--crops must be one of {CROP_CHOICES}, got {self.crops}")
+            raise InputError(f"--crops must be one of {CROP_CHOICES}, got {self.crops}")
         if self.references_per_class < 1:
-            raise ValueError(
+            raise InputError(
                 f"--references_per_class must be >= 1, got {self.references_per_class}"
             )
         if not 0.0 <= self.blend_weight <= 1.0:
-            raise ValueError(f"--blend_weight must lie in [0, 1], got {self.blend_weight}")
+            raise InputError(f"--blend_weight must lie in [0, 1], got {self.blend_weight}")
         if self.batch_images < 1:
-            raise ValueError(f"--batch_images must be >= 1, got {self.batch_images}")
+            raise InputError(f"--batch_images must be >= 1, got {self.batch_images}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise InputError(
+                f"--max_failed_fraction must lie in [0, 1], got {self.max_failed_fraction}")
         if not self.local_features:
-            raise ValueError("--local_features must name an extractor spec")
+            raise InputError("--local_features must name an extractor spec")
         if self.image_size < 0 or self.num_classes < 0:
             raise ValueError("image_size and num_classes cannot be negative")
         # Defaults that depend on other fields are filled here so the frozen object (and
@@ -107,12 +118,12 @@ class PredictConfig:
             )
         for name in ("model", "label_map", "test_data", "reference_data"):
             if _inside(getattr(self, name), self.output_dir):
-                raise ValueError(
+                raise InputError(
                     f"--{name} lies inside --output_dir: the run folder is emptied by "
                     "--overwrite, keep inputs elsewhere"
                 )
         if _inside(self.reference_features, self.output_dir):
-            raise ValueError(
+            raise InputError(
                 "--reference_features must lie outside --output_dir (an --overwrite of the "
                 "output folder would delete the reusable features)"
             )
@@ -137,7 +148,7 @@ def _parent(path: str) -> str:
     if "://" in path:
         scheme, rest = path.split("://", 1)
         if "/" not in rest:
-            raise ValueError(f"output folder {path} has no parent; pass --reference_features")
+            raise InputError(f"output folder {path} has no parent; pass --reference_features")
         return f"{scheme}://{posixpath.dirname(rest)}"
     return os.path.dirname(os.path.abspath(path))
 
@@ -161,7 +172,8 @@ def _inside(path: str, folder: str) -> bool:
 
 
 BEAM_FLAGS_EPILOG = """\
-Flags not listed above go to Beam's PipelineOptions, for example
+Flags not listed above go to Beam's PipelineOptions (a flag that no registered
+PipelineOptions class knows is refused, with the closest flag as a suggestion), for example
   local:    --runner=FnApiRunner   or   --runner=DirectRunner --direct_num_workers=2
   Dataflow: --runner=DataflowRunner --project=MY_PROJECT --region=europe-west1
             --temp_location=gs://MY_BUCKET/tmp --setup_file=./setup.py
@@ -180,7 +192,8 @@ def build_parser() -> argparse.ArgumentParser:
         prog="landmarks-predict",
         description=(
             "Crop voting with the trained classifier, then local-feature rescoring against "
-            "per-class reference images -> submission.csv. Unknown flags go to Beam."
+            "per-class reference images -> submission.csv. Beam's flags go to Beam; any other "
+            "flag is refused."
         ),
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=BEAM_FLAGS_EPILOG,
@@ -213,12 +226,16 @@ def build_parser() -> argparse.ArgumentParser:
         help="test images per forward pass (each brings --crops views)" + default)
     add("--overwrite", action="store_true",
         help="empty a non-empty --output_dir (default: off, a non-empty folder is refused)")
+    add("--max_failed_fraction", type=float, default=DEFAULT_MAX_FAILED_FRACTION,
+        help="fail the run (exit code 4, no _SUCCESS) when more than this fraction of the "
+             "local-feature extractions failed (test + reference images featurised in this "
+             "run), in [0, 1]" + default)
     return parser
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]:
     """Returns (job config, the remaining arguments for Beam's ``PipelineOptions``)."""
-    known, beam_args = build_parser().parse_known_args(argv)
+    known, beam_args = cli.parse_job_args(build_parser(), argv)
     config = PredictConfig(
         model=known.model,
         test_data=known.test_data,
@@ -232,5 +249,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]
         blend_weight=known.blend_weight,
         batch_images=known.batch_images,
         overwrite=known.overwrite,
+        max_failed_fraction=known.max_failed_fraction,
     )
     return config, beam_args

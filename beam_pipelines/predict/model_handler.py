@@ -6,8 +6,10 @@ image's ``V`` views (``[V, S, S, 3]`` uint8), not one tensor; a batch of several
 concatenated into one forward pass and split back per image, which Beam's TF handler does not
 do. The handler also owns the one rule that makes a model with custom layers load in a separate
 worker process: ``custom_objects`` keyed by the *registered* name
-(``keras.saving.get_registered_name(cls)``, e.g. ``"landmarks>GeMPooling"``); see
-``PITFALLS.md``. Wrap it in ``KeyedModelHandler`` to carry the image id through.
+(``keras.saving.get_registered_name(cls)``, e.g. ``"landmarks>GeMPooling"``); without it a
+fresh worker process fails with "Could not locate class" (README, "Troubleshooting"), while
+in-process runners hide the problem. Wrap it in ``KeyedModelHandler`` to carry the image id
+through.
 """
 
 from __future__ import annotations

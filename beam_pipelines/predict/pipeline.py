@@ -10,9 +10,12 @@ Usage::
 Steps (the launcher checks everything it can before a pipeline starts):
 
 1. Launcher: reads the label map, loads the model once (input size S, output width C must match
-   the label map), makes the extractor once (a bad spec fails here), prepares the output folder.
+   the label map), loads the extractor and tries it on a photograph (:func:`probe_extractor`:
+   a spec that does not load, raises, or returns no usable features fails here), prepares the
+   output folder.
 2. Reference features (Beam job A, only when the cache cannot be reused, see
-   :mod:`beam_pipelines.predict.reference_cache`).
+   :mod:`beam_pipelines.predict.reference_cache`). No labelled reference, or no reference with
+   features, stops the run here (exit code 4).
 3. Prediction (Beam job B)::
 
      test records -> parse/decode --unreadable--------------------------------------+
@@ -24,10 +27,27 @@ Steps (the launcher checks everything it can before a pipeline starts):
                                  -> global max (side input) -> normalise, blend
                                  -> one list -> submission.csv, scores.csv
 
-4. Launcher: ``stats.json`` (counts + seconds), then ``_SUCCESS``.
+4. Launcher: ``stats.json`` (counts + seconds), then the completeness checks
+   (:func:`completeness_problem`), then ``_SUCCESS`` only if they pass.
 
-``run(argv)`` returns a summary dict; ``main(argv)`` prints it and returns 0, or prints a one-line
-error to stderr and returns 2.
+Exit codes of ``main`` (``run(argv)`` returns the summary or raises):
+
+* 0: done, ``_SUCCESS`` written.
+* 1: an internal error, i.e. a bug (its traceback is logged, then one
+  ``landmarks-predict: internal error: ...`` line).
+* 2: bad input found before any pipeline ran (:class:`PredictError`, one line): flags, files,
+  label map, model, an extractor spec that does not work.
+* 4: the job ran but did not do its work (:class:`IncompleteRunError`, one line; ``stats.json``
+  says what happened, no ``_SUCCESS``): more than ``--max_failed_fraction`` of the local-feature
+  extractions failed, no test record was read, no test image was readable, no readable test
+  image gave local features, or no reference image was labelled or gave features.
+
+What counts in the failed fraction: extraction failures (the extractor raised or returned
+unusable output) over extraction attempts, test and reference images together, counting only
+the extractions this run made (a reused reference cache adds nothing: it was complete, so it
+had no failures). Undecodable or unparseable records are not extraction failures: they are
+counted separately in ``stats.json`` (``undecodable_test_images``, ``unreadable``, ...) and an
+unreadable test image still gets its (empty) row.
 """
 
 from __future__ import annotations
@@ -43,20 +63,36 @@ from apache_beam.io.filesystems import FileSystems
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
-from beam_pipelines import io_utils
+from beam_pipelines import cli, io_utils
 from beam_pipelines.predict import config as config_lib
 from beam_pipelines.predict import model_handler, outputs, reference_cache, transforms
 from tfrecords_schema import InputError, SchemaError
 from tfrecords_schema.label_map import LabelMap
+from trainer.cli import CommandFailure
 
 _LOG = logging.getLogger(__name__)
 
 PIPELINE_STATS_FILENAME = ".pipeline_stats.json"
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
+EXIT_INCOMPLETE = 4
+PROBE_IMAGE_SIDE = 256
 
 
 class PredictError(InputError):
     """A problem with the inputs found before any pipeline starts (one-line message)."""
+
+
+class IncompleteRunError(CommandFailure):
+    """The job ran but did not do its work (exit code 4, see the module docstring); one line.
+
+    ``stats`` holds what was written to ``stats.json`` (empty when nothing was).
+    """
+
+    exit_code = EXIT_INCOMPLETE
+
+    def __init__(self, message: str, stats: Optional[dict] = None):
+        super().__init__(message)
+        self.stats = stats or {}
 
 
 # ---- crop specs -----------------------------------------------------------------------------
@@ -107,6 +143,60 @@ def check_inputs(config: config_lib.PredictConfig) -> None:
         raise PredictError(f"no reference files match --reference_data {config.reference_data}")
 
 
+def probe_image():
+    """The photograph every extractor is tried on before any Beam work: scikit-image's bundled
+    astronaut (no download), resized to 256 x 256 px. It is full of corners and texture: a
+    working extractor finds features in it."""
+    import numpy as np
+    import skimage.data
+    from PIL import Image
+
+    image = Image.fromarray(skimage.data.astronaut()).resize(
+        (PROBE_IMAGE_SIDE, PROBE_IMAGE_SIDE), Image.BILINEAR)
+    return np.asarray(image, np.uint8)
+
+
+def probe_extractor(spec: str):
+    """Makes the extractor of ``--local_features``, loads it and tries it on :func:`probe_image`.
+
+    Returns:
+      ``(extractor, number of features found in the probe image)``.
+
+    Raises:
+      PredictError: one line naming the spec and the cause: unknown spec; ``does not load``
+        (module missing, no ``default`` signature, ...); ``fails on a test photograph`` (the
+        call raised, e.g. a signature with other inputs); ``returns no usable output`` (not
+        ``(locations [N, 2], descriptors [N, D])`` of finite numbers, or no features at all).
+    """
+    from rescoring import local_features
+
+    flag = f"--local_features {spec}"
+    try:
+        extractor = local_features.make_extractor(spec)
+    except ValueError as error:
+        raise PredictError(f"bad {flag}: {error}") from error
+    try:
+        extractor.load()
+    except Exception as error:  # noqa: BLE001 - hub.load raises OSError, KeyError, TF errors...
+        raise PredictError(f"{flag} does not load: {transforms.error_summary(error)}") from error
+    try:
+        output = extractor.extract(probe_image())
+    except Exception as error:  # noqa: BLE001 - whatever the module raises
+        raise PredictError(
+            f"{flag} fails on a test photograph: {transforms.error_summary(error)}") from error
+    try:
+        locations, descriptors = transforms.check_features(output)
+    except ValueError as error:
+        raise PredictError(f"{flag} returns no usable output: {error}") from error
+    if len(locations) == 0:
+        raise PredictError(
+            f"{flag} returns no usable output: no local features in a "
+            f"{PROBE_IMAGE_SIDE} px photograph (scikit-image's astronaut)")
+    _LOG.info("extractor %s: %d features of %d dims in the probe photograph",
+              extractor.spec, len(locations), descriptors.shape[1])
+    return extractor, len(locations)
+
+
 def make_verification_params(extractor):
     from rescoring import verification
 
@@ -139,11 +229,15 @@ def ensure_reference_features(config, beam_args, extractor_spec: str) -> dict:
         recorded = json.loads(
             io_utils.read_text(io_utils.join(directory, reference_cache.METADATA_FILENAME))
         )
+        # A reused folder was complete: no extraction failures, and none were run now.
         return {"dir": directory, "reused": True, "reason": reason, "seconds": 0.0,
-                "num_images": recorded.get("num_features_records")}
+                "num_images": recorded.get("num_features_records"),
+                "with_features": recorded.get("with_features"), "extraction_failures": 0,
+                "undecodable": 0, "complete": True}
     _LOG.info("reference features: computing into %s (%s)", directory, reason)
     start = time.monotonic()
     reference_cache.clear_for_recompute(directory)
+    reference_cache.mark_in_progress(directory, wanted)
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     _ = pipeline | "FeaturiseReferences" >> reference_cache.FeaturiseReferences(
         config.reference_data, directory, extractor_spec, config.references_per_class,
@@ -152,11 +246,69 @@ def ensure_reference_features(config, beam_args, extractor_spec: str) -> dict:
     result = pipeline.run()
     result.wait_until_finish()
     num_written = _distribution_count(result, "reference_features_per_image")
-    reference_cache.finish(directory, wanted, num_written)
+    errors = _read_json_or(io_utils.join(directory, reference_cache.ERRORS_FILENAME),
+                           {"count": 0, "causes": []})
+    failures = _counter_value(result, "reference_extraction_failed")
+    if failures is None:
+        failures = errors["count"]
+    featureless = _counter_value(result, "reference_without_features")
+    with_features = (None if num_written is None or featureless is None
+                     else num_written - featureless)
+    complete = reference_cache.finish(directory, wanted, num_written, failures, with_features)
     seconds = time.monotonic() - start
-    _LOG.info("reference features: %s images featurised in %.1f s", num_written, seconds)
+    _LOG.info("reference features: %s images featurised in %.1f s, %d extraction failures",
+              num_written, seconds, failures)
+    if not complete:
+        _LOG.warning("reference features in %s are not marked complete (%d extraction "
+                     "failures, %s with features): the next run recomputes them",
+                     directory, failures, with_features)
     return {"dir": directory, "reused": False, "reason": reason, "seconds": round(seconds, 3),
-            "num_images": num_written}
+            "num_images": num_written, "with_features": with_features,
+            "extraction_failures": int(failures),
+            "undecodable": _counter_value(result, "reference_undecodable"),
+            "unparseable": _counter_value(result, "reference_unparseable"),
+            "label_out_of_range": _counter_value(result, "reference_label_out_of_range"),
+            "errors": errors, "complete": complete}
+
+
+def reference_problem(references: dict, config) -> Optional[str]:
+    """Why the reference features leave nothing to rescore against (None if they do not)."""
+    if references.get("num_images") == 0:
+        out_of_range = references.get("label_out_of_range")
+        extra = f"; {out_of_range} had a label beyond the label map" if out_of_range else ""
+        return (f"no reference images: no record of --reference_data {config.reference_data} "
+                f"has a label in [0, {config.num_classes}){extra}")
+    if references.get("with_features") == 0:
+        cause = _dominant_cause(references.get("errors"))
+        return (f"no reference image gave local features ({references['num_images']} "
+                f"featurised with {config.local_features}, "
+                f"{references.get('extraction_failures', 0)} failed"
+                + (f"; most frequent cause: {cause}" if cause else "") + ")")
+    return None
+
+
+def _read_json_or(path: str, default):
+    if not io_utils.exists(path):
+        return default
+    return json.loads(io_utils.read_text(path))
+
+
+def _counter_value(result, name: str) -> Optional[int]:
+    """Sum of a Beam counter (committed, else attempted), 0 if it was never incremented, or
+    None if the runner has no metrics."""
+    from apache_beam.metrics.metric import MetricsFilter
+
+    try:
+        query = result.metrics().query(
+            MetricsFilter().with_namespace(transforms.NAMESPACE).with_name(name)
+        )
+    except (NotImplementedError, AttributeError, ValueError):
+        return None
+    total = 0
+    for item in query["counters"]:
+        value = item.committed if item.committed is not None else item.attempted
+        total += int(value or 0)
+    return total
 
 
 def _distribution_count(result, name: str) -> Optional[int]:
@@ -188,7 +340,7 @@ def _parse_reference(serialized: bytes, extractor_spec: str):
     return record.label, record
 
 
-def _write_outputs(rows, output_dir: str, unparseable: int) -> None:
+def _write_outputs(rows, output_dir: str, unparseable: int, test_errors=None) -> None:
     from rescoring import submission
 
     unique_rows, duplicates = outputs.one_row_per_id(rows)
@@ -198,6 +350,7 @@ def _write_outputs(rows, output_dir: str, unparseable: int) -> None:
     )
     io_utils.write_text(io_utils.join(output_dir, "scores.csv"), outputs.scores_csv(unique_rows))
     stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
+    stats["test_extraction_errors"] = test_errors or {"count": 0, "causes": []}
     io_utils.write_json(io_utils.join(output_dir, PIPELINE_STATS_FILENAME), stats)
     _LOG.info("wrote %d rows to %s", len(unique_rows), output_dir)
 
@@ -208,7 +361,8 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
     decoded = (
         pipeline
         | "ReadTest" >> beam.io.ReadFromTFRecord(config.test_data)
-        | "ParseDecodeTest" >> beam.ParDo(transforms.ParseAndDecode("test")).with_outputs(
+        | "ParseDecodeTest" >> beam.ParDo(
+            transforms.ParseAndDecode("test", config.test_data)).with_outputs(
             transforms.TAG_UNREADABLE, transforms.TAG_UNPARSEABLE, main="images"
         )
     )
@@ -222,9 +376,12 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         | "CropVotingInference" >> RunInference(handler)
         | "Vote" >> beam.Map(transforms.vote_keyed)
     )
-    test_features = images | "TestFeatures" >> beam.ParDo(
+    extracted = images | "TestFeatures" >> beam.ParDo(
         transforms.ExtractFeatures(extractor_spec, "test")
-    )
+    ).with_outputs(transforms.TAG_EXTRACTION_FAILED, main="features")
+    test_features = extracted.features
+    test_errors = extracted[transforms.TAG_EXTRACTION_FAILED] | (
+        "SummariseTestFailures" >> beam.CombineGlobally(transforms.ErrorSummaryFn()))
     queries = (
         {"votes": votes, "features": test_features}
         | "JoinVoteFeatures" >> beam.CoGroupByKey()
@@ -255,9 +412,96 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         final
         | "AllRows" >> beam.combiners.ToList()
         | "WriteOutputs" >> beam.Map(
-            _write_outputs, config.output_dir, beam.pvalue.AsSingleton(unparseable)
+            _write_outputs, config.output_dir, beam.pvalue.AsSingleton(unparseable),
+            beam.pvalue.AsSingleton(test_errors),
         )
     )
+
+
+# ---- did the run do its work? ----------------------------------------------------------------
+
+_NO_ERRORS = {"count": 0, "causes": []}
+
+
+def _dominant_cause(*summaries) -> Optional[tuple[str, int]]:
+    """``(example, images)`` of the most frequent cause over :class:`transforms.ErrorSummaryFn`
+    summaries (causes grouped by :func:`transforms.cause_key`; ties: alphabetical), or None
+    when none holds a cause."""
+    merged: dict[str, tuple[int, str]] = {}  # cause_key -> (images, example)
+    for summary in summaries:
+        for cause, times in (summary or _NO_ERRORS).get("causes", []):
+            key = transforms.cause_key(cause)
+            previous_times, previous_example = merged.get(key, (0, cause))
+            merged[key] = (previous_times + int(times), min(previous_example, cause))
+    if not merged:
+        return None
+    times, example = min(merged.values(), key=lambda item: (-item[0], item[1]))
+    return example, times
+
+
+def failure_stats(result, stats: dict, references: dict, reference_errors: dict,
+                  max_failed_fraction: float) -> dict:
+    """The failure counters of ``stats.json`` from job B's result and job A's summary.
+
+    ``failed_fraction`` = (test + reference extraction failures) / (test + reference images
+    given to the extractor), counting job A only when it ran in this run.
+    """
+    test_errors = stats.pop("test_extraction_errors", None) or dict(_NO_ERRORS)
+    test_failed = _counter_value(result, "test_extraction_failed")
+    if test_failed is None:  # a runner without metrics: the tagged output's count is exact too
+        test_failed = test_errors["count"]
+    test_attempts = _distribution_count(result, "test_features_per_image")
+    if test_attempts is None:
+        test_attempts = stats["features_per_image"]["images"]
+    reference_failed = int(references.get("extraction_failures") or 0)
+    reference_attempts = 0 if references.get("reused") else int(references.get("num_images") or 0)
+    attempts = test_attempts + reference_attempts
+    failed = test_failed + reference_failed
+    return {
+        "test_extraction_failures": int(test_failed),
+        "reference_extraction_failures": reference_failed,
+        "undecodable_test_images": _counter_value(result, "test_undecodable"),
+        "undecodable_reference_images": references.get("undecodable"),
+        "extraction_attempts": {"test": int(test_attempts), "reference": reference_attempts},
+        "failed_fraction": round(failed / attempts, 6) if attempts else 0.0,
+        "max_failed_fraction": max_failed_fraction,
+        "extraction_errors": {"test": test_errors, "reference": reference_errors},
+    }
+
+
+def completeness_problem(stats: dict, config) -> Optional[str]:
+    """One line saying why a finished job B did not do its work, or None (see the module
+    docstring, exit code 4)."""
+    if stats["test_images"] == 0:
+        return (f"no test images: the files of --test_data {config.test_data} hold no record "
+                f"with an image id ({stats['unparseable_test_records']} unparseable records)")
+    if stats["predicted"] == 0:
+        return (f"none of the {stats['test_images']} test images is readable "
+                f"({stats.get('undecodable_test_images')} undecodable, the others of another "
+                "schema or malformed; see stats.json)")
+    attempts = stats["extraction_attempts"]
+    failed = stats["test_extraction_failures"] + stats["reference_extraction_failures"]
+    if stats["failed_fraction"] > config.max_failed_fraction:
+        errors = stats["extraction_errors"]
+        dominant = _dominant_cause(errors.get("test"), errors.get("reference"))
+        cause = (f"; most frequent cause ({dominant[1]} images): {dominant[0]}"
+                 if dominant else "")
+        return (f"local-feature extraction ({config.local_features}) failed on {failed} of "
+                f"{attempts['test'] + attempts['reference']} images "
+                f"({stats['failed_fraction']:.1%} > --max_failed_fraction "
+                f"{config.max_failed_fraction:g}): test {stats['test_extraction_failures']} of "
+                f"{attempts['test']}, reference {stats['reference_extraction_failures']} of "
+                f"{attempts['reference']}{cause}")
+    features = stats["features_per_image"]
+    if (features["images"] and features.get("zero") == features["images"]
+            and stats["test_extraction_failures"] < features["images"]):
+        return (f"no readable test image gave local features ({features['images']} images, "
+                f"--local_features {config.local_features}): nothing was rescored")
+    return None
+
+
+def _write_stats(output_dir: str, stats: dict) -> None:
+    io_utils.write_json(io_utils.join(output_dir, "stats.json"), stats)
 
 
 # ---- entry points ---------------------------------------------------------------------------
@@ -267,50 +511,68 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """Runs the whole job; returns a summary (paths, counts, reference-cache decision, seconds).
 
     Raises:
-      PredictError (a ValueError): bad inputs, found before any pipeline starts.
+      PredictError (an InputError): bad inputs, found before any pipeline starts (exit code 2).
+      IncompleteRunError: the job ran but did not do its work (exit code 4); ``stats.json`` is
+        written, ``_SUCCESS`` is not.
     """
-    from rescoring import local_features
-
     start = time.monotonic()
     config, beam_args = config_lib.parse_args(argv)
     check_inputs(config)
     label_map = load_label_map(config.label_map)
     geometry = check_model(config.model, label_map)
     config = config.resolved(geometry.image_size, geometry.num_classes)
-    try:
-        extractor = local_features.make_extractor(config.local_features)
-    except ValueError as error:
-        raise PredictError(f"bad --local_features {config.local_features!r}: {error}") from error
+    extractor, probe_features = probe_extractor(config.local_features)
     extractor_spec = extractor.spec
     crop_spec = crop_spec_for(config.crops)
     verification_params = make_verification_params(extractor)
+    del extractor  # the workers load their own; the launcher's copy (a whole module) can go
     io_utils.prepare_output_dir(config.output_dir, config.overwrite)
     io_utils.write_json(
         io_utils.join(config.output_dir, "config.json"),
         {"job": "landmarks-predict", "config": config.to_json_dict(), "beam_args": list(beam_args),
-         "extractor_spec": extractor_spec, "crop_spec": repr(crop_spec),
+         "extractor_spec": extractor_spec, "probe_features": probe_features,
+         "crop_spec": repr(crop_spec),
          "verification": repr(verification_params)},
     )
     _LOG.info("predict: S=%d px, C=%d classes, %d views/image, extractor %s",
               config.image_size, config.num_classes, config.crops, extractor_spec)
 
     references = ensure_reference_features(config, beam_args, extractor_spec)
+    reference_errors = references.pop("errors", None) or dict(_NO_ERRORS)
+    problem = reference_problem(references, config)
+    if problem is not None:
+        stats = {"reference_features": references,
+                 "extraction_errors": {"reference": reference_errors},
+                 "complete": False, "problem": problem,
+                 "seconds": {"references": references["seconds"],
+                             "total": round(time.monotonic() - start, 3)}}
+        _write_stats(config.output_dir, stats)
+        raise IncompleteRunError(problem, stats)
 
     predict_start = time.monotonic()
-    with beam.Pipeline(options=pipeline_options(beam_args)) as pipeline:
-        build_prediction(pipeline, config, crop_spec, verification_params,
-                         label_map.landmark_ids, extractor_spec)
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    build_prediction(pipeline, config, crop_spec, verification_params,
+                     label_map.landmark_ids, extractor_spec)
+    result = pipeline.run()
+    result.wait_until_finish()
     predict_seconds = time.monotonic() - predict_start
 
     stats_part_path = io_utils.join(config.output_dir, PIPELINE_STATS_FILENAME)
     stats = json.loads(io_utils.read_text(stats_part_path))
     FileSystems.delete([stats_part_path])
+    stats.update(failure_stats(result, stats, references, reference_errors,
+                               config.max_failed_fraction))
     stats.update(
         reference_features=references,
         seconds={"references": references["seconds"], "prediction": round(predict_seconds, 3),
                  "total": round(time.monotonic() - start, 3)},
     )
-    io_utils.write_json(io_utils.join(config.output_dir, "stats.json"), stats)
+    problem = completeness_problem(stats, config)
+    stats.update(complete=problem is None, problem=problem)
+    _write_stats(config.output_dir, stats)
+    if problem is not None:
+        _LOG.error("predict: %s; no _SUCCESS written to %s", problem, config.output_dir)
+        raise IncompleteRunError(problem, stats)
     io_utils.write_success_marker(config.output_dir)
     _LOG.info("predict: %d test images, %d predicted, %d unreadable -> %s",
               stats["test_images"], stats["predicted"], stats["unreadable"], config.output_dir)
@@ -323,13 +585,19 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """CLI entry point: prints the summary; returns the exit code (see the module docstring).
+
+    Input errors (``InputError``: flags, unknown flags, files, label map, model) are one line
+    and exit code 2, ``CommandFailure``s one line and their own code; anything else is a bug:
+    traceback logged, exit code 1 (:func:`beam_pipelines.cli.run_command`).
+    """
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
-    try:
-        summary = run(argv)
-    except (ValueError, FileNotFoundError) as error:
-        message = str(error).splitlines()[0] if str(error) else type(error).__name__
-        print(f"landmarks-predict: error: {message}", file=sys.stderr)
-        return 2
+    return cli.run_command("landmarks-predict", lambda: _main(argv))
+
+
+def _main(argv: Optional[Sequence[str]]) -> int:
+    """Runs the job and prints its summary; the exit code of a run that got to its end."""
+    summary = run(argv)
     print(json.dumps(summary, sort_keys=True))
     return 0
 

@@ -3,12 +3,17 @@
 Folder layout (``--reference_features``)::
 
     features-00000-of-0000N.tfrecord   one tfrecords_schema.local_features record per reference
-    metadata.json                      what made them (see :func:`cache_metadata`)
-    _SUCCESS                           written last
+    metadata.json                      what made them (see :func:`cache_metadata`), written
+                                       before the job starts ("complete": false) and again after
+    extraction_errors.json             {"count", "causes"}: the extraction failures of the job
+    _SUCCESS                           written last, only if the folder is complete
 
 The folder is reused only when ``_SUCCESS`` exists and ``metadata.json`` records the same
-extractor spec, references per class K, class count and reference-data files (paths and sizes);
-otherwise it is emptied and recomputed. The launcher logs which, and ``stats.json`` says so.
+extractor spec and extractor parameters, references per class K, class count and reference-data
+files (paths and sizes); otherwise it is emptied and recomputed. The launcher logs which, and
+``stats.json`` says so. A folder is complete (``_SUCCESS``) only when no reference image failed
+extraction and at least one gave features (:func:`finish`): features made while the extractor
+failed are used by the run that made them but never reused, so the next run recomputes them.
 
 Reference sample (deterministic, so reruns and other machines pick the same images): per class,
 the K records with the smallest ``sha1(image_id)`` among records with ``0 <= label <
@@ -34,6 +39,7 @@ from tfrecords_schema import SCHEMA_VERSION
 _LOG = logging.getLogger(__name__)
 
 METADATA_FILENAME = "metadata.json"
+ERRORS_FILENAME = "extraction_errors.json"
 FEATURES_PREFIX = "features"
 FEATURES_SUFFIX = ".tfrecord"
 
@@ -55,9 +61,17 @@ def cache_metadata(
     extractor_spec: str, references_per_class: int, num_classes: int, reference_data: str
 ) -> dict:
     """The record that decides reuse (everything the cached features depend on)."""
+    import dataclasses
+
+    from rescoring import local_features
+
+    params = dataclasses.asdict(local_features.ExtractorParams())  # what ExtractFeatures uses
     return {
         "schema_version": SCHEMA_VERSION,
         "extractor": extractor_spec,
+        # Lists, not tuples: the comparison is with the JSON read back from metadata.json.
+        "extractor_params": {key: list(value) if isinstance(value, tuple) else value
+                             for key, value in params.items()},
         "references_per_class": int(references_per_class),
         "num_classes": int(num_classes),
         "reference_data": reference_data,
@@ -106,11 +120,26 @@ def clear_for_recompute(directory: str) -> None:
     io_utils.prepare_output_dir(directory, overwrite=True)
 
 
-def finish(directory: str, metadata: dict, num_written: Optional[int]) -> None:
-    """Writes ``metadata.json`` then ``_SUCCESS`` after the featurisation job finished."""
-    metadata = dict(metadata, num_features_records=num_written)
+def mark_in_progress(directory: str, metadata: dict) -> None:
+    """Writes ``metadata.json`` with ``"complete": false`` before the featurisation job starts,
+    so a folder left by a crashed job is recognised as a cache (and emptied) by the next run."""
+    io_utils.write_json(io_utils.join(directory, METADATA_FILENAME),
+                        dict(metadata, complete=False))
+
+
+def finish(directory: str, metadata: dict, num_written: Optional[int],
+           extraction_failures: int = 0, with_features: Optional[int] = None) -> bool:
+    """Writes ``metadata.json`` after the featurisation job, then ``_SUCCESS`` only if the folder
+    is complete: no extraction failure and (when known) at least one reference with features.
+    Returns whether it is complete."""
+    complete = extraction_failures == 0 and (with_features is None or with_features > 0)
+    metadata = dict(metadata, num_features_records=num_written,
+                    extraction_failures=int(extraction_failures),
+                    with_features=with_features, complete=complete)
     io_utils.write_json(io_utils.join(directory, METADATA_FILENAME), metadata)
-    io_utils.write_success_marker(directory)
+    if complete:
+        io_utils.write_success_marker(directory)
+    return complete
 
 
 # ---- the Beam part -------------------------------------------------------------------------
@@ -164,7 +193,7 @@ class DecodeRecord(beam.DoFn):
     """``ImageRecord`` -> ``DecodedImage``; an undecodable reference is counted and dropped."""
 
     def __init__(self):
-        self._bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "reference_unreadable")
+        self._bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "reference_undecodable")
 
     def process(self, record):
         try:
@@ -182,8 +211,13 @@ def _serialize(keyed_record) -> bytes:
     return serialize_features(keyed_record[1])
 
 
+def _write_errors(summary: dict, path: str) -> None:
+    io_utils.write_json(path, summary)
+
+
 class FeaturiseReferences(beam.PTransform):
-    """Reference shards -> deterministic per-class sample -> local features -> TFRecords."""
+    """Reference shards -> deterministic per-class sample -> local features -> TFRecords, and
+    the extraction failures' summary -> ``extraction_errors.json`` in the same folder."""
 
     def __init__(self, reference_data: str, output_dir: str, extractor_spec: str,
                  references_per_class: int, num_classes: int):
@@ -207,11 +241,22 @@ class FeaturiseReferences(beam.PTransform):
             | "SmallestSha1PerClass" >> beam.combiners.Top.SmallestPerKey(self._k)
             | "SelectedPairs" >> beam.FlatMap(_selected_pairs)
         )
-        return (
+        featurised = (
             records
             | "KeepSelected" >> beam.Filter(_is_selected, beam.pvalue.AsDict(selected))
             | "DecodeReferences" >> beam.ParDo(DecodeRecord())
-            | "ReferenceFeatures" >> beam.ParDo(transforms.ExtractFeatures(self._spec, "reference"))
+            | "ReferenceFeatures" >> beam.ParDo(
+                transforms.ExtractFeatures(self._spec, "reference")
+            ).with_outputs(transforms.TAG_EXTRACTION_FAILED, main="features")
+        )
+        _ = (
+            featurised[transforms.TAG_EXTRACTION_FAILED]
+            | "SummariseFailures" >> beam.CombineGlobally(transforms.ErrorSummaryFn())
+            | "WriteFailures" >> beam.Map(
+                _write_errors, io_utils.join(self._output_dir, ERRORS_FILENAME))
+        )
+        return (
+            featurised.features
             | "SerializeFeatures" >> beam.Map(_serialize)
             | "WriteFeatures" >> beam.io.WriteToTFRecord(
                 io_utils.join(self._output_dir, FEATURES_PREFIX), file_name_suffix=FEATURES_SUFFIX

@@ -10,6 +10,7 @@ from __future__ import annotations
 import hashlib
 import io
 import logging
+import re
 from typing import Optional
 
 import apache_beam as beam
@@ -40,6 +41,9 @@ NAMESPACE = "landmarks_predict"
 TAG_UNREADABLE = "unreadable"
 PROGRESS_EVERY = 500  # images per worker between progress log lines
 TAG_UNPARSEABLE = "unparseable"
+TAG_EXTRACTION_FAILED = "extraction_failed"  # ExtractFeatures: one cause string per failed image
+
+MAX_CAUSE_CHARS = 300
 
 # Decoded images are already normalised by ingestion (RGB, upright, bounded size); this bound
 # only protects a worker from a hostile record that bypassed ingestion.
@@ -61,6 +65,47 @@ def decode_rgb(jpeg_bytes: bytes) -> np.ndarray:
         raise ValueError(f"undecodable image: {error}") from error
 
 
+def error_summary(error: BaseException) -> str:
+    """``"<ErrorType>: <one line>"`` (at most :data:`MAX_CAUSE_CHARS` characters) of an error.
+
+    TensorFlow's "Graph execution error:" messages put the cause on the last line before the
+    ``[[{{node ...}}]]`` trailer (after the node and stack lines); others start with it.
+    """
+    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+    if lines and lines[0].startswith("Graph execution error"):
+        causes = [line for line in lines[1:] if not line.startswith("[[")]
+        line = causes[-1] if causes else lines[0]
+    else:
+        line = lines[0] if lines else ""
+    line = line.split(" [Op:", 1)[0]
+    text = f"{type(error).__name__}: {line}" if line else type(error).__name__
+    return text if len(text) <= MAX_CAUSE_CHARS else text[: MAX_CAUSE_CHARS - 3] + "..."
+
+
+def check_features(output) -> tuple[np.ndarray, np.ndarray]:
+    """An extractor's output as ``(locations [N, 2], descriptors [N, D])`` float32, or
+    ``ValueError`` saying why it is not usable (not a pair, wrong shapes, N differs, D = 0,
+    values not finite). ``N`` may be 0."""
+    if not isinstance(output, (tuple, list)) or len(output) != 2:
+        raise ValueError(
+            f"extractor returned {type(output).__name__}, not (locations, descriptors)")
+    try:
+        locations = np.asarray(output[0], np.float32)
+        descriptors = np.asarray(output[1], np.float32)
+    except (TypeError, ValueError) as error:
+        raise ValueError(f"extractor output is not numeric arrays: {error}") from error
+    if locations.ndim != 2 or locations.shape[1] != 2:
+        raise ValueError(f"locations must be [N, 2], got {list(locations.shape)}")
+    if descriptors.ndim != 2 or descriptors.shape[0] != locations.shape[0]:
+        raise ValueError(
+            f"descriptors must be [N={locations.shape[0]}, D], got {list(descriptors.shape)}")
+    if len(locations) and descriptors.shape[1] < 1:
+        raise ValueError("descriptors have 0 dimensions")
+    if not (np.isfinite(locations).all() and np.isfinite(descriptors).all()):
+        raise ValueError("locations or descriptors hold NaN or infinite values")
+    return locations, descriptors
+
+
 def record_id_if_any(serialized: bytes) -> Optional[str]:
     """The ``image/id`` of a record that failed full parsing, if it still holds one."""
     try:
@@ -80,18 +125,22 @@ class ParseAndDecode(beam.DoFn):
     """Serialised ``image_record`` -> ``DecodedImage``.
 
     Tagged outputs: ``unreadable`` -> ``Unreadable`` (the id is known: the image still gets a
-    row), ``unparseable`` -> a reason string (not even an id: counted and logged).
+    row), ``unparseable`` -> a reason string (not even an id: counted and logged). A record of
+    another layout (e.g. DELF's) is unreadable with a reason naming the layout and the
+    ``landmarks-ingest --input_tfrecords`` command that converts ``source`` (the input glob).
     """
 
-    def __init__(self, role: str):
+    def __init__(self, role: str, source: str = ""):
         self._role = role
+        self._source = source
         self._decoded = Metrics.counter(NAMESPACE, f"{role}_decoded")
         self._unreadable = Metrics.counter(NAMESPACE, f"{role}_unreadable")
         self._unparseable = Metrics.counter(NAMESPACE, f"{role}_unparseable")
+        self._undecodable = Metrics.counter(NAMESPACE, f"{role}_undecodable")
 
     def process(self, serialized: bytes):
         try:
-            record = image_record.parse_record(serialized)
+            record = image_record.parse_record(serialized, source=self._source)
         except SchemaError as error:
             image_id = record_id_if_any(serialized)
             if image_id is None:
@@ -106,6 +155,7 @@ class ParseAndDecode(beam.DoFn):
             image = decode_rgb(record.jpeg_bytes)
         except ValueError as error:
             self._unreadable.inc()
+            self._undecodable.inc()
             _LOG.warning("%s image %s unreadable: %s", self._role, record.image_id, error)
             yield beam.pvalue.TaggedOutput(TAG_UNREADABLE, Unreadable(record.image_id, str(error)))
             return
@@ -126,33 +176,53 @@ def vote_keyed(keyed_result):
 
 
 class ExtractFeatures(beam.DoFn):
-    """``DecodedImage`` -> ``(image_id, FeatureRecord)``; the extractor is made once per worker.
+    """``DecodedImage`` -> ``(image_id, FeatureRecord)``; the extractor is loaded once per worker.
 
-    An extractor error on one image yields a record with no features (counted), so the image
-    keeps its classifier score instead of failing the job.
+    An extractor error on one image (or unusable output, see :func:`check_features`) yields a
+    record with no features, so the image keeps its classifier score instead of failing the
+    job; it is counted (``<role>_extraction_failed``) and its cause goes to the tagged output
+    :data:`TAG_EXTRACTION_FAILED` (use ``.with_outputs(TAG_EXTRACTION_FAILED, main=...)``),
+    from which the launcher reports the failed fraction and the most frequent cause. An
+    extractor that does not load in a worker fails every image of that worker with that cause
+    (loading is not retried per image).
     """
 
     def __init__(self, spec: str, role: str):
         self._spec = spec
         self._role = role
         self._extractor = None
+        self._load_error = None
         self._features = Metrics.distribution(NAMESPACE, f"{role}_features_per_image")
         self._failed = Metrics.counter(NAMESPACE, f"{role}_extraction_failed")
+        self._featureless = Metrics.counter(NAMESPACE, f"{role}_without_features")
 
     def setup(self):
         self._count = 0
         self._extractor = local_features.make_extractor(self._spec)
+        self._load_error = None
+        try:
+            self._extractor.load()
+        except Exception as error:  # noqa: BLE001 - hub.load raises OSError, KeyError, TF errors
+            self._load_error = f"does not load in the worker: {error_summary(error)}"
+            _LOG.error("extractor %s %s", self._spec, self._load_error)
 
     def process(self, image: DecodedImage):
-        try:
-            locations, descriptors = self._extractor.extract(image.image)
-        # Any extractor failure (OpenCV's cv2.error, TF's OpError, ValueError) on one image is
-        # counted and logged; the image keeps its classifier score instead of failing the job.
-        except Exception as error:  # noqa: BLE001
+        cause = self._load_error
+        if cause is None:
+            try:
+                locations, descriptors = check_features(self._extractor.extract(image.image))
+            # Any extractor failure (OpenCV's cv2.error, TF's OpError, ValueError) on one image
+            # is counted, logged and reported; the image keeps its classifier score.
+            except Exception as error:  # noqa: BLE001
+                cause = error_summary(error)
+                _LOG.warning("features of %s %s failed: %s", self._role, image.image_id, cause)
+        if cause is not None:
             self._failed.inc()
-            _LOG.warning("features of %s %s failed: %s", self._role, image.image_id, error)
+            yield beam.pvalue.TaggedOutput(TAG_EXTRACTION_FAILED, cause)
             locations = np.zeros((0, 2), np.float32)
             descriptors = np.zeros((0, 1), np.float32)
+        if len(locations) == 0:
+            self._featureless.inc()
         self._features.update(int(len(locations)))
         self._count += 1
         if self._count % PROGRESS_EVERY == 0:
@@ -164,6 +234,56 @@ class ExtractFeatures(beam.DoFn):
             locations=locations,
             descriptors=descriptors,
         )
+
+
+_NUMBER = re.compile(r"\d+(?:\.\d+)?")
+
+
+def cause_key(cause: str) -> str:
+    """Causes that differ only in numbers (a shape, a pixel value) are one cause."""
+    return _NUMBER.sub("#", cause)
+
+
+class ErrorSummaryFn(beam.CombineFn):
+    """Failure causes -> ``{"count": n, "causes": [[example, count], ...]}``.
+
+    Causes are grouped by :func:`cause_key` (numbers masked), each group shown by one example
+    (its alphabetically first message, so the result does not depend on arrival order), most
+    frequent first (ties: alphabetical), at most :attr:`TOP` groups. At most
+    :attr:`MAX_DISTINCT` groups are tallied; failures of later new groups only count in
+    ``count``.
+    """
+
+    TOP = 5
+    MAX_DISTINCT = 100
+
+    def create_accumulator(self):
+        return 0, {}
+
+    def _add(self, groups: dict, key: str, times: int, example: str) -> None:
+        if key in groups:
+            groups[key] = (groups[key][0] + times, min(groups[key][1], example))
+        elif len(groups) < self.MAX_DISTINCT:
+            groups[key] = (times, example)
+
+    def add_input(self, accumulator, cause: str):
+        count, groups = accumulator
+        self._add(groups, cause_key(cause), 1, cause)
+        return count + 1, groups
+
+    def merge_accumulators(self, accumulators):
+        total, merged = 0, {}
+        for count, groups in accumulators:
+            total += count
+            for key, (times, example) in groups.items():
+                self._add(merged, key, times, example)
+        return total, merged
+
+    def extract_output(self, accumulator):
+        count, groups = accumulator
+        ranked = sorted(groups.values(), key=lambda item: (-item[0], item[1]))[: self.TOP]
+        return {"count": int(count),
+                "causes": [[example, int(times)] for times, example in ranked]}
 
 
 def join_vote_and_features(element):

@@ -1,0 +1,256 @@
+"""landmarks-predict never fails silently (issue 8, point 2).
+
+- An extractor spec that does not work is refused before any pipeline runs: one line, exit 2.
+- Extraction failures on some images are counted in ``stats.json``; above
+  ``--max_failed_fraction`` the run exits 4 without ``_SUCCESS``, and a reference cache with
+  failures is never marked complete, so the next run recomputes it.
+- Other silent paths (no reference with a label, no test record, ...) exit 4 the same way.
+
+The failing extractor is the DELF stand-in of ``tests/delf_standin.py`` saved with
+``fail_when_blue_below=0.28``: it raises for the coffee photograph (class 1's references and
+``test_b``), never for the astronaut probe image. The data and model are
+``test_predict.build_data``'s (built once for this module; no training).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from beam_pipelines import io_utils
+from beam_pipelines.predict import config as config_lib
+from beam_pipelines.predict import pipeline, reference_cache, transforms
+from delf_standin import save_delf_standin
+from test_predict import REFERENCES_PER_CLASS, _args, build_data
+
+BLUE_THRESHOLD = 0.28  # coffee ~0.19, chelsea ~0.32, astronaut ~0.38 (the probe), grey 0.5
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    return build_data(tmp_path_factory.mktemp("predict_failures") / "data", crops=2)
+
+
+@pytest.fixture(scope="module")
+def flaky_delf(tmp_path_factory) -> str:
+    folder = tmp_path_factory.mktemp("flaky_delf") / "module"
+    return "delf:" + save_delf_standin(folder, fail_when_blue_below=BLUE_THRESHOLD)
+
+
+def _main_error(capsys, argv, code: int) -> str:
+    assert pipeline.main(argv) == code
+    error = capsys.readouterr().err.strip()
+    assert error.startswith("landmarks-predict: error:") and "\n" not in error, error
+    return error
+
+
+# ---- the extractor is tried before any Beam work ----------------------------------------------
+
+
+def test_a_spec_that_does_not_load_exits_2_before_any_pipeline(data, tmp_path, capsys):
+    output_dir = tmp_path / "runs" / "out"
+    argv = _args(data, output_dir, "--local_features", "delf:/no/such/module",
+                 "--runner=FnApiRunner")
+    error = _main_error(capsys, argv, 2)
+    assert "--local_features delf:/no/such/module does not load: OSError:" in error
+    # Refused before the output folder or the reference cache were touched.
+    assert not output_dir.exists() and not (tmp_path / "runs" / "reference_features").exists()
+
+
+def test_the_probe_names_the_spec_and_the_cause(tmp_path):
+    always = "delf:" + save_delf_standin(tmp_path / "always", fail_when_blue_below=2.0)
+    with pytest.raises(pipeline.PredictError, match=(
+            r"fails on a test photograph: InvalidArgumentError: .*stand-in failure")):
+        pipeline.probe_extractor(always)
+
+    class OtherSignature(tf.Module):
+        @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
+        def serve(self, image):
+            return {"out": tf.reduce_mean(image)}
+
+    module = OtherSignature()
+    tf.saved_model.save(module, str(tmp_path / "other"),
+                        signatures={"serving_default": module.serve})
+    with pytest.raises(pipeline.PredictError, match=r"does not load: KeyError: 'default'"):
+        pipeline.probe_extractor(f"delf:{tmp_path / 'other'}")
+    with pytest.raises(pipeline.PredictError, match="bad --local_features surf"):
+        pipeline.probe_extractor("surf")
+    extractor, num_features = pipeline.probe_extractor("default")
+    assert extractor.spec == "orb" and num_features > 100
+
+
+def test_unusable_extractor_output_is_refused():
+    good = (np.zeros([3, 2]), np.ones([3, 40]))
+    locations, descriptors = transforms.check_features(good)
+    assert locations.dtype == descriptors.dtype == np.float32
+    assert transforms.check_features((np.zeros([0, 2]), np.zeros([0, 1])))[0].shape == (0, 2)
+    for bad, message in [
+        (None, "not \\(locations, descriptors\\)"),
+        ((np.zeros([3, 3]), np.ones([3, 40])), "locations must be"),
+        ((np.zeros([3, 2]), np.ones([4, 40])), "descriptors must be"),
+        ((np.zeros([3, 2]), np.ones([3, 0])), "0 dimensions"),
+        ((np.zeros([1, 2]), np.full([1, 4], np.nan)), "NaN"),
+    ]:
+        with pytest.raises(ValueError, match=message):
+            transforms.check_features(bad)
+
+
+def test_error_summary_is_one_line_with_the_cause():
+    graph_error = tf.errors.InvalidArgumentError(
+        None, None,
+        "Graph execution error:\n\nDetected at node Assert defined at (most recent call last):\n"
+        "<stack traces unavailable>\nassertion failed: [too blue]\n\t [[{{node Assert}}]] "
+        "[Op:__inference_signature_wrapper_default_159]")
+    assert transforms.error_summary(graph_error) == (
+        "InvalidArgumentError: assertion failed: [too blue]")
+    assert transforms.error_summary(OSError("x does not exist.\nmore")) == (
+        "OSError: x does not exist.")
+    assert transforms.error_summary(KeyError("default")) == "KeyError: 'default'"
+    assert len(transforms.error_summary(ValueError("y" * 1000))) == transforms.MAX_CAUSE_CHARS
+
+    combine = transforms.ErrorSummaryFn()
+    accumulators = []
+    for causes in (["b", "a", "b"], ["a", "c", "a"]):
+        accumulator = combine.create_accumulator()
+        for cause in causes:
+            accumulator = combine.add_input(accumulator, cause)
+        accumulators.append(accumulator)
+    summary = combine.extract_output(combine.merge_accumulators(accumulators))
+    assert summary == {"count": 6, "causes": [["a", 3], ["b", 2], ["c", 1]]}
+    # Messages that differ only in numbers (a pixel value, a shape) are one cause.
+    accumulator = combine.create_accumulator()
+    for cause in ("E: mean 0.19 < 0.28", "E: size 3x4", "E: mean 0.18 < 0.28"):
+        accumulator = combine.add_input(accumulator, cause)
+    assert combine.extract_output(accumulator)["causes"] == [
+        ["E: mean 0.18 < 0.28", 2], ["E: size 3x4", 1]]
+
+
+# ---- what counts as a run that did not do its work ---------------------------------------------
+
+
+def _stats(**changes) -> dict:
+    stats = {
+        "test_images": 10, "predicted": 9, "unparseable_test_records": 0,
+        "undecodable_test_images": 1,
+        "features_per_image": {"images": 9, "zero": 1},
+        "test_extraction_failures": 0, "reference_extraction_failures": 0,
+        "extraction_attempts": {"test": 9, "reference": 6}, "failed_fraction": 0.0,
+        "extraction_errors": {"test": {"count": 0, "causes": []},
+                              "reference": {"count": 0, "causes": []}},
+    }
+    stats.update(changes)
+    return stats
+
+
+def test_completeness_problems():
+    config = config_lib.PredictConfig(model="m/model.keras", test_data="t-*", reference_data="r",
+                                      output_dir="runs/x", max_failed_fraction=0.1)
+    assert pipeline.completeness_problem(_stats(), config) is None
+    assert "no test images" in pipeline.completeness_problem(
+        _stats(test_images=0, predicted=0, unparseable_test_records=3), config)
+    assert "none of the 10 test images is readable" in pipeline.completeness_problem(
+        _stats(predicted=0), config)
+    # At the threshold is fine, above it is not; the message gives counts and the main cause.
+    errors = {"test": {"count": 1, "causes": [["E: x", 1]]},
+              "reference": {"count": 2, "causes": [["E: y", 2]]}}
+    at_limit = _stats(test_extraction_failures=1, failed_fraction=0.1)
+    assert pipeline.completeness_problem(at_limit, config) is None
+    above = _stats(test_extraction_failures=1, reference_extraction_failures=2,
+                   failed_fraction=0.2, extraction_errors=errors)
+    assert pipeline.completeness_problem(above, config) == (
+        "local-feature extraction (default) failed on 3 of 15 images (20.0% > "
+        "--max_failed_fraction 0.1): test 1 of 9, reference 2 of 6; most frequent cause "
+        "(2 images): E: y")
+    featureless = _stats(features_per_image={"images": 9, "zero": 9})
+    assert "no readable test image gave local features" in pipeline.completeness_problem(
+        featureless, config)
+    with pytest.raises(ValueError, match="--max_failed_fraction"):
+        config_lib.PredictConfig(model="m", test_data="t", reference_data="r", output_dir="o",
+                                 max_failed_fraction=1.5)
+
+
+def test_reference_cache_is_keyed_by_extractor_and_never_completed_with_failures(tmp_path):
+    shard = tmp_path / "train-00000-of-00001.tfrecord"
+    shard.write_bytes(b"x" * 10)
+    pattern = str(tmp_path / "train-*.tfrecord")
+    directory = tmp_path / "reference_features"
+    directory.mkdir()
+    (directory / "features-00000-of-00001.tfrecord").write_bytes(b"")
+    orb = reference_cache.cache_metadata("orb", 2, 3, pattern)
+    assert reference_cache.finish(str(directory), orb, 4, extraction_failures=1,
+                                  with_features=3) is False
+    assert not io_utils.has_success_marker(str(directory))
+    assert json.loads((directory / "metadata.json").read_text())["complete"] is False
+    assert reference_cache.reuse_decision(str(directory), orb)[0] is False
+    assert reference_cache.finish(str(directory), orb, 4, with_features=0) is False  # none usable
+    assert reference_cache.finish(str(directory), orb, 4, with_features=4) is True
+    assert reference_cache.reuse_decision(str(directory), orb)[0] is True
+    reuse, reason = reference_cache.reuse_decision(
+        str(directory), reference_cache.cache_metadata("sift", 2, 3, pattern))
+    assert not reuse and "extractor" in reason
+    other_params = dict(orb, extractor_params=dict(orb["extractor_params"], max_features=10))
+    reuse, reason = reference_cache.reuse_decision(str(directory), other_params)
+    assert not reuse and "extractor_params" in reason
+
+
+# ---- whole runs --------------------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_extraction_failures_fail_the_run_and_the_cache_is_recomputed(data, flaky_delf, capsys):
+    runs = data.root / "runs"
+    first = runs / "flaky_strict"
+    error = _main_error(capsys, _args(data, first, "--local_features", flaky_delf, "--crops", "2",
+                                      "--runner=FnApiRunner"), pipeline.EXIT_INCOMPLETE)
+    # test_b (coffee) and class 1's two sampled references (coffee) fail; 4 + 4 were tried.
+    assert (f"local-feature extraction ({flaky_delf}) failed on 3 of 8 images (37.5% > "
+            "--max_failed_fraction 0.01): test 1 of 4, reference 2 of 4; most frequent cause "
+            "(3 images): InvalidArgumentError: assertion failed: [delf stand-in failure") in error
+    assert not (first / "_SUCCESS").exists()
+    stats = json.loads((first / "stats.json").read_text())
+    assert (stats["test_extraction_failures"], stats["reference_extraction_failures"]) == (1, 2)
+    assert stats["extraction_attempts"] == {"test": 4, "reference": 2 * REFERENCES_PER_CLASS}
+    assert stats["failed_fraction"] == pytest.approx(3 / 8)
+    assert (stats["undecodable_test_images"], stats["undecodable_reference_images"]) == (1, 0)
+    assert stats["extraction_errors"]["test"]["count"] == 1
+    assert stats["extraction_errors"]["reference"]["count"] == 2
+    assert "stand-in failure" in stats["extraction_errors"]["reference"]["causes"][0][0]
+    assert stats["complete"] is False and stats["problem"] in error
+    assert stats["without_features"] >= 1  # test_b kept its classifier score, as a row
+    assert (first / "scores.csv").exists()
+
+    cache = Path(json.loads((first / "config.json").read_text())["config"]["reference_features"])
+    assert not (cache / "_SUCCESS").exists()
+    metadata = json.loads((cache / "metadata.json").read_text())
+    assert (metadata["complete"], metadata["extraction_failures"]) == (False, 2)
+    assert metadata["extractor"] == flaky_delf
+    assert json.loads((cache / reference_cache.ERRORS_FILENAME).read_text())["count"] == 2
+
+    # A tolerant threshold lets the same extractor finish; the unfinished cache is recomputed.
+    second = runs / "flaky_tolerant"
+    summary = pipeline.run(_args(data, second, "--local_features", flaky_delf, "--crops", "2",
+                                 "--max_failed_fraction", "0.5", "--runner=FnApiRunner"))
+    references = summary["reference_features"]
+    assert references["reused"] is False
+    assert "no finished reference features" in references["reason"]
+    assert (references["extraction_failures"], references["complete"]) == (2, False)
+    assert (summary["test_extraction_failures"], summary["complete"]) == (1, True)
+    assert (second / "_SUCCESS").exists()
+    assert not (cache / "_SUCCESS").exists()  # still made with failures: still not reusable
+
+
+@pytest.mark.slow
+def test_no_labelled_reference_exits_4_before_prediction(data, capsys):
+    output_dir = data.root / "refless" / "run"
+    argv = _args(data, output_dir, "--crops", "1", "--runner=FnApiRunner")
+    argv[argv.index("--reference_data") + 1] = data.test_glob  # test records: all label -1
+    error = _main_error(capsys, argv, pipeline.EXIT_INCOMPLETE)
+    assert "no reference images: no record of --reference_data" in error
+    stats = json.loads((output_dir / "stats.json").read_text())
+    assert stats["complete"] is False and stats["reference_features"]["num_images"] == 0
+    assert not (output_dir / "_SUCCESS").exists() and not (output_dir / "scores.csv").exists()
+    assert not (data.root / "refless" / "reference_features" / "_SUCCESS").exists()
