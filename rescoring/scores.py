@@ -3,8 +3,10 @@
 1. :func:`aggregate`: one test image's inlier counts against its (up to 32) references ->
    ``(max, mean, mean of the best half)``, the columns of :data:`COLUMNS`.
 2. :func:`column_maxima` / :func:`normalise`: each column divided by its maximum over the
-   whole test set (a global combine in the Beam job; partial maxima merge with ``np.maximum``).
-3. :func:`blend`: ``final = (1 - w) * local_max_normalised + w * nn_confidence``, w = 0.15.
+   whole test set. The Beam job computes the maxima with a global combine of
+   :func:`maxima_of`, which merges partial maxima as well as rows.
+3. :func:`blend`: ``final = (1 - w) * local_max_normalised + w * nn_confidence``, w = 0.15;
+   :func:`final_score` is steps 2 and 3 for one image.
 """
 
 from __future__ import annotations
@@ -73,6 +75,21 @@ def column_maxima(scores: np.ndarray) -> np.ndarray:
     return scores.max(axis=0)
 
 
+def maxima_of(rows, width: int = len(COLUMNS)) -> tuple[float, ...]:
+    """Column maxima of score rows, as a tuple (zeros when there are none).
+
+    Combine-friendly: the rows may be partial maxima (earlier results of this function), so
+    ``maxima_of([maxima_of(a), maxima_of(b)]) == maxima_of(a + b)``; Beam's
+    ``CombineGlobally(maxima_of)`` applies it to any split of the test set.
+
+    Args:
+      rows: iterable of ``[K]`` score rows, ``K = width``.
+      width: K, the number of columns (that of :data:`COLUMNS` by default).
+    """
+    table = np.asarray(list(rows), np.float64).reshape(-1, width)
+    return tuple(float(value) for value in column_maxima(table))
+
+
 def normalise(scores, maxima=None) -> np.ndarray:
     """Each column divided by its test-set maximum; a zero maximum gives zeros, never NaN.
 
@@ -112,3 +129,11 @@ def blend(local_max_normalised, nn_confidence, params: BlendParams | float | Non
     nn = np.asarray(nn_confidence, np.float64)
     result = (1.0 - weight) * local + weight * nn
     return float(result) if result.ndim == 0 else result
+
+
+def final_score(local_max, local_max_top, nn_confidence,
+                params: BlendParams | float | None = None) -> float:
+    """One image's final confidence: its max inlier count normalised by the test set's largest,
+    ``local_max_top`` (:func:`normalise`: 0 when that is 0), blended with its classifier
+    confidence (:func:`blend`)."""
+    return float(blend(normalise(local_max, local_max_top), nn_confidence, params))

@@ -80,3 +80,25 @@ def test_pipeline_of_the_three_steps_orders_images():
     final = scores.blend(local_max, np.array([0.2, 0.9, 0.5]))
     np.testing.assert_allclose(final, [0.85 + 0.03, 0.135, 0.2125 + 0.075])
     assert list(np.argsort(-final)) == [0, 2, 1]
+
+
+def test_maxima_of_rows_and_of_partial_maxima():
+    rows = [(10.0, 4.0, 0.0), (5.0, 8.0, 0.0), (0.0, 2.0, 1.0)]
+    assert scores.maxima_of(rows) == (10.0, 8.0, 1.0)
+    # Partial maxima of any split merge to the maxima of all rows (what a Beam combine does).
+    assert scores.maxima_of([scores.maxima_of(rows[:1]), scores.maxima_of(rows[1:])]) == (
+        10.0, 8.0, 1.0)
+    assert scores.maxima_of(iter(rows[2:])) == (0.0, 2.0, 1.0)  # any iterable
+    assert scores.maxima_of([]) == (0.0, 0.0, 0.0)  # an empty test set
+    assert scores.maxima_of([], width=2) == (0.0, 0.0)
+    assert all(type(value) is float for value in scores.maxima_of(rows))
+
+
+def test_final_score_hand_computed():
+    # local_max 5 of a test-set top of 20 -> 0.25; (1 - 0.15) * 0.25 + 0.15 * 0.6 = 0.3025.
+    assert scores.final_score(5.0, 20.0, 0.6) == pytest.approx(0.3025)
+    # w = 0.25 with dyadic values is exact: 0.75 * 0.5 + 0.25 * 0.5 = 0.5.
+    assert scores.final_score(4.0, 8.0, 0.5, 0.25) == 0.5
+    # A test set without any inlier: the classifier part alone, never NaN.
+    assert scores.final_score(0.0, 0.0, 0.6) == pytest.approx(0.09)
+    assert type(scores.final_score(1, 2, 0.5)) is float

@@ -16,16 +16,21 @@ Steps (the launcher checks everything it can before a pipeline starts):
 2. Reference features (Beam job A, only when the cache cannot be reused, see
    :mod:`beam_pipelines.predict.reference_cache`). No labelled reference, or no reference with
    features, stops the run here (exit code 4).
-3. Prediction (Beam job B)::
+3. Prediction (Beam job B, :func:`build_prediction`; the steps are :mod:`.steps`)::
 
-     test records -> parse/decode --unreadable--------------------------------------+
-         |-> views -> RunInference(keyed, batched) -> vote --+                       |
-         |-> local features ---------------------------------+ CoGroupByKey(id)     |
-                                                             -> key by predicted class
-     reference features (by class) ----------------------------- CoGroupByKey(class)
-                                 -> inlier counts -> max/mean/best-half  -> Flatten <-+
-                                 -> global max (side input) -> normalise, blend
-                                 -> one list -> submission.csv, scores.csv
+     ReadTestImages --images--+--> CropVote ------------- (id, Vote) -----------+
+       |  |                   +--> ExtractLocalFeatures -- (id, FeatureRecord) --+
+       |  |                                  | errors                            |
+       |  |     ReadReferenceFeatures -------|------ (class, FeatureRecord) -----+
+       |  |                                  |                                   v
+       |  |                                  |                                 Verify
+       |  |                                  |                                   | ScoredImage
+       |  +--unreadable--> ScoredImage (no prediction) ---------> Flatten <------+
+       |                                     |                      |
+       |                                     |                    Blend
+       |                                     v                      | FinalRow
+       +--unparseable--------------> WriteSubmission <--------------+
+                        submission.csv, scores.csv, the counts for stats.json
 
 4. Launcher: ``stats.json`` (counts + seconds), then the completeness checks
    (:func:`completeness_problem`), then ``_SUCCESS`` only if they pass.
@@ -60,19 +65,17 @@ from typing import Optional, Sequence
 
 import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
-from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_pipelines import cli, io_utils
 from beam_pipelines.predict import config as config_lib
-from beam_pipelines.predict import model_handler, outputs, reference_cache, transforms
+from beam_pipelines.predict import model_handler, reference_cache, steps, transforms
 from tfrecords_schema import InputError, SchemaError
 from tfrecords_schema.label_map import LabelMap
 from trainer.cli import CommandFailure
 
 _LOG = logging.getLogger(__name__)
 
-PIPELINE_STATS_FILENAME = ".pipeline_stats.json"
 DEFAULT_LOCAL_RUNNER = "FnApiRunner"
 EXIT_INCOMPLETE = 4
 PROBE_IMAGE_SIDE = 256
@@ -328,93 +331,35 @@ def _distribution_count(result, name: str) -> Optional[int]:
 # ---- job B: prediction ----------------------------------------------------------------------
 
 
-def _parse_reference(serialized: bytes, extractor_spec: str):
-    from tfrecords_schema.local_features import parse_features
-
-    record = parse_features(serialized)
-    if record.extractor != extractor_spec:
-        raise SchemaError(
-            f"reference feature {record.image_id!r} was made by {record.extractor!r}, "
-            f"this run uses {extractor_spec!r}"
-        )
-    return record.label, record
-
-
-def _write_outputs(rows, output_dir: str, unparseable: int, test_errors=None) -> None:
-    from rescoring import submission
-
-    unique_rows, duplicates = outputs.one_row_per_id(rows)
-    io_utils.write_text(
-        io_utils.join(output_dir, "submission.csv"),
-        submission.format_submission(outputs.submission_rows(unique_rows)),
-    )
-    io_utils.write_text(io_utils.join(output_dir, "scores.csv"), outputs.scores_csv(unique_rows))
-    stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
-    stats["test_extraction_errors"] = test_errors or {"count": 0, "causes": []}
-    io_utils.write_json(io_utils.join(output_dir, PIPELINE_STATS_FILENAME), stats)
-    _LOG.info("wrote %d rows to %s", len(unique_rows), output_dir)
-
-
 def build_prediction(pipeline, config, crop_spec, verification_params, landmark_ids,
                      extractor_spec: str) -> None:
-    """Adds job B's steps to ``pipeline`` (see the module docstring's diagram)."""
-    decoded = (
-        pipeline
-        | "ReadTest" >> beam.io.ReadFromTFRecord(config.test_data)
-        | "ParseDecodeTest" >> beam.ParDo(
-            transforms.ParseAndDecode("test", config.test_data)).with_outputs(
-            transforms.TAG_UNREADABLE, transforms.TAG_UNPARSEABLE, main="images"
-        )
-    )
-    images = decoded.images
-    handler = KeyedModelHandler(
-        model_handler.CropViewsModelHandler(config.model, config.image_size, config.batch_images)
-    )
-    votes = (
-        images
-        | "MakeViews" >> beam.Map(transforms.make_views_keyed, config.image_size, crop_spec)
-        | "CropVotingInference" >> RunInference(handler)
-        | "Vote" >> beam.Map(transforms.vote_keyed)
-    )
-    extracted = images | "TestFeatures" >> beam.ParDo(
-        transforms.ExtractFeatures(extractor_spec, "test")
-    ).with_outputs(transforms.TAG_EXTRACTION_FAILED, main="features")
-    test_features = extracted.features
-    test_errors = extracted[transforms.TAG_EXTRACTION_FAILED] | (
-        "SummariseTestFailures" >> beam.CombineGlobally(transforms.ErrorSummaryFn()))
-    queries = (
-        {"votes": votes, "features": test_features}
-        | "JoinVoteFeatures" >> beam.CoGroupByKey()
-        | "KeyByPredictedClass" >> beam.FlatMap(transforms.join_vote_and_features)
-    )
-    references = (
-        pipeline
-        | "ReadReferenceFeatures" >> beam.io.ReadFromTFRecord(
-            reference_cache.features_pattern(config.reference_features)
-        )
-        | "ParseReferenceFeatures" >> beam.Map(_parse_reference, extractor_spec)
-    )
+    """Adds job B's steps (:mod:`.steps`) to ``pipeline``, as in the module docstring's diagram.
+
+    The recognizer, ``CropVote`` (``DecodedImage`` -> ``(image_id, Vote)``), is the step that
+    another recognizer (e.g. a kNN one: embed, then retrieve) would replace.
+    """
+    test = pipeline | "ReadTestImages" >> steps.ReadTestImages(config.test_data)
+    votes = test["images"] | "CropVote" >> steps.CropVote(
+        config.model, config.image_size, config.batch_images, crop_spec)
+    features = test["images"] | "ExtractLocalFeatures" >> steps.ExtractLocalFeatures(
+        extractor_spec, "test")
+    references = pipeline | "ReadReferenceFeatures" >> reference_cache.ReadReferenceFeatures(
+        config.reference_features, extractor_spec)
     scored = (
-        {"tests": queries, "references": references}
-        | "JoinClassReferences" >> beam.CoGroupByKey()
-        | "Verify" >> beam.ParDo(transforms.ScoreAgainstReferences(verification_params))
+        {"votes": votes, "features": features["features"], "references": references}
+        | "Verify" >> steps.Verify(verification_params)
     )
-    unreadable = decoded[transforms.TAG_UNREADABLE] | "UnreadableRows" >> beam.Map(
-        transforms.unreadable_to_scored
+    unreadable = test["unreadable"] | "UnreadableRows" >> beam.Map(
+        transforms.unreadable_to_scored)
+    rows = (
+        (scored, unreadable)
+        | "AllTestImages" >> beam.Flatten()
+        | "Blend" >> steps.Blend(config.blend_weight, landmark_ids)
     )
-    all_scored = (scored, unreadable) | "AllTestImages" >> beam.Flatten()
-    maxima = all_scored | "TestSetMaxima" >> beam.CombineGlobally(transforms.MaxScoresFn())
-    final = all_scored | "NormaliseBlend" >> beam.Map(
-        transforms.blend_row, beam.pvalue.AsSingleton(maxima), config.blend_weight, landmark_ids
-    )
-    unparseable = decoded[transforms.TAG_UNPARSEABLE] | "CountUnparseable" >> beam.combiners.Count.Globally()
     _ = (
-        final
-        | "AllRows" >> beam.combiners.ToList()
-        | "WriteOutputs" >> beam.Map(
-            _write_outputs, config.output_dir, beam.pvalue.AsSingleton(unparseable),
-            beam.pvalue.AsSingleton(test_errors),
-        )
+        {"rows": rows, "unparseable": test["unparseable"],
+         "extraction_errors": features["errors"]}
+        | "WriteSubmission" >> steps.WriteSubmission(config.output_dir)
     )
 
 
@@ -557,7 +502,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     result.wait_until_finish()
     predict_seconds = time.monotonic() - predict_start
 
-    stats_part_path = io_utils.join(config.output_dir, PIPELINE_STATS_FILENAME)
+    stats_part_path = io_utils.join(config.output_dir, steps.PIPELINE_STATS_FILENAME)
     stats = json.loads(io_utils.read_text(stats_part_path))
     FileSystems.delete([stats_part_path])
     stats.update(failure_stats(result, stats, references, reference_errors,

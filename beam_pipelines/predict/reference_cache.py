@@ -1,4 +1,6 @@
-"""The reusable reference-feature folder: when to reuse it, and the Beam job that fills it.
+"""The reusable reference-feature folder: when to reuse it, the Beam job that fills it (job A,
+:class:`FeaturiseReferences`) and the step that reads it back in job B
+(:class:`ReadReferenceFeatures`).
 
 Folder layout (``--reference_features``)::
 
@@ -32,9 +34,9 @@ import apache_beam as beam
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import io_utils
-from beam_pipelines.predict import transforms
+from beam_pipelines.predict import steps, transforms
 from beam_pipelines.predict.elements import DecodedImage
-from tfrecords_schema import SCHEMA_VERSION
+from tfrecords_schema import SCHEMA_VERSION, SchemaError
 
 _LOG = logging.getLogger(__name__)
 
@@ -180,7 +182,7 @@ class ParseRecord(beam.DoFn):
         self._bad = beam.metrics.Metrics.counter(transforms.NAMESPACE, "reference_unparseable")
 
     def process(self, serialized: bytes):
-        from tfrecords_schema import SchemaError, image_record
+        from tfrecords_schema import image_record
 
         try:
             yield image_record.parse_record(serialized)
@@ -245,20 +247,45 @@ class FeaturiseReferences(beam.PTransform):
             records
             | "KeepSelected" >> beam.Filter(_is_selected, beam.pvalue.AsDict(selected))
             | "DecodeReferences" >> beam.ParDo(DecodeRecord())
-            | "ReferenceFeatures" >> beam.ParDo(
-                transforms.ExtractFeatures(self._spec, "reference")
-            ).with_outputs(transforms.TAG_EXTRACTION_FAILED, main="features")
+            | "ReferenceFeatures" >> steps.ExtractLocalFeatures(self._spec, "reference")
         )
-        _ = (
-            featurised[transforms.TAG_EXTRACTION_FAILED]
-            | "SummariseFailures" >> beam.CombineGlobally(transforms.ErrorSummaryFn())
-            | "WriteFailures" >> beam.Map(
-                _write_errors, io_utils.join(self._output_dir, ERRORS_FILENAME))
-        )
+        _ = featurised["errors"] | "WriteFailures" >> beam.Map(
+            _write_errors, io_utils.join(self._output_dir, ERRORS_FILENAME))
         return (
-            featurised.features
+            featurised["features"]
             | "SerializeFeatures" >> beam.Map(_serialize)
             | "WriteFeatures" >> beam.io.WriteToTFRecord(
                 io_utils.join(self._output_dir, FEATURES_PREFIX), file_name_suffix=FEATURES_SUFFIX
             )
+        )
+
+
+def parse_reference(serialized: bytes, extractor_spec: str):
+    """A cached feature record -> ``(class_index, FeatureRecord)``; ``SchemaError`` (failing the
+    job) for a record another extractor made."""
+    from tfrecords_schema.local_features import parse_features
+
+    record = parse_features(serialized)
+    if record.extractor != extractor_spec:
+        raise SchemaError(
+            f"reference feature {record.image_id!r} was made by {record.extractor!r}, "
+            f"this run uses {extractor_spec!r}"
+        )
+    return record.label, record
+
+
+class ReadReferenceFeatures(beam.PTransform):
+    """The folder's feature shards (applied to the pipeline) -> ``(class_index,
+    FeatureRecord)``, all made by ``extractor_spec`` (:func:`parse_reference`)."""
+
+    def __init__(self, directory: str, extractor_spec: str):
+        super().__init__()
+        self._directory = directory
+        self._spec = extractor_spec
+
+    def expand(self, pipeline):
+        return (
+            pipeline
+            | "Read" >> beam.io.ReadFromTFRecord(features_pattern(self._directory))
+            | "Parse" >> beam.Map(parse_reference, self._spec)
         )

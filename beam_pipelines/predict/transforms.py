@@ -1,8 +1,9 @@
-"""The prediction job's steps: DoFns and composite PTransforms around ``rescoring`` functions.
+"""The prediction jobs' DoFns and element functions, around ``rescoring``'s pure functions.
 
 Each DoFn adapts one pure function (decode, make views, vote, extract, count inliers,
 aggregate, blend) to Beam: it unpacks the element, calls the function, counts the outcome with
-a Beam counter, and routes bad input to a tagged output instead of failing the job.
+a Beam counter, and routes bad input to a tagged output instead of failing the job. The named
+composite steps built from them are in :mod:`beam_pipelines.predict.steps`.
 """
 
 from __future__ import annotations
@@ -344,7 +345,8 @@ class ScoreAgainstReferences(beam.DoFn):
                         )
                     )
                 self._comparisons.inc(len(references))
-            local_max, local_mean, local_best_half = aggregate_counts(counts)
+            local_max, local_mean, local_best_half = (
+                float(value) for value in scores.aggregate(counts))
             self._outcomes[status].inc()
             yield ScoredImage(
                 image_id=query.image_id,
@@ -372,47 +374,25 @@ def unique_references(records) -> list:
     return [by_id[image_id] for image_id in sorted(by_id)]
 
 
-def aggregate_counts(counts: list[int]) -> tuple[float, float, float]:
-    """(max, mean, best-half mean) of one image's inlier counts; zeros without comparisons."""
-    return tuple(float(value) for value in scores.aggregate(np.asarray(counts, np.float64)))
-
-
 def unreadable_to_scored(unreadable: Unreadable):
     """An unreadable test image: no prediction, every score 0."""
     return ScoredImage(unreadable.image_id, STATUS_UNREADABLE, None, 0.0, 0.0, 0.0, 0.0, 0, 0)
 
 
-class MaxScoresFn(beam.CombineFn):
-    """Global maxima of the three local-score columns over the test set: ``(max, mean, half)``."""
-
-    def create_accumulator(self):
-        return (0.0, 0.0, 0.0)
-
-    def add_input(self, accumulator, scored: ScoredImage):
-        return (
-            max(accumulator[0], scored.local_max),
-            max(accumulator[1], scored.local_mean),
-            max(accumulator[2], scored.local_best_half),
-        )
-
-    def merge_accumulators(self, accumulators):
-        accumulators = list(accumulators)
-        return tuple(max(values) for values in zip(*accumulators)) if accumulators else (0.0,) * 3
-
-    def extract_output(self, accumulator):
-        return accumulator
+def local_scores(scored: ScoredImage) -> tuple[float, float, float]:
+    """The row of ``rescoring.scores.COLUMNS`` of one image (raw aggregated inlier counts)."""
+    return scored.local_max, scored.local_mean, scored.local_best_half
 
 
 def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
-    """Normalises one image's local scores by the test-set maxima, blends, maps labels back.
+    """One image's final score (:func:`rescoring.scores.final_score` with the test-set maxima of
+    :func:`local_scores`), labels mapped back to landmark ids.
 
     ``landmark_ids`` is the label map's tuple (class index -> original landmark id).
     """
     if scored.class_index is None:
         return FinalRow(scored.image_id, scored.status, None, 0.0, 0.0, 0.0, 0.0, 0.0, None,
                         scored.num_features, scored.num_references)
-    local_max_normalised = float(scores.normalise(scored.local_max, maxima[0]))
-    final = scores.blend(local_max_normalised, scored.nn_confidence, blend_weight)
     landmark_id = int(landmark_ids[scored.class_index])
     return FinalRow(
         image_id=scored.image_id,
@@ -422,7 +402,8 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
         local_max=scored.local_max,
         local_mean=scored.local_mean,
         local_best_half=scored.local_best_half,
-        final_score=float(final),
+        final_score=scores.final_score(
+            scored.local_max, maxima[0], scored.nn_confidence, blend_weight),
         label=landmark_id,
         num_features=scored.num_features,
         num_references=scored.num_references,
