@@ -13,7 +13,7 @@ venv: $(STAMP)
 $(STAMP): setup.py
 	@test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install --quiet --upgrade pip
-	$(PY) -m pip install --quiet -e '.[test]'
+	$(PY) -m pip install --quiet -e '.[test,ann,bench]'
 	@touch $(STAMP)
 
 demo: $(STAMP)
@@ -28,6 +28,8 @@ bench: $(STAMP)
 	$(PY) bench/bench_verification.py
 	$(PY) bench/bench_crop_voting.py
 	$(PY) bench/bench_train_step.py
+	$(PY) bench/bench_knn_exact.py
+	$(PY) bench/bench_knn_approximate.py
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache

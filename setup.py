@@ -14,6 +14,7 @@ INSTALL_REQUIRES = [
     "tensorflow-hub>=0.16",
     "tensorflow-datasets>=4.9.10",
     "scikit-image>=0.26",
+    "scipy>=1.11",  # ROxford/RParis .mat ground truth (scikit-image brings it too)
     "opencv-python-headless>=4.10",
     "pandas>=2.2",
     "numpy>=1.26",
@@ -28,6 +29,13 @@ TEST_REQUIRES = [
     "gcp-storage-emulator>=2024.8",
 ]
 
+# Approximate nearest-neighbour search (rescoring.ann, the retrieval job's flag); exact search
+# needs numpy only. `make test` / `make bench` install it.
+ANN_REQUIRES = ["faiss-cpu>=1.9"]
+
+# Benchmarks only: BLAS thread limits for per-core figures (bench/bench_knn_*.py).
+BENCH_REQUIRES = ["threadpoolctl>=3.5"]
+
 setuptools.setup(
     name="landmarks",
     version="0.1.0",
@@ -38,7 +46,7 @@ setuptools.setup(
     python_requires=">=3.11",
     packages=setuptools.find_packages(include=["tfrecords_schema*", "beam_pipelines*", "trainer*", "rescoring*"]),
     install_requires=INSTALL_REQUIRES,
-    extras_require={"test": TEST_REQUIRES},
+    extras_require={"test": TEST_REQUIRES, "ann": ANN_REQUIRES, "bench": BENCH_REQUIRES},
     entry_points={
         "console_scripts": [
             "landmarks-toy-data=beam_pipelines.toy_data:main",
@@ -46,6 +54,7 @@ setuptools.setup(
             "landmarks-train=trainer.train:main",
             "landmarks-predict=beam_pipelines.predict.pipeline:main",
             "landmarks-evaluate=beam_pipelines.evaluate:main",
+            "landmarks-revisited=beam_pipelines.revisited:main",
             "landmarks-demo=beam_pipelines.demo:main",
         ]
     },

@@ -13,7 +13,7 @@ import logging
 import pytest
 import tensorflow as tf
 
-from beam_pipelines import demo, evaluate, toy_data
+from beam_pipelines import demo, evaluate, revisited, toy_data
 from beam_pipelines.ingest import pipeline as ingest
 from beam_pipelines.predict import pipeline as predict
 from tfrecords_schema import InputError
@@ -114,6 +114,21 @@ def test_demo(tmp_path, capsys, caplog, monkeypatch):
     monkeypatch.setattr(demo, "run", _raise(RuntimeError("stage exploded")))
     assert demo.main(["--run_dir", str(tmp_path / "d")]) == 1
     _assert_bug_reported(capsys, caplog, "landmarks-demo", "RuntimeError", "stage exploded")
+
+
+def test_revisited(tmp_path, capsys, caplog, monkeypatch):
+    argv = ["--model_dir", str(tmp_path / "model"), "--data_root", str(tmp_path / "data"),
+            "--dataset", "roxford5k", "--output_dir", str(tmp_path / "out")]
+    assert revisited.main(argv) == 2
+    _assert_input_error(capsys, "landmarks-revisited", "no ground truth")
+    (tmp_path / "data" / "roxford5k").mkdir(parents=True)
+    (tmp_path / "data" / "roxford5k" / "gnd_roxford5k.pkl").write_bytes(b"garbage")
+    assert revisited.main(argv) == 2
+    _assert_input_error(capsys, "landmarks-revisited", "not a readable pickle")
+
+    monkeypatch.setattr(revisited, "run", _raise(IndexError("boom")))
+    assert revisited.main(argv) == 1
+    _assert_bug_reported(capsys, caplog, "landmarks-revisited", "IndexError", "boom")
 
 
 # ---------------------------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """No flag passes silently (issue 12): every command refuses unknown flags and abbreviations.
 
-For each of the six commands, through its ``main(argv)``: a misspelt own flag, a misspelt Beam
+For each of the seven commands, through its ``main(argv)``: a misspelt own flag, a misspelt Beam
 flag, a valid Beam flag (accepted by the two Beam jobs, refused by the others) and an
 abbreviation. Every check happens before any work, so no pipeline or training runs here; where
 a valid Beam flag must get through, the split of own flags from Beam flags is checked instead,
@@ -20,7 +20,7 @@ from apache_beam.options.pipeline_options import (
     WorkerOptions,
 )
 
-from beam_pipelines import cli, demo, evaluate, toy_data
+from beam_pipelines import cli, demo, evaluate, revisited, toy_data
 from beam_pipelines.ingest import config as ingest_config
 from beam_pipelines.ingest import pipeline as ingest
 from beam_pipelines.predict import config as predict_config
@@ -58,6 +58,9 @@ def _mains(tmp_path):
         "landmarks-evaluate": (evaluate.main, ["--submission", "s.csv", "--solution", "t.csv",
                                                "--output_dir", str(tmp_path / "eval")]),
         "landmarks-demo": (demo.main, ["--run_dir", str(tmp_path / "demo")]),
+        "landmarks-revisited": (revisited.main, ["--model_dir", str(tmp_path / "model"),
+                                                 "--data_root", "data", "--dataset", "roxford5k",
+                                                 "--output_dir", str(tmp_path / "revisited")]),
     }
 
 
@@ -85,6 +88,7 @@ MISSPELT_OWN = {
     "landmarks-predict": (["--blend_weigth", "0.9"], "--blend_weight"),
     "landmarks-evaluate": (["--scroes", "x.csv"], "--scores"),
     "landmarks-demo": (["--num_clases", "2"], "--num_classes"),
+    "landmarks-revisited": (["--batch_sise", "8"], "--batch_size"),
 }
 ABBREVIATED = {
     "landmarks-toy-data": (["--num_class", "2"], "--num_classes"),
@@ -93,6 +97,7 @@ ABBREVIATED = {
     "landmarks-predict": (["--crop", "1"], "--crops"),
     "landmarks-evaluate": (["--score", "x.csv"], "--scores"),
     "landmarks-demo": (["--crop", "1"], "--crops"),
+    "landmarks-revisited": (["--batch", "8"], "--batch_size"),
 }
 BEAM_JOBS = ("landmarks-ingest", "landmarks-predict")
 
@@ -231,6 +236,7 @@ def test_ingest_run_with_a_config_checks_its_beam_flags(tmp_path):
 @pytest.mark.parametrize("build", [
     toy_data.build_parser, ingest_config.build_arg_parser, train_config.build_parser,
     predict_config.build_parser, evaluate.build_parser, demo.build_parser,
+    revisited.build_parser,
 ])
 def test_every_parser_refuses_abbreviations(build):
     assert build().allow_abbrev is False

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from beam_pipelines import demo, evaluate, toy_data
+from beam_pipelines import demo, evaluate, revisited, toy_data
 from beam_pipelines.ingest import config as ingest_config
 from beam_pipelines.predict import config as predict_config
 from trainer import config as train_config
@@ -31,6 +31,7 @@ PARSER_BUILDERS = {
     "landmarks-predict": predict_config.build_parser,
     "landmarks-evaluate": evaluate.build_parser,
     "landmarks-demo": demo.build_parser,
+    "landmarks-revisited": revisited.build_parser,
 }
 # A help text ends by saying what happens when the flag is not given.
 DEFAULT_STATEMENT = re.compile(r"\((default: .+|full: .+; quick: .+|required)\)$")

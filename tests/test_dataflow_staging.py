@@ -43,7 +43,8 @@ REQUIRED_FILES = (
 # Top-level files an sdist may legitimately carry besides the packages.
 METADATA_FILES = {"PKG-INFO", "README.md", "setup.py", "setup.cfg", "MANIFEST.in", "LICENSE"}
 CONSOLE_SCRIPTS = ("landmarks-toy-data", "landmarks-ingest", "landmarks-train",
-                   "landmarks-predict", "landmarks-evaluate", "landmarks-demo")
+                   "landmarks-predict", "landmarks-evaluate", "landmarks-demo",
+                   "landmarks-revisited")
 
 
 def _root_status() -> set[str]:

@@ -160,6 +160,13 @@ def _code_defaults() -> dict[str, list]:
         "references per class K": [predict.references_per_class,
                                    predict_config.DEFAULT_REFERENCES_PER_CLASS],
         "blend weight w of the classifier": [scores.BlendParams().nn_weight, predict.blend_weight],
+        "ArcFace heads: embedding width D": [train.model.embedding_dim],
+        "ArcFace heads: scale s": [train.model.arcface_scale],
+        "arcface head: margin m, radians": [train.model.arcface_margin],
+        "subcenter_arcface head: sub-centers K per class": [train.model.subcenters],
+        "subcenter_arcface head: margin of the largest class": [train.model.margin_min],
+        "subcenter_arcface head: margin of the smallest class": [train.model.margin_max],
+        "subcenter_arcface head: margin exponent lambda": [train.model.margin_power],
     }
     for name, phase in phases.items():
         values[f"{name} phase: epochs"] = [phase.epochs]

@@ -27,6 +27,7 @@ from tfrecords_schema import label_map as label_map_lib
 from trainer import callbacks as callbacks_lib
 from trainer import config as config_lib
 from trainer import distribute
+from trainer import heads
 from trainer import model as model_lib
 from trainer import train as train_lib
 
@@ -67,12 +68,14 @@ def jpeg_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
-def write_dataset(folder, split: str, per_class: int, non_landmarks: int, seed: int,
+def write_dataset(folder, split: str, per_class, non_landmarks: int, seed: int,
                   num_shards: int = 2, schema_version: int = SCHEMA_VERSION,
                   label_offset: int = 0) -> str:
-    """Writes ``{folder}/{split}-*.tfrecord``; returns the glob."""
+    """Writes ``{folder}/{split}-*.tfrecord``; returns the glob. ``per_class``: images of
+    every class, or a sequence of ``NUM_CLASSES`` counts."""
     rng = np.random.default_rng(seed)
-    labels = [label for label in range(NUM_CLASSES) for _ in range(per_class)]
+    counts = [per_class] * NUM_CLASSES if np.isscalar(per_class) else list(per_class)
+    labels = [label for label in range(NUM_CLASSES) for _ in range(counts[label])]
     labels += [-1] * non_landmarks
     rng.shuffle(labels)
     records = []
@@ -174,18 +177,34 @@ def test_phase_epoch_ranges_are_continuous_and_skip_empty_phases():
 # Distribution: one step on 2 replicas == one step on 1 device.
 
 
-def _one_step(strategy, initial_weights, images, labels, global_batch, config):
+def _mirrored(devices):
+    """A fresh MirroredStrategy with its own collective keys (see test_losses.two_cpu_strategy:
+    strategies of one process otherwise share keys, and a key first used by another kind of
+    collective, e.g. a gather of the rank loss before the ArcFace BatchNorm's all-reduce,
+    fails with "Collective instance ... expected type ...")."""
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    strategy = tf.distribute.MirroredStrategy(devices)
+    tf.distribute.MirroredStrategy._collective_key_base += 100000
+    return strategy
+
+
+def _one_step(strategy, initial_weights, images, labels, global_batch, config,
+              class_counts=None):
+    """One training step of the finetune phase with ``config``'s head; the updated weights
+    (of the classifier, head included) and the logged loss."""
     with strategy.scope():
         model = model_lib.build_model(NUM_CLASSES, image_size=images.shape[1],
-                                      backbone_weights="none", dropout=0.0)
+                                      backbone_weights="none", dropout=0.0,
+                                      head=heads.make_head(config.model))
     model.set_weights(initial_weights)
-    train_lib.compile_for_phase(model, config.phases[1], config, strategy)
+    training = train_lib.compile_for_phase(model, config.phases[1], config, strategy,
+                                           class_counts=class_counts)
 
     def per_replica(batch_size, input_context):
         return tf.data.Dataset.from_tensor_slices((images, labels)).batch(batch_size)
 
     dataset = distribute.distribute_dataset(strategy, global_batch, per_replica)
-    history = model.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
+    history = training.fit(dataset, epochs=1, steps_per_epoch=1, verbose=0, shuffle=False)
     return model.get_weights(), history.history["loss"][0]
 
 
@@ -244,8 +263,8 @@ def test_one_step_on_two_replicas_equals_one_step_on_one_device():
     top = reference(images, training=False).numpy().max(axis=1)
     assert np.min(np.diff(np.sort(top))) > 1e-3, "top-1 confidences must not tie"
 
-    one = tf.distribute.MirroredStrategy(["/cpu:0"])
-    two = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    one = _mirrored(["/cpu:0"])
+    two = _mirrored(["/cpu:0", "/cpu:1"])
     assert two.num_replicas_in_sync == 2
     weights_one, loss_one = _one_step(one, initial, images, labels, global_batch, config)
     weights_two, loss_two = _one_step(two, initial, images, labels, global_batch, config)
@@ -256,6 +275,73 @@ def test_one_step_on_two_replicas_equals_one_step_on_one_device():
 
     changed = [not np.allclose(a, b) for a, b in zip(initial, weights_one)]
     assert sum(changed) > 10, "the step should update backbone and head weights"
+    loss_spread = max(abs(loss - loss_one) for _, loss in reordered)
+    assert abs(loss_two - loss_one) <= 2 * loss_spread + 2 * np.spacing(np.float32(loss_one))
+    for index, (a, b) in enumerate(zip(weights_one, weights_two)):
+        spread = max(float(np.max(np.abs(weights[index] - a))) for weights, _ in reordered)
+        floor = 2 * float(np.max(np.spacing(np.abs(a).astype(np.float32))))  # last bits of w
+        difference = float(np.max(np.abs(b - a)))
+        assert difference <= 2 * spread + floor, (index, a.shape, difference, spread)
+
+
+def _spread_out_projection(model, images, rng):
+    """The ArcFace heads' counterpart of :func:`_spread_out_head`: backbone (and head)
+    BatchNorm calibrated on the batch, then a projection that standardises the features that
+    vary between images, so the head's (synchronized, training-mode) BatchNorm sees inputs of
+    order 1 and its statistics E[x^2] - E[x]^2 do not cancel digits. The class centres keep
+    their random initialisation (cosines of order 0.05, softmax(30 cos) far from saturated)."""
+    train_lib.calibrate_batchnorm(model, tf.constant(images))
+    model.get_layer("gem").p.assign(1.0)
+    features = model_lib.embedding_model(model)(images, training=False).numpy()  # [B, 2048]
+    mean, spread = features.mean(axis=0), features.std(axis=0)
+    varying = spread > 1e-3 * np.abs(features).max()
+    assert varying.sum() > 100, "calibrated features should differ between images"
+    projection = model.get_layer("projection")
+    width = projection.kernel.shape[1]
+    kernel = np.zeros((features.shape[1], width), np.float32)
+    kernel[varying] = (rng.normal(0, 1, (int(varying.sum()), width))
+                       / spread[varying, None] / np.sqrt(varying.sum()))
+    projection.set_weights([kernel, -mean @ kernel])
+    train_lib.calibrate_batchnorm(model, tf.constant(images))  # the head's BN on the new inputs
+    return model.get_weights()
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("head", ["arcface", "subcenter_arcface"])
+def test_one_step_on_two_replicas_equals_one_step_on_one_device_for_arcface_heads(head):
+    """As the sigmoid test above, for the ArcFace heads: the loss divides by the landmark
+    images of the GLOBAL batch (here 6 of 8, split 3 + 3 over the replicas), and the head's
+    BatchNorm, in training mode, normalises with the global batch's statistics (synchronized),
+    so every weight (backbone from layer 115, GeM p, projection, BatchNorm and its moving
+    statistics, class centres) gets the one-device update. Tolerance measured the same way,
+    from reorderings of the batch on one device."""
+    config = config_lib.config_from_args(
+        ["--train_data", "a", "--label_map", "b", "--model_dir", "c", "--preset", "quick",
+         "--image_size", "71", "--dropout", "0", "--finetune_learning_rate", "1e-3",
+         "--finetune_trainable_from", "115", "--head", head, "--embedding_dim", "64"])
+    class_counts = [40, 9, 3, 1]  # dynamic margins 0.05 .. 0.5 for subcenter_arcface
+    rng = np.random.default_rng(0)
+    global_batch = 8
+    images = rng.uniform(-1, 1, (global_batch, 71, 71, 3)).astype(np.float32)
+    labels = np.array([0, 1, -1, 2, 3, 0, -1, 1], np.int64)
+    keras.utils.set_random_seed(0)
+    reference = model_lib.build_model(NUM_CLASSES, image_size=71, backbone_weights="none",
+                                      dropout=0.0, head=heads.make_head(config.model))
+    initial = _spread_out_projection(reference, images, rng)
+
+    one = _mirrored(["/cpu:0"])
+    two = _mirrored(["/cpu:0", "/cpu:1"])
+    step = (images, labels, global_batch, config, class_counts)
+    weights_one, loss_one = _one_step(one, initial, *step)
+    weights_two, loss_two = _one_step(two, initial, *step)
+    reordered = []
+    for order in (np.arange(global_batch)[::-1], rng.permutation(global_batch)):
+        reordered.append(_one_step(one, initial, images[order], labels[order], global_batch,
+                                   config, class_counts))
+
+    changed = [not np.allclose(a, b) for a, b in zip(initial, weights_one)]
+    assert sum(changed) > 10, "the step should update backbone and head weights"
+    assert np.isfinite(loss_one) and loss_one > 0
     loss_spread = max(abs(loss - loss_one) for _, loss in reordered)
     assert abs(loss_two - loss_one) <= 2 * loss_spread + 2 * np.spacing(np.float32(loss_one))
     for index, (a, b) in enumerate(zip(weights_one, weights_two)):
@@ -351,10 +437,11 @@ def trained_model_dir(dataset_dir, tmp_path_factory):
 @pytest.mark.slow
 def test_quick_preset_learns_and_writes_the_model_dir(trained_model_dir):
     names = set(os.listdir(trained_model_dir))
-    assert {"model.keras", "config.json", "label_map.csv", "history.csv", "summary.json",
-            "checkpoints", "logs", "_SUCCESS"} <= names
-    assert "backup" not in names  # removed after success
+    assert {"model.keras", "embedding.keras", "config.json", "label_map.csv", "history.csv",
+            "summary.json", "checkpoints", "logs", "_SUCCESS"} <= names
+    assert "backup" not in names and "class_counts.json" not in names  # sigmoid: no counts
     summary = json.load(open(os.path.join(trained_model_dir, "summary.json")))
+    assert (summary["head"], summary["embedding_dim"]) == ("sigmoid", 2048)
     history = read_history(trained_model_dir)
     config = json.load(open(os.path.join(trained_model_dir, "config.json")))
     total = sum(phase["epochs"] for phase in config["phases"])
@@ -370,11 +457,32 @@ def test_quick_preset_learns_and_writes_the_model_dir(trained_model_dir):
 
 _PREDICT_IN_FRESH_PROCESS = """
 import sys, numpy as np, keras
-import trainer.layers  # registers landmarks>GeMPooling, as a Beam worker would
-model = keras.saving.load_model(sys.argv[1])
-images = np.load(sys.argv[2])
-np.save(sys.argv[3], model.predict(images, verbose=0))
+import trainer.layers  # registers the project's layers (landmarks>...), as a Beam worker would
+images = np.load(sys.argv[1])
+for index, path in enumerate(sys.argv[2:]):
+    model = keras.saving.load_model(path)
+    np.save(f"{sys.argv[1]}.{index}.npy", model.predict(images, verbose=0))
 """
+
+
+def predict_in_fresh_process(model_paths, images, tmp_path):
+    """The ``.keras`` files ``model_paths`` loaded in one new Python process (only
+    ``trainer.layers`` imported, as a Beam worker does) and run on ``images``; their outputs."""
+    inputs = tmp_path / "fresh_process_images.npy"
+    np.save(inputs, images)
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    result = subprocess.run(
+        [sys.executable, "-c", _PREDICT_IN_FRESH_PROCESS, str(inputs), *map(str, model_paths)],
+        capture_output=True, text=True, timeout=300, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return [np.load(f"{inputs}.{index}.npy") for index in range(len(model_paths))]
+
+
+def probe_images(size: int) -> np.ndarray:
+    """One image of each class and a non-landmark, in [-1, 1]."""
+    rng = np.random.default_rng(5)
+    pixels = np.stack([synthetic_pixels(label, rng, size) for label in (0, 1, 2, 3, -1)])
+    return pixels.astype(np.float32) / 127.5 - 1.0
 
 
 @pytest.mark.slow
@@ -382,17 +490,10 @@ def test_saved_model_loads_in_a_fresh_process_with_the_same_predictions(trained_
                                                                        tmp_path):
     config = json.load(open(os.path.join(trained_model_dir, "config.json")))
     size = config["data"]["image_size"]
-    rng = np.random.default_rng(5)
-    pixels = np.stack([synthetic_pixels(label, rng, size) for label in (0, 1, 2, 3, -1)])
-    images = (pixels.astype(np.float32) / 127.5 - 1.0)
-    np.save(tmp_path / "images.npy", images)
-    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
-    result = subprocess.run(
-        [sys.executable, "-c", _PREDICT_IN_FRESH_PROCESS,
-         os.path.join(trained_model_dir, "model.keras"), str(tmp_path / "images.npy"),
-         str(tmp_path / "out.npy")], capture_output=True, text=True, timeout=300, env=env)
-    assert result.returncode == 0, result.stderr[-3000:]
-    loaded = np.load(tmp_path / "out.npy")
+    images = probe_images(size)
+    loaded, embeddings = predict_in_fresh_process(
+        [os.path.join(trained_model_dir, name) for name in ("model.keras", "embedding.keras")],
+        images, tmp_path)
     # Independent path: the architecture rebuilt here + the exported (best) checkpoint.
     rebuilt = model_lib.build_model(NUM_CLASSES, image_size=size, backbone_weights="none")
     keras.saving.load_weights(rebuilt, os.path.join(trained_model_dir, "checkpoints",
@@ -404,6 +505,14 @@ def test_saved_model_loads_in_a_fresh_process_with_the_same_predictions(trained_
     checkpoint_mb = os.path.getsize(os.path.join(trained_model_dir, "checkpoints",
                                                  "last.weights.h5")) / 2**20
     assert size_mb < checkpoint_mb * 1.2  # no optimizer state inside
+
+    # embedding.keras: the L2-normalised GeM output of model.keras, rows of unit norm.
+    assert embeddings.shape == (5, 2048) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    classifier = keras.saving.load_model(os.path.join(trained_model_dir, "model.keras"))
+    gem = model_lib.embedding_model(classifier).predict(images, verbose=0).astype(np.float64)
+    np.testing.assert_allclose(embeddings, gem / np.linalg.norm(gem, axis=1, keepdims=True),
+                               rtol=1e-4, atol=1e-6)
 
 
 def _backup_epoch(metadata) -> int:
@@ -447,6 +556,72 @@ def test_kill_and_rerun_resumes_from_the_backup(dataset_dir, tmp_path):
     assert len(trained) == 4 - killed_after  # only the epochs not backed up are trained again
     assert [int(row["epoch"]) for row in read_history(model_dir)] == [1, 2, 3, 4, 5]
     assert (model_dir / "_SUCCESS").exists() and (model_dir / "model.keras").exists()
+
+
+def _run_killed_after_first_epoch(args, model_dir) -> int:
+    """Starts ``landmarks-train args``, SIGKILLs it once the head phase's backup records an
+    epoch; returns the epochs that backup holds."""
+    env = dict(os.environ, TF_CPP_MIN_LOG_LEVEL="2", PYTHONPATH=REPO)
+    metadata = model_dir / "backup" / "0-head" / "training_metadata.json"
+    process = subprocess.Popen([sys.executable, "-m", "trainer.train", *args], cwd=REPO, env=env,
+                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        deadline = time.monotonic() + 400
+        while time.monotonic() < deadline and process.poll() is None:
+            if _backup_epoch(metadata) >= 1:
+                break
+            time.sleep(0.2)
+        assert process.poll() is None, "the first run ended before it could be killed"
+        process.send_signal(signal.SIGKILL)
+        process.wait(timeout=60)
+    finally:
+        if process.poll() is None:
+            process.kill()
+    return json.loads(metadata.read_text())["epoch"]
+
+
+@pytest.mark.slow
+def test_subcenter_arcface_head_trains_resumes_and_exports(dataset_dir, tmp_path):
+    """The whole CLI with ``--head subcenter_arcface`` on imbalanced classes (20, 10, 5, 2
+    images and 6 non-landmarks): killed after its first epoch and re-run, it resumes from the
+    backup; the dynamic margins built from the class counts are stored; model.keras gives
+    class probabilities (rows sum to 1) and embedding.keras unit-norm 64-d embeddings, the
+    classifier's own, both loading in a fresh process."""
+    train = write_dataset(str(tmp_path), "train", per_class=(20, 10, 5, 2), non_landmarks=6,
+                          seed=7)
+    model_dir = tmp_path / "model"
+    args = cli_args(dataset_dir, model_dir, "--head", "subcenter_arcface", "--embedding_dim",
+                    "64", "--image_size", "71", "--steps_per_epoch", "3", "--head_epochs", "3",
+                    "--finetune_epochs", "1", "--max_dev_images", "16")
+    args[1] = train
+    killed_after = _run_killed_after_first_epoch(args, model_dir)
+    assert 1 <= killed_after < 3 and not (model_dir / "_SUCCESS").exists()
+
+    result = run_cli(args)
+    assert result.returncode == 0, result.stderr[-4000:]
+    assert f"phase head: resuming after epoch {killed_after}" in result.stderr
+    assert [int(row["epoch"]) for row in read_history(model_dir)] == [0, 1, 2, 3, 4]
+
+    counts = json.loads((model_dir / "class_counts.json").read_text())
+    assert counts["images_per_class"] == [20, 10, 5, 2] and counts["non_landmark_images"] == 6
+    np.testing.assert_allclose(counts["margins"], heads.dynamic_margins([20, 10, 5, 2]),
+                               atol=1e-6)
+    assert counts["margins"][0] == pytest.approx(0.05) and counts["margins"][3] == 0.5
+    summary = json.loads((model_dir / "summary.json").read_text())
+    assert (summary["head"], summary["embedding_dim"]) == ("subcenter_arcface", 64)
+    assert summary["dev_gap_final"] is not None
+
+    images = probe_images(71)
+    probabilities, embeddings = predict_in_fresh_process(
+        [model_dir / "model.keras", model_dir / "embedding.keras"], images, tmp_path)
+    assert probabilities.shape == (5, NUM_CLASSES)
+    np.testing.assert_allclose(probabilities.sum(axis=1), 1.0, rtol=1e-5)
+    assert embeddings.shape == (5, 64) and embeddings.dtype == np.float32
+    np.testing.assert_allclose(np.linalg.norm(embeddings, axis=1), 1.0, rtol=1e-5)
+    classifier = keras.saving.load_model(str(model_dir / "model.keras"))
+    assert classifier.get_layer("cosine").subcenters == 3
+    own = keras.Model(classifier.inputs, classifier.get_layer("embedding").output)
+    np.testing.assert_allclose(embeddings, own.predict(images, verbose=0), rtol=1e-4, atol=1e-6)
 
 
 @pytest.mark.slow

@@ -26,6 +26,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import math
 from typing import Any, Sequence
 
 from tfrecords_schema import InputError
@@ -34,6 +35,7 @@ from trainer import cli
 PHASE_NAMES = ("head", "finetune", "deep")
 MIXED_PRECISION_CHOICES = ("none", "bfloat16", "float16")
 STRATEGY_CHOICES = ("auto", "default", "mirrored", "multi_worker")
+HEAD_CHOICES = ("sigmoid", "arcface", "subcenter_arcface")  # trainer.heads.HEADS
 
 
 @dataclasses.dataclass(frozen=True)
@@ -91,14 +93,25 @@ class DataConfig:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """The network and its loss (see ``trainer.model.build_model``, ``trainer.losses``).
+    """The network and its loss (see ``trainer.model.build_model``, ``trainer.heads``,
+    ``trainer.losses``).
 
     Attributes:
       backbone_weights: ``"imagenet"`` (downloads), ``"none"`` (random init) or a local weights
         file for Xception without its top.
-      dropout: dropout rate before the classifier (recipe: 0.05).
+      dropout: dropout rate after GeM pooling, before the head (recipe: 0.05).
       gem_p: initial GeM exponent (recipe: 3.0, trainable).
-      rank_weight: weight of the rank term of the loss (recipe: 1.0).
+      head: the head on the GeM features, one of :data:`HEAD_CHOICES`: ``sigmoid`` (the recipe),
+        ``arcface`` or ``subcenter_arcface`` (``trainer.heads``; values and sources there).
+      rank_weight: weight of the rank term of the sigmoid head's loss (recipe: 1.0).
+      embedding_dim: ArcFace heads: width D of the projected, L2-normalised embedding.
+      arcface_scale: ArcFace heads: the scale s of the cosine logits.
+      arcface_margin: ``arcface``: the additive angular margin m (radians), the same for all
+        classes.
+      subcenters: ``subcenter_arcface``: sub-centers K per class.
+      margin_min, margin_max, margin_power: ``subcenter_arcface``: the dynamic margins
+        ``m_c = a * n_c^(-margin_power) + b``, with a and b such that the largest class gets
+        ``margin_min`` and the smallest ``margin_max`` (``trainer.heads.dynamic_margins``).
       calibrate_batchnorm_images: with ``backbone_weights="none"`` only: set the backbone's
         BatchNorm moving statistics from this many training images before training (0 = off).
         The backbone runs with BatchNorm in inference mode (the finetuning recipe); with random
@@ -109,7 +122,15 @@ class ModelConfig:
     backbone_weights: str = "imagenet"
     dropout: float = 0.05
     gem_p: float = 3.0
+    head: str = "sigmoid"
     rank_weight: float = 1.0
+    embedding_dim: int = 512
+    arcface_scale: float = 30.0
+    arcface_margin: float = 0.5
+    subcenters: int = 3
+    margin_min: float = 0.05
+    margin_max: float = 0.5
+    margin_power: float = 0.25
     calibrate_batchnorm_images: int = 64
 
     def validate(self) -> None:
@@ -121,6 +142,24 @@ class ModelConfig:
             raise InputError(f"--gem_p must be > 0, got {self.gem_p}")
         if self.rank_weight < 0:
             raise InputError(f"--rank_weight must be >= 0, got {self.rank_weight}")
+        if self.head not in HEAD_CHOICES:
+            raise InputError(f"--head must be one of {HEAD_CHOICES}, got {self.head!r}")
+        if self.embedding_dim < 1:
+            raise InputError(f"--embedding_dim must be >= 1, got {self.embedding_dim}")
+        if not self.arcface_scale > 0:
+            raise InputError(f"--arcface_scale must be > 0, got {self.arcface_scale}")
+        if self.subcenters < 1:
+            raise InputError(f"--subcenters must be >= 1, got {self.subcenters}")
+        # A margin of pi/2 or more would let theta + m pass pi for well-classified images.
+        if not 0.0 <= self.arcface_margin < math.pi / 2:
+            raise InputError(f"--arcface_margin must be in [0, pi/2), got {self.arcface_margin}")
+        if not 0.0 <= self.margin_min <= self.margin_max < math.pi / 2:
+            raise InputError(
+                "--margin_min and --margin_max must satisfy 0 <= min <= max < pi/2, "
+                f"got {self.margin_min} and {self.margin_max}"
+            )
+        if not self.margin_power > 0:
+            raise InputError(f"--margin_power must be > 0, got {self.margin_power}")
         if self.calibrate_batchnorm_images < 0:
             raise InputError(
                 f"--calibrate_batchnorm_images must be >= 0, got {self.calibrate_batchnorm_images}"
@@ -413,9 +452,21 @@ def build_parser() -> argparse.ArgumentParser:
         type=_optional_int)
     add("--backbone_weights", "imagenet (download), none (random init) or a path to Xception "
         "no-top weights")
-    add("--dropout", "dropout rate before the classifier, in [0, 1)", type=float)
+    add("--dropout", "dropout rate after GeM pooling, before the head, in [0, 1)", type=float)
     add("--gem_p", "initial GeM exponent p (trainable)", type=float)
-    add("--rank_weight", "weight of the rank term of the loss", type=float)
+    add("--head", "the head on the GeM features: sigmoid (the recipe), arcface or "
+        "subcenter_arcface", choices=HEAD_CHOICES)
+    add("--rank_weight", "weight of the rank term of the sigmoid head's loss", type=float)
+    add("--embedding_dim", "ArcFace heads: width of the L2-normalised embedding", type=int)
+    add("--arcface_scale", "ArcFace heads: scale s of the cosine logits", type=float)
+    add("--arcface_margin", "arcface head: additive angular margin m, radians", type=float)
+    add("--subcenters", "subcenter_arcface head: sub-centers K per class", type=int)
+    add("--margin_min", "subcenter_arcface head: dynamic margin of the largest class, radians",
+        type=float)
+    add("--margin_max", "subcenter_arcface head: dynamic margin of the smallest class, radians",
+        type=float)
+    add("--margin_power", "subcenter_arcface head: exponent lambda of the dynamic margins "
+        "a * n^(-lambda) + b", type=float)
     add("--calibrate_batchnorm_images", "with --backbone_weights none only: training images used "
         "to set the backbone's BatchNorm statistics (0 = off)", type=int)
     for name in PHASE_NAMES:

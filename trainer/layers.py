@@ -10,6 +10,11 @@ exponent ``p`` shared by all channels, initialised at 3.0 (it ended near 2.2).
 Low precision: ``|a|^p`` overflows float16 for activations above ~40 at p = 3 (40^3 = 64000,
 float16 max 65504) and loses digits in bfloat16 (8-bit mantissa), so the power mean is always
 computed in float32 and only the pooled result is cast back to the layer's compute dtype.
+
+:class:`CosineClassifier` is the class layer of the ArcFace heads (``trainer.heads``): the cosine
+between an embedding and each class's L2-normalised weight vector, with K sub-centers per class
+(the class cosine is the largest of its K). Both layers are registered under ``landmarks>``, so
+importing this module is all a process needs to load any ``model.keras`` this project writes.
 """
 
 import keras
@@ -79,4 +84,61 @@ class GeMPooling(keras.layers.Layer):
     def get_config(self):
         config = super().get_config()
         config.update({"p_init": self.p_init, "epsilon": self.epsilon})
+        return config
+
+
+def _unit_rows(x, axis, epsilon=1e-12):
+    """``x`` divided by its L2 norm along ``axis`` (float32; an all-zero vector stays zero)."""
+    x = ops.cast(x, "float32")
+    return x * ops.rsqrt(ops.maximum(ops.sum(ops.square(x), axis=axis, keepdims=True), epsilon))
+
+
+@keras.saving.register_keras_serializable(package="landmarks")
+class CosineClassifier(keras.layers.Layer):
+    """Cosine similarity to the class centres: ``[B, D]`` -> ``[B, num_classes]`` float32.
+
+    The kernel ``[D, num_classes * subcenters]`` holds ``subcenters`` (K) centre vectors per
+    class, class-major (column ``c * K + k``). Inputs and centres are L2-normalised, so each
+    entry is ``cos(theta)`` in [-1, 1]; with ``K > 1`` the class cosine is the largest over the
+    class's sub-centers (sub-center ArcFace, Deng et al. 2020), so the gradient of an image
+    reaches only the sub-center closest to it. No bias: a bias would break the cosine reading.
+    The layer computes in float32 whatever the dtype policy (it feeds the margin loss and the
+    softmax, like the sigmoid head's float32 logits).
+    """
+
+    def __init__(self, num_classes, subcenters=1, **kwargs):
+        kwargs.setdefault("dtype", "float32")
+        super().__init__(**kwargs)
+        if int(num_classes) != num_classes or num_classes < 1:
+            raise ValueError(f"num_classes must be a positive integer, got {num_classes!r}")
+        if int(subcenters) != subcenters or subcenters < 1:
+            raise ValueError(f"subcenters must be a positive integer, got {subcenters!r}")
+        self.num_classes = int(num_classes)
+        self.subcenters = int(subcenters)
+
+    def build(self, input_shape):
+        if len(input_shape) != 2:
+            raise ValueError(f"CosineClassifier expects [B, D] inputs, got {input_shape}")
+        self.kernel = self.add_weight(
+            name="kernel",
+            shape=(input_shape[-1], self.num_classes * self.subcenters),
+            initializer="glorot_uniform",
+            dtype="float32",
+            trainable=True,
+            autocast=False,
+        )
+
+    def call(self, inputs):
+        cosines = ops.matmul(_unit_rows(inputs, axis=-1), _unit_rows(self.kernel, axis=0))
+        if self.subcenters == 1:
+            return cosines  # [B, C]
+        cosines = ops.reshape(cosines, (-1, self.num_classes, self.subcenters))  # [B, C, K]
+        return ops.max(cosines, axis=-1)
+
+    def compute_output_shape(self, input_shape):
+        return (input_shape[0], self.num_classes)
+
+    def get_config(self):
+        config = super().get_config()
+        config.update({"num_classes": self.num_classes, "subcenters": self.subcenters})
         return config

@@ -18,7 +18,26 @@ the ranking and ``n`` must cover the whole global batch, or the loss would chang
 number of devices. :func:`rank_weighted_bce` therefore all-gathers the (gradient-free) top-1
 probabilities of every replica; the rank weight is a constant w.r.t. the parameters, so the
 gradient stays local and needs no collective.
+
+The ArcFace heads' loss (:class:`ArcMarginLoss`, see ``trainer.heads`` for the values and their
+sources) is a softmax cross-entropy on scaled cosines with an additive angular margin on the
+true class. Per landmark image ``i`` with label ``y``, class cosines ``cos_c`` (``[C]``, the
+largest over the class's sub-centers), scale ``s`` and the margin ``m_y`` of its class:
+
+    theta   = arccos(cos_y)
+    phi     = cos(theta + m_y)                       if theta + m_y <= pi
+              cos_y - m_y * sin(m_y)                 otherwise (keeps phi decreasing in theta)
+    logit_c = s * phi  for c = y,   s * cos_c  for c != y
+    loss_i  = logsumexp_c(logit_c) - s * phi
+
+A non-landmark image (label -1) has no class to be pulled to: its loss is 0 and it adds nothing
+to the gradient. The sum runs over the replica's images and is divided by the number of
+*landmark* images in the GLOBAL batch (an all-reduce of the local counts), so the loss is the
+mean cross-entropy over the batch's landmark images, as in the papers (whose training data has
+no non-landmarks), and one step on N replicas equals one step on one device.
 """
+
+import math
 
 import keras
 import tensorflow as tf
@@ -65,11 +84,16 @@ def gather_across_replicas(values):
 
 def global_batch_size(local_batch_size):
     """The number of examples over all replicas (``local_batch_size`` without a strategy)."""
-    local_batch_size = tf.cast(local_batch_size, tf.int32)
+    return global_count(local_batch_size)
+
+
+def global_count(local_count):
+    """An integer count summed over all replicas (``local_count`` itself without a strategy)."""
+    local_count = tf.cast(local_count, tf.int32)
     context = _replica_context_or_none()
     if context is None:
-        return local_batch_size
-    return context.all_reduce(tf.distribute.ReduceOp.SUM, local_batch_size)
+        return local_count
+    return context.all_reduce(tf.distribute.ReduceOp.SUM, local_count)
 
 
 def dense_targets(y_true, num_classes):
@@ -212,4 +236,92 @@ class RankWeightedBCE(keras.losses.Loss):
         config = super().get_config()
         config.pop("reduction", None)
         config.update({"rank_weight": self.rank_weight, "epsilon": self.epsilon})
+        return config
+
+
+def class_indices(y_true):
+    """Class indices ``[B]`` int32 from ``[B]`` or ``[B, 1]`` (integers, or floats holding them:
+    ``keras.losses.Loss`` casts ``y_true`` to its dtype). ``-1`` marks a non-landmark image."""
+    y_true = tf.convert_to_tensor(y_true)
+    if y_true.shape.rank == 2 and y_true.shape[-1] == 1:
+        y_true = tf.squeeze(y_true, axis=-1)
+    if y_true.shape.rank != 1:
+        raise ValueError(f"y_true must be class indices [B] or [B, 1], got shape {y_true.shape}")
+    if not y_true.dtype.is_integer:
+        y_true = tf.round(y_true)
+    return tf.cast(y_true, tf.int32)
+
+
+def arc_margin_cross_entropy(y_true, cosines, margins, scale):
+    """Per-image ArcFace loss (module docstring), 0 for non-landmark images.
+
+    Args:
+        y_true: class indices ``[B]`` or ``[B, 1]``; ``-1`` = non-landmark.
+        cosines: ``[B, C]`` class cosines in [-1, 1] (cast to float32, clipped to [-1, 1]).
+        margins: additive angular margin in radians, one float for every class or ``[C]``.
+        scale: the scale ``s`` of the logits.
+
+    Returns:
+        ``[B]`` float32. A non-landmark row is exactly 0 and carries no gradient.
+    """
+    cosines = tf.clip_by_value(tf.cast(cosines, tf.float32), -1.0, 1.0)  # [B, C]
+    num_classes = cosines.shape[-1]
+    labels = class_indices(y_true)  # [B]
+    checks = [
+        tf.debugging.assert_greater_equal(labels, -1, message="class index below -1"),
+        tf.debugging.assert_less(labels, num_classes, message="class index >= num_classes"),
+    ]
+    with tf.control_dependencies(checks):
+        is_landmark = labels >= 0
+    safe_labels = tf.maximum(labels, 0)  # a non-landmark row is computed on class 0, then zeroed
+    margins = tf.convert_to_tensor(margins, tf.float32)
+    margin = (tf.gather(margins, safe_labels) if margins.shape.rank == 1
+              else tf.fill(tf.shape(safe_labels), margins))  # [B]
+    cos_true = tf.gather(cosines, safe_labels, axis=1, batch_dims=1)  # [B]
+    # sin(theta) >= 0 on [0, pi]; the floor keeps the square root's gradient finite at |cos| = 1.
+    sin_true = tf.sqrt(tf.maximum(1.0 - tf.square(cos_true), 1e-12))
+    phi = cos_true * tf.cos(margin) - sin_true * tf.sin(margin)  # cos(theta + m)
+    # Past theta = pi - m, cos(theta + m) would rise again: continue linearly instead.
+    phi = tf.where(cos_true > tf.cos(math.pi - margin), phi, cos_true - margin * tf.sin(margin))
+    scale = tf.constant(scale, tf.float32)
+    logits = scale * cosines + tf.one_hot(safe_labels, num_classes) * (
+        scale * (phi - cos_true))[:, None]  # [B, C], the true class's logit is s * phi
+    cross_entropy = tf.reduce_logsumexp(logits, axis=-1) - scale * phi  # [B]
+    return cross_entropy * tf.cast(is_landmark, tf.float32)
+
+
+@keras.saving.register_keras_serializable(package="landmarks")
+class ArcMarginLoss(keras.losses.Loss):
+    """:func:`arc_margin_cross_entropy` summed over the replica's images and divided by the
+    number of landmark images in the GLOBAL batch (module docstring).
+
+    Reduction ``"sum"`` for the reason given in :class:`RankWeightedBCE`. A global batch without
+    any landmark image has loss 0. Keras' progress-bar ``loss`` is then the mean cross-entropy
+    over landmark images (Keras scales the per-replica value back up by the number of replicas
+    and weighs it by the local batch size; replicas hold equal shares).
+
+    Args:
+        margins: one margin for every class (float, radians) or a list of ``C`` margins.
+        scale: the scale ``s``.
+    """
+
+    def __init__(self, margins=0.5, scale=30.0, name="arc_margin_loss", **kwargs):
+        kwargs.pop("reduction", None)  # fixed, see the class docstring
+        super().__init__(name=name, reduction="sum", **kwargs)
+        if isinstance(margins, (int, float)):
+            self.margins = float(margins)
+        else:
+            self.margins = [float(value) for value in margins]
+        self.scale = float(scale)
+
+    def call(self, y_true, y_pred):
+        per_example = arc_margin_cross_entropy(y_true, y_pred, self.margins, self.scale)  # [b]
+        is_landmark = class_indices(y_true) >= 0
+        landmarks = global_count(tf.reduce_sum(tf.cast(is_landmark, tf.int32)))
+        return per_example / tf.cast(tf.maximum(landmarks, 1), per_example.dtype)
+
+    def get_config(self):
+        config = super().get_config()
+        config.pop("reduction", None)
+        config.update({"margins": self.margins, "scale": self.scale})
         return config

@@ -119,6 +119,29 @@ class BatchGAP(keras.metrics.Metric):
         return super().get_config()
 
 
+@keras.saving.register_keras_serializable(package="landmarks")
+class ScaledCosineBatchGAP(BatchGAP):
+    """:class:`BatchGAP` of an ArcFace head, from its class cosines ``[B, C]``.
+
+    The probabilities are the ones the exported model outputs, ``softmax(scale * cos)`` without
+    the training margin (``trainer.heads``), so the batch GAP and the dev GAP rank images by
+    the same confidences. Logged under the same name, ``batch_gap``.
+    """
+
+    def __init__(self, scale=30.0, name="batch_gap", **kwargs):
+        super().__init__(name=name, **kwargs)
+        self.scale = float(scale)
+
+    def update_state(self, y_true, y_pred, sample_weight=None):
+        probabilities = tf.nn.softmax(self.scale * tf.cast(y_pred, tf.float32), axis=-1)
+        super().update_state(y_true, probabilities, sample_weight)
+
+    def get_config(self):
+        config = super().get_config()
+        config["scale"] = self.scale
+        return config
+
+
 def _summed_bce_metric_fn(y_true, y_pred, epsilon=losses.DEFAULT_EPSILON):
     return losses.summed_bce(y_true, y_pred, epsilon)
 

@@ -1,8 +1,11 @@
-"""The stage-1 classifier: Xception backbone -> GeM -> dropout -> ReLU -> Dense -> sigmoid.
+"""The stage-1 classifier: Xception backbone -> GeM -> dropout -> head (the recipe's: ReLU ->
+Dense -> sigmoid).
 
 ``build_model`` returns a functional ``keras.Model`` mapping float32 images ``[B, S, S, 3]`` in
-[-1, 1] (Xception's scaling, ``trainer.preprocessing.ImageContract.scale``) to independent
-class probabilities ``[B, num_classes]``. Layer names (stable, other modules look them up):
+[-1, 1] (Xception's scaling, ``trainer.preprocessing.ImageContract.scale``) to class
+probabilities ``[B, num_classes]`` float32, whatever the head (``trainer.heads``: ``sigmoid``,
+the recipe's independent probabilities, or the ArcFace heads' softmax). Layer names (stable,
+other modules look them up), with the recipe's sigmoid head:
 
     "images"         the input
     "xception"       the backbone, a nested functional model (``include_top=False``)
@@ -11,6 +14,9 @@ class probabilities ``[B, num_classes]``. Layer names (stable, other modules loo
     "relu"           ReLU on the pooled features
     "logits"         Dense(num_classes), float32
     "probabilities"  sigmoid, float32 (the model's output)
+
+The ArcFace heads replace the last three by "projection", "embedding_bn", "embedding",
+"cosine", "logits" (the scaled cosines) and "probabilities" (softmax); see ``trainer.heads``.
 
 Mixed precision: every layer follows the global dtype policy except ``logits`` and
 ``probabilities``, which are float32 so that confidences used for ranking (loss, GAP) keep 24
@@ -90,7 +96,8 @@ def build_backbone(image_size, backbone_weights="none"):
     )
 
 
-def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.05, gem_p=3.0):
+def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.05, gem_p=3.0,
+                head=None):
     """The classifier (module docstring). Honours the global dtype policy.
 
     Args:
@@ -99,6 +106,7 @@ def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.
         backbone_weights: ``"imagenet"``, ``"none"`` or a local weights-file path.
         dropout: dropout rate after pooling, in [0, 1).
         gem_p: initial GeM exponent (> 0).
+        head: a ``trainer.heads.Head``; ``None`` = the recipe's sigmoid head.
 
     Returns:
         ``keras.Model`` images ``[B, S, S, 3]`` float32 -> probabilities ``[B, C]`` float32,
@@ -120,9 +128,11 @@ def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.
     features = backbone(images, training=False)  # [B, s, s, 2048], s = 10 at 299 px, 3 at 71
     pooled = layers.GeMPooling(p_init=gem_p, name=GEM_NAME)(features)  # [B, 2048]
     x = keras.layers.Dropout(dropout, name="dropout")(pooled)
-    x = keras.layers.Activation("relu", name="relu")(x)
-    logits = keras.layers.Dense(num_classes, dtype="float32", name="logits")(x)  # [B, C]
-    probabilities = keras.layers.Activation("sigmoid", dtype="float32", name=OUTPUT_NAME)(logits)
+    if head is None:
+        from trainer import heads  # heads imports this module
+
+        head = heads.SigmoidHead()
+    probabilities = head.build(x, num_classes)  # [B, C] float32
     model = keras.Model(images, probabilities, name="landmark_classifier")
     set_trainable_from(model, None)
     return model
@@ -146,10 +156,11 @@ def set_trainable_from(model, first_index):
         first_index: index into ``model.get_layer("xception").layers`` (the recipe uses 85,
             then 25); ``None`` freezes the whole backbone (head-only phase).
 
-    The head (GeM ``p``, Dense) always trains. BatchNorm layers are never made trainable, which
-    in Keras 3 keeps them in inference mode even under ``fit`` (module docstring); their
-    gamma/beta stay at their pretrained values. Recompile the model after calling this
-    (``trainable`` is read when the train function is built).
+    The head (GeM ``p``, Dense) always trains. The backbone's BatchNorm layers are never made
+    trainable, which in Keras 3 keeps them in inference mode even under ``fit`` (module
+    docstring); their gamma/beta stay at their pretrained values. (An ArcFace head's own
+    BatchNorm is part of the head: it trains, see ``trainer.heads``.) Recompile the model after
+    calling this (``trainable`` is read when the train function is built).
     """
     backbone = model.get_layer(BACKBONE_NAME)
     backbone_layers = backbone.layers

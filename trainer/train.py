@@ -15,12 +15,23 @@ Model dir (re-running the same command resumes an interrupted run):
     history.csv         one row per epoch (epoch 0 = dev GAP at initialisation)
     checkpoints/        last.weights.h5 every epoch, best.weights.h5 by dev GAP (model only)
     backup/             BackupAndRestore state per phase (deleted after success)
+    class_counts.json   subcenter_arcface head only: training images per class and the
+                        dynamic margins built from them (a resume must find the same counts)
     model.keras         images [B, S, S, 3] in [-1, 1] -> probabilities [B, C]; float32,
-                        without optimizer state (best dev-GAP weights when dev data is given)
-    summary.json        dev_gap_initial, dev_gap_final, figures of the run
+                        without optimizer state (best dev-GAP weights when dev data is given),
+                        for every head (``--head``; the ArcFace margin is training-only)
+    embedding.keras     images [B, S, S, 3] in [-1, 1] -> L2-normalised embeddings [B, D]
+                        float32, same weights (sigmoid head: GeM, D = 2048; ArcFace heads: the
+                        projection, D = --embedding_dim); written like model.keras
+    summary.json        dev_gap_initial, dev_gap_final, head, embedding_dim, figures of the run
     _SUCCESS            written last
     workertemp_<id>/    under MultiWorkerMirroredStrategy, while a run is unfinished: a
                         non-chief worker's own files (its backup); deleted on success
+
+The run, at a glance (:func:`train`): :func:`_prepare` (strategy, data checks, config files),
+:func:`_build_models` (network, calibration, dev evaluator), :func:`_run_phase` per phase
+(restore a finished phase or ``fit`` it), :func:`_export` (``model.keras``, ``embedding.keras``,
+``summary.json``, ``_SUCCESS``; the chief only).
 
 Phases and resume. Each phase (head, finetune from 85, deep from 25) is one ``fit`` call:
 phases differ in batch size, hence in dataset, and the recipe recompiles after changing
@@ -62,8 +73,9 @@ from trainer import callbacks as callbacks_lib  # noqa: E402
 from trainer import cli  # noqa: E402
 from trainer import data as data_lib  # noqa: E402
 from trainer import distribute  # noqa: E402
+from trainer import heads as heads_lib  # noqa: E402
 from trainer import keras_compat  # noqa: E402
-from trainer import losses, metrics  # noqa: E402
+from trainer import metrics  # noqa: E402
 from trainer import model as model_lib  # noqa: E402
 from trainer.config import PhaseConfig, TrainConfig, config_from_args  # noqa: E402
 from trainer.preprocessing import ImageContract  # noqa: E402
@@ -104,6 +116,14 @@ class ModelDir:
     @property
     def model(self) -> str:
         return self.path("model.keras")
+
+    @property
+    def embedding(self) -> str:
+        return self.path("embedding.keras")
+
+    @property
+    def class_counts(self) -> str:
+        return self.path("class_counts.json")
 
     @property
     def summary(self) -> str:
@@ -197,23 +217,31 @@ def compile_for_phase(
     config: TrainConfig,
     strategy: tf.distribute.Strategy,
     training_model: keras.Model | None = None,
-) -> None:
+    class_counts: Sequence[int] | None = None,
+) -> keras.Model:
     """Sets ``trainable`` of ``model`` for ``phase`` and recompiles (fresh Adam at its rate).
 
-    ``training_model`` (default ``model``) is what ``fit`` trains: the classifier itself, or
-    the classifier behind ``DeviceAugmentation`` (it shares the classifier's layers).
-    BatchNorm stays in inference mode in every phase (``trainer.model`` calls the backbone with
-    ``training=False``), as in Keras' finetuning guide.
+    The loss and metrics are the head's (``config.model.head``, ``trainer.heads``).
+    ``training_model`` is what ``fit`` trains; it shares the classifier's layers. Default: the
+    head's training model of ``model`` (the classifier itself for the sigmoid head; the
+    network up to the class cosines for the ArcFace heads); in split mode ``train`` passes that
+    model behind ``DeviceAugmentation``. ``class_counts`` ``[C]``: training images per class,
+    for a head whose loss needs them (``subcenter_arcface``'s dynamic margins).
+    The backbone's BatchNorm stays in inference mode in every phase (``trainer.model``), as in
+    Keras' finetuning guide. Returns the compiled training model.
     """
-    training_model = model if training_model is None else training_model
+    head = heads_lib.make_head(config.model)
     with strategy.scope():
+        if training_model is None:
+            training_model = head.training_model(model)
         model_lib.set_trainable_from(model, phase.trainable_from)
         training_model.compile(
             optimizer=keras.optimizers.Adam(learning_rate=phase.learning_rate_at(0)),
-            loss=losses.RankWeightedBCE(rank_weight=config.model.rank_weight),
-            metrics=[metrics.BatchGAP()],
+            loss=head.loss(class_counts),
+            metrics=head.metrics(),
             jit_compile=config.distribution.jit_compile,
         )
+    return training_model
 
 
 def augment_params(config: TrainConfig) -> augment_lib.AugmentParams | None:
@@ -231,13 +259,13 @@ def augment_params(config: TrainConfig) -> augment_lib.AugmentParams | None:
 def make_training_model(
     model: keras.Model, config: TrainConfig, strategy: tf.distribute.Strategy
 ) -> keras.Model:
-    """What ``fit`` trains: ``model``, or ``model`` behind ``DeviceAugmentation`` in split mode."""
+    """What ``fit`` trains: the head's training model of ``model`` (``model`` itself for the
+    sigmoid head), behind ``DeviceAugmentation`` in split mode."""
     params = augment_params(config)
-    if params is None or not config.data.augment_on_device:
-        training_model = model
-    else:
-        with strategy.scope():
-            training_model = augment_lib.with_device_augmentation(model, params)
+    with strategy.scope():
+        training_model = heads_lib.make_head(config.model).training_model(model)
+        if params is not None and config.data.augment_on_device:
+            training_model = augment_lib.with_device_augmentation(training_model, params)
     keras_compat.build_from_local_batch(training_model)
     keras_compat.reduce_scalar_logs_across_workers()
     return training_model
@@ -339,11 +367,18 @@ class DevEvaluator:
 
 def save_classifier_weights(model: keras.Model, path: str) -> None:
     """The classifier's weights without optimizer state (~1/3 of the size with Adam, and
-    loadable into a model compiled for any phase, or not compiled at all)."""
+    loadable into a model compiled for any phase, or not compiled at all).
+
+    Written beside ``path`` and renamed into place: a process killed while writing leaves a
+    temporary file, never a truncated ``path`` that a resume or the export would read.
+    """
     tf.io.gfile.makedirs(path.rsplit("/", 1)[0])
     optimizer = getattr(model, "optimizer", None)
     skip = [optimizer] if optimizer is not None else None
-    keras.saving.save_weights(model, path, objects_to_skip=skip)
+    suffix = ".weights.h5"  # Keras requires it
+    temporary = (path[: -len(suffix)] if path.endswith(suffix) else path) + ".tmp" + suffix
+    keras.saving.save_weights(model, temporary, objects_to_skip=skip)
+    tf.io.gfile.rename(temporary, path, overwrite=True)
 
 
 class SaveCheckpoints(keras.callbacks.Callback):
@@ -372,7 +407,8 @@ class SaveCheckpoints(keras.callbacks.Callback):
 
 
 def calibrate_batchnorm(model: keras.Model, images: tf.Tensor) -> None:
-    """Sets every backbone BatchNorm's moving mean/variance to its statistics on ``images``.
+    """Sets every BatchNorm's moving mean/variance to its statistics on ``images``: the
+    backbone's, and the head's own if it has one (ArcFace heads).
 
     One forward pass in training mode with momentum 0: each BatchNorm normalises with, and
     stores, the statistics of its own input given the layers before it, so afterwards the
@@ -384,16 +420,22 @@ def calibrate_batchnorm(model: keras.Model, images: tf.Tensor) -> None:
       images: float32 ``[N, S, S, 3]`` in [-1, 1], a few dozen training images.
     """
     backbone = model.get_layer(model_lib.BACKBONE_NAME)
+    head_norms = [
+        layer for layer in model.layers if isinstance(layer, keras.layers.BatchNormalization)
+    ]
     norms = [
         layer for layer in backbone.layers if isinstance(layer, keras.layers.BatchNormalization)
-    ]
+    ] + head_norms
     saved = [(layer.momentum, layer.trainable) for layer in norms]
     try:
         for layer in norms:
             # A non-trainable BatchNorm runs in inference mode whatever `training` says.
             layer.trainable = True
             layer.momentum = 0.0
-        backbone(images, training=True)
+        if head_norms:
+            model(images, training=True)
+        else:
+            backbone(images, training=True)
     finally:
         for layer, (momentum, trainable) in zip(norms, saved):
             layer.momentum = momentum
@@ -448,7 +490,10 @@ def _restore_backup(model: keras.Model, backup_dir: str, strategy: tf.distribute
 def export_model(
     layout: ModelDir, weights_path: str, config: TrainConfig, num_classes: int
 ) -> None:
-    """Writes ``model.keras``: a float32, uncompiled copy (no optimizer state, loads fast)."""
+    """Writes ``model.keras`` (images -> probabilities) and ``embedding.keras`` (images ->
+    L2-normalised embeddings, the same weights): float32, uncompiled copies (no optimizer
+    state, load fast), each written to a temporary name first and then renamed."""
+    head = heads_lib.make_head(config.model)
     with dtype_policy("none"):
         exported = model_lib.build_model(
             num_classes,
@@ -456,11 +501,17 @@ def export_model(
             backbone_weights="none",
             dropout=config.model.dropout,
             gem_p=config.model.gem_p,
+            head=head,
         )
+        embedder = head.embedding_model(exported)
     keras.saving.load_weights(exported, weights_path)
-    local = layout.path("model.tmp.keras")
-    exported.save(local)
-    tf.io.gfile.rename(local, layout.model, overwrite=True)
+    for model, final, temporary in (
+        (exported, layout.model, "model.tmp.keras"),
+        (embedder, layout.embedding, "embedding.tmp.keras"),
+    ):
+        local = layout.path(temporary)
+        model.save(local)
+        tf.io.gfile.rename(local, final, overwrite=True)
 
 
 # ---------------------------------------------------------------------------------------------
@@ -529,6 +580,29 @@ def _check_data(config: TrainConfig, num_classes: int) -> dict[int, int]:
     return counts
 
 
+@dataclasses.dataclass
+class _Run:
+    """What the steps of one run share. :func:`_prepare` fills the first block,
+    :func:`_build_models` the second; :func:`_run_phase` updates ``history``."""
+
+    config: TrainConfig
+    layout: ModelDir  # where this process writes: the model dir, or a non-chief's temp folder
+    chief: ModelDir  # the model dir; every worker reads its shared decisions from there
+    strategy: tf.distribute.Strategy
+    info: distribute.StrategyInfo
+    num_classes: int
+    counts: dict[int, int]  # label -> training images ({} when not counted)
+    head: heads_lib.Head
+    class_counts: np.ndarray | None  # [C], for a head whose loss needs them
+    started: float
+
+    model: keras.Model | None = None  # images -> probabilities (what is checkpointed, exported)
+    training_model: keras.Model | None = None  # what fit trains (shares the model's layers)
+    evaluator: DevEvaluator | None = None
+    history: dict[int, dict] = dataclasses.field(default_factory=dict)
+    last_images_per_second: str | None = None
+
+
 def train(config: TrainConfig) -> dict:
     """Runs (or resumes) the phases of ``config``; returns the summary written to summary.json.
 
@@ -536,11 +610,23 @@ def train(config: TrainConfig) -> dict:
       ValueError (incl. ``DataError``, ``SchemaError``), FileNotFoundError: bad input.
       TrainingDiverged: the loss became non-finite.
     """
-    layout = chief = ModelDir(config.model_dir)
+    layout = ModelDir(config.model_dir)
     if _check_model_dir(layout, config):
         _LOG.info("%s already holds this finished run (_SUCCESS); nothing to do", layout.root)
         return _read_json(layout.summary)
+    run = _prepare(config)
+    with dtype_policy(config.distribution.mixed_precision):
+        _build_models(run)
+        for index, phase, first_epoch, end_epoch in phase_epoch_ranges(config):
+            _run_phase(run, index, phase, first_epoch, end_epoch)
+    if not run.info.is_chief:
+        return _finish_non_chief(run.layout, run.info)
+    return _export(run)
 
+
+def _prepare(config: TrainConfig) -> _Run:
+    """Strategy, where this worker writes, data checks, class counts, config files, seed."""
+    layout = chief = ModelDir(config.model_dir)
     strategy, info = distribute.make_strategy(config.distribution)  # first: may split the CPU
     if not info.is_chief:
         # Every worker runs this same code, but only the chief writes the model dir; the others
@@ -553,6 +639,9 @@ def train(config: TrainConfig) -> dict:
     label_map = label_map_lib.read_label_map(config.data.label_map)
     num_classes = label_map.num_classes
     counts = _check_data(config, num_classes)
+    head = heads_lib.make_head(config.model)
+    if head.uses_class_counts and not counts:  # --check_labels false: count them anyway
+        counts = data_lib.count_labels(config.data.train_data)
     if counts:
         _LOG.info(
             "training data: %d images, %d classes used of %d, %d non-landmark images",
@@ -561,110 +650,164 @@ def train(config: TrainConfig) -> dict:
             num_classes,
             counts.get(-1, 0),
         )
+    _LOG.info("%s", head.describe())
 
     tf.io.gfile.makedirs(layout.root)
     _write_text(layout.config, config.to_json() + "\n")
     label_map_lib.write_label_map(label_map, layout.label_map)
+    class_counts = _write_class_counts(layout, chief, head, counts, num_classes)
     if config.data.seed is not None:
         keras.utils.set_random_seed(config.data.seed)
+    return _Run(
+        config=config, layout=layout, chief=chief, strategy=strategy, info=info,
+        num_classes=num_classes, counts=counts, head=head, class_counts=class_counts,
+        started=time.perf_counter(),
+    )
 
-    started = time.perf_counter()
-    with dtype_policy(config.distribution.mixed_precision):
+
+def _write_class_counts(
+    layout: ModelDir, chief: ModelDir, head: heads_lib.Head, counts: dict[int, int],
+    num_classes: int,
+) -> np.ndarray | None:
+    """For a head whose loss needs them: the training images per class ``[C]``, also written
+    to ``class_counts.json`` with the margins built from them. A resume must find the counts
+    the run started with (its margins would change otherwise)."""
+    if not head.uses_class_counts:
+        return None
+    per_class = heads_lib.per_class_counts(counts, num_classes)
+    record = {
+        "num_classes": num_classes,
+        "non_landmark_images": int(counts.get(-1, 0)),
+        "images_per_class": per_class.tolist(),
+        "margins": [round(float(margin), 6) for margin in head.margins(per_class)],
+    }
+    if tf.io.gfile.exists(chief.class_counts):
+        stored = _read_json(chief.class_counts)
+        if stored.get("images_per_class") != record["images_per_class"]:
+            raise tfrecords_schema.InputError(
+                f"the training data no longer has the images per class that the run in "
+                f"{chief.root} started with ({chief.class_counts}); its {head.name} margins "
+                "depend on them: use a new --model_dir"
+            )
+    _write_text(layout.class_counts, json.dumps(record) + "\n")
+    return per_class
+
+
+def _build_models(run: _Run) -> None:
+    """The network (BatchNorm calibrated for a random backbone), what ``fit`` trains, the
+    dev evaluator, and the history so far."""
+    config, strategy = run.config, run.strategy
+    with strategy.scope():
+        run.model = model_lib.build_model(
+            run.num_classes,
+            image_size=config.data.image_size,
+            backbone_weights=config.model.backbone_weights,
+            dropout=config.model.dropout,
+            gem_p=config.model.gem_p,
+            head=run.head,
+        )
+    if (
+        config.model.backbone_weights.lower() == "none"
+        and config.model.calibrate_batchnorm_images > 0
+    ):
+        # Restored backups overwrite these statistics, so this is harmless on a resume.
         with strategy.scope():
-            model = model_lib.build_model(
-                num_classes,
-                image_size=config.data.image_size,
-                backbone_weights=config.model.backbone_weights,
-                dropout=config.model.dropout,
-                gem_p=config.model.gem_p,
-            )
-        if (
-            config.model.backbone_weights.lower() == "none"
-            and config.model.calibrate_batchnorm_images > 0
-        ):
-            # Restored backups overwrite these statistics, so this is harmless on a resume.
-            with strategy.scope():
-                calibrate_batchnorm(model, _calibration_images(config, num_classes))
-        training_model = make_training_model(model, config, strategy)
-        # Every decision that changes which collectives run (restore a phase, evaluate at
-        # initialisation) is read from the chief's files, so all workers take the same path.
-        history = callbacks_lib.read_history(chief.history)
-        evaluator = None
-        if config.data.dev_data:
-            eval_batch = max(phase.batch_size for phase in config.active_phases)
-            evaluator = DevEvaluator(config, num_classes, eval_batch, strategy, info)
-        last_images_per_second = None
-        for index, phase, first_epoch, end_epoch in phase_epoch_ranges(config):
-            compile_for_phase(model, phase, config, strategy, training_model)
-            backup_dir = layout.phase_backup(index, phase.name)
-            if layout != chief:
-                _copy_backup_from_chief(chief.phase_backup(index, phase.name), backup_dir)
-            if _completed_epochs(backup_dir) >= end_epoch:
-                _restore_backup(training_model, backup_dir, strategy)
-                _LOG.info("phase %s: already complete (epochs %d-%d), restored from %s",
-                          phase.name, first_epoch + 1, end_epoch, backup_dir)
-                continue
-            done = _completed_epochs(backup_dir)
-            if done > first_epoch:
-                _LOG.info("phase %s: resuming after epoch %d from %s", phase.name, done, backup_dir)
-            if evaluator is not None and 0 not in history:
-                history[0] = {"epoch": 0, "phase": "init", "dev_gap": f"{evaluator(model):.6g}"}
-                callbacks_lib.write_history(layout.history, history)
-                _LOG.info("dev GAP at initialisation: %s", history[0]["dev_gap"])
-            _LOG.info(
-                "phase %s: epochs %d-%d, backbone trainable from %s, %s, lr %.3g -> %.3g",
-                phase.name, first_epoch + 1, end_epoch, phase.trainable_from,
-                info.describe_batch(phase.batch_size), phase.learning_rate_at(0),
-                phase.learning_rate_at(phase.epochs - 1),
-            )
-            guard = callbacks_lib.DivergenceGuard()
-            phase_callbacks = _phase_callbacks(
-                layout, phase, first_epoch, backup_dir, guard, evaluator, _best_dev_gap(history),
-                classifier=model,
-            )
-            training_model.fit(
-                make_train_input(config, phase, num_classes, strategy),
-                initial_epoch=first_epoch,
-                epochs=end_epoch,
-                steps_per_epoch=config.data.steps_per_epoch,
-                callbacks=phase_callbacks,
-                verbose=config.verbose,
-                shuffle=False,  # the input pipeline shuffles; Keras cannot shuffle a dataset
-            )
-            if guard.diverged:
-                raise TrainingDiverged(
-                    f"training diverged in phase {phase.name}: {guard.where}; stopped, the last "
-                    f"good state is kept in {layout.last_checkpoint} and {layout.backup} "
-                    "(try a lower learning rate)"
-                )
-            history = callbacks_lib.read_history(chief.history)
-            last_images_per_second = history.get(end_epoch, {}).get("images_per_second")
+            calibrate_batchnorm(run.model, _calibration_images(config, run.num_classes))
+    run.training_model = make_training_model(run.model, config, strategy)
+    # Every decision that changes which collectives run (restore a phase, evaluate at
+    # initialisation) is read from the chief's files, so all workers take the same path.
+    run.history = callbacks_lib.read_history(run.chief.history)
+    if config.data.dev_data:
+        eval_batch = max(phase.batch_size for phase in config.active_phases)
+        run.evaluator = DevEvaluator(config, run.num_classes, eval_batch, strategy, run.info)
 
-    if not info.is_chief:
-        return _finish_non_chief(layout, info)
+
+def _run_phase(
+    run: _Run, index: int, phase: PhaseConfig, first_epoch: int, end_epoch: int
+) -> None:
+    """One phase: restored from its backup if that records all its epochs, else ``fit`` (from
+    the backup's last complete epoch, if any).
+
+    Raises:
+      TrainingDiverged: the loss became non-finite.
+    """
+    config, layout, chief, model = run.config, run.layout, run.chief, run.model
+    compile_for_phase(model, phase, config, run.strategy, run.training_model, run.class_counts)
+    backup_dir = layout.phase_backup(index, phase.name)
+    if layout != chief:
+        _copy_backup_from_chief(chief.phase_backup(index, phase.name), backup_dir)
+    if _completed_epochs(backup_dir) >= end_epoch:
+        _restore_backup(run.training_model, backup_dir, run.strategy)
+        _LOG.info("phase %s: already complete (epochs %d-%d), restored from %s",
+                  phase.name, first_epoch + 1, end_epoch, backup_dir)
+        return
+    done = _completed_epochs(backup_dir)
+    if done > first_epoch:
+        _LOG.info("phase %s: resuming after epoch %d from %s", phase.name, done, backup_dir)
+    if run.evaluator is not None and 0 not in run.history:
+        run.history[0] = {"epoch": 0, "phase": "init", "dev_gap": f"{run.evaluator(model):.6g}"}
+        callbacks_lib.write_history(layout.history, run.history)
+        _LOG.info("dev GAP at initialisation: %s", run.history[0]["dev_gap"])
+    _LOG.info(
+        "phase %s: epochs %d-%d, backbone trainable from %s, %s, lr %.3g -> %.3g",
+        phase.name, first_epoch + 1, end_epoch, phase.trainable_from,
+        run.info.describe_batch(phase.batch_size), phase.learning_rate_at(0),
+        phase.learning_rate_at(phase.epochs - 1),
+    )
+    guard = callbacks_lib.DivergenceGuard()
+    phase_callbacks = _phase_callbacks(
+        layout, phase, first_epoch, backup_dir, guard, run.evaluator,
+        _best_dev_gap(run.history), classifier=model,
+    )
+    run.training_model.fit(
+        make_train_input(config, phase, run.num_classes, run.strategy),
+        initial_epoch=first_epoch,
+        epochs=end_epoch,
+        steps_per_epoch=config.data.steps_per_epoch,
+        callbacks=phase_callbacks,
+        verbose=config.verbose,
+        shuffle=False,  # the input pipeline shuffles; Keras cannot shuffle a dataset
+    )
+    if guard.diverged:
+        raise TrainingDiverged(
+            f"training diverged in phase {phase.name}: {guard.where}; stopped, the last "
+            f"good state is kept in {layout.last_checkpoint} and {layout.backup} "
+            "(try a lower learning rate)"
+        )
+    run.history = callbacks_lib.read_history(chief.history)
+    run.last_images_per_second = run.history.get(end_epoch, {}).get("images_per_second")
+
+
+def _export(run: _Run) -> dict:
+    """The chief's end: ``model.keras`` and ``embedding.keras`` from the best (or last)
+    weights, ``summary.json``, the backups removed, ``_SUCCESS`` last."""
+    config, layout = run.config, run.layout
     history = callbacks_lib.read_history(layout.history)
     best_dev_gap = _best_dev_gap(history)
     use_best = best_dev_gap is not None and tf.io.gfile.exists(layout.best_checkpoint)
     weights = layout.best_checkpoint if use_best else layout.last_checkpoint
     if not tf.io.gfile.exists(weights):  # every phase was restored from backups only
-        save_classifier_weights(model, weights)
-    export_model(layout, weights, config, num_classes)
+        save_classifier_weights(run.model, weights)
+    export_model(layout, weights, config, run.num_classes)
     summary = {
         "model": layout.model,
+        "embedding": layout.embedding,
         "exported_weights": "best dev GAP" if use_best else "last epoch",
-        "num_classes": num_classes,
-        "train_images": sum(counts.values()) if counts else None,
+        "head": run.head.name,
+        "embedding_dim": run.head.embedding_dim,
+        "num_classes": run.num_classes,
+        "train_images": sum(run.counts.values()) if run.counts else None,
         "epochs": config.total_epochs,
-        "strategy": info.kind,
-        "replicas": info.num_replicas,
-        "devices": list(info.devices),
+        "strategy": run.info.kind,
+        "replicas": run.info.num_replicas,
+        "devices": list(run.info.devices),
         "global_batch_by_phase": {p.name: p.batch_size for p in config.active_phases},
         "mixed_precision": config.distribution.mixed_precision,
         "dev_gap_initial": _float_or_none(history.get(0, {}).get("dev_gap")),
         "dev_gap_final": _float_or_none(history.get(config.total_epochs, {}).get("dev_gap")),
         "dev_gap_best": best_dev_gap,
-        "images_per_second_last_epoch": _float_or_none(last_images_per_second),
-        "seconds_this_process": round(time.perf_counter() - started, 1),
+        "images_per_second_last_epoch": _float_or_none(run.last_images_per_second),
+        "seconds_this_process": round(time.perf_counter() - run.started, 1),
     }
     _write_text(layout.summary, json.dumps(summary, indent=2) + "\n")
     if tf.io.gfile.exists(layout.backup):

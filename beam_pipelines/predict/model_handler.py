@@ -43,7 +43,7 @@ def custom_objects() -> dict[str, Any]:
     import keras
     from trainer import layers
 
-    classes = (layers.GeMPooling,)
+    classes = (layers.GeMPooling, layers.CosineClassifier)
     return {keras.saving.get_registered_name(cls): cls for cls in classes}
 
 
