@@ -112,7 +112,7 @@ def test_method_doc_says_where_the_code_lives():
 def _code_defaults() -> dict[str, list]:
     """METHOD.md's table label -> the code default(s) it must equal (several places: all)."""
     from beam_pipelines.predict import config as predict_config
-    from rescoring import crops, local_features, scores, verification
+    from rescoring import ann, crops, local_features, retrieval, scores, verification
     from trainer import augment, layers, losses
     from trainer import config as train_config
 
@@ -167,6 +167,12 @@ def _code_defaults() -> dict[str, list]:
         "subcenter_arcface head: margin of the largest class": [train.model.margin_min],
         "subcenter_arcface head: margin of the smallest class": [train.model.margin_max],
         "subcenter_arcface head: margin exponent lambda": [train.model.margin_power],
+        "retrieval: nearest references that vote k": [retrieval.AggregationParams().k],
+        "retrieval: inlier count worth a full vote": [retrieval.INLIER_CAP],
+        "retrieval: non-landmark images averaged for the penalty": [
+            retrieval.DEFAULT_NON_LANDMARK_K],
+        "retrieval: exact search, index rows per block": [retrieval.DEFAULT_BLOCK_ROWS],
+        "approximate search: cells probed per query": [ann.DEFAULT_NUM_PROBES],
     }
     for name, phase in phases.items():
         values[f"{name} phase: epochs"] = [phase.epochs]

@@ -167,3 +167,31 @@ class CropViewsModelHandler(ModelHandler[np.ndarray, PredictionResult, Any]):
 
     def get_metrics_namespace(self) -> str:
         return "landmarks_predict_crop_voting"
+
+
+def embedding_width(model, image_size: int) -> int:
+    """Checks an embedding model (``embedding.keras``): input ``[B, S, S, 3]`` with S =
+    ``image_size`` (the classifier's), output ``[B, D]``; returns D (``ValueError`` if not)."""
+    geometry = model_geometry(model)  # the same shape rules: [B, S, S, 3] -> [B, D]
+    if geometry.image_size != image_size:
+        raise ValueError(f"it takes {geometry.image_size} px images, the classifier "
+                         f"{image_size} px (both must come from the same model dir)")
+    return geometry.num_classes
+
+
+class EmbeddingViewsModelHandler(CropViewsModelHandler):
+    """:class:`CropViewsModelHandler` for ``embedding.keras``: per example (one image's views
+    ``[V, S, S, 3]`` uint8) the ``inference`` is the views' embeddings ``[V, D]`` float32, to
+    be combined into one by ``rescoring.retrieval.combine_view_embeddings``."""
+
+    def load_model(self):
+        _LOG.info("loading embedding model %s", self._model_path)
+        model = load_keras_model(self._model_path)
+        try:
+            embedding_width(model, self._image_size)
+        except ValueError as error:
+            raise ValueError(f"embedding model {self._model_path}: {error}") from error
+        return model
+
+    def get_metrics_namespace(self) -> str:
+        return "landmarks_predict_embedding"
