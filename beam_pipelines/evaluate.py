@@ -17,7 +17,12 @@ Metrics (all over the solution's non-``Ignored`` rows, as the official scorer do
 - With ``--scores`` (the predict job's ``scores.csv``: ``id,nn_label,nn_confidence,local_max,
   local_mean,local_best_half,final_score,label``): ``gap_nn_only``, ``gap_nn_only_landmarks_only``
   and ``top1_accuracy_nn_only``: the classifier's own answer ``(nn_label, nn_confidence)``
-  before rescoring, to compare with the rescored ``gap``.
+  before rescoring, to compare with the rescored ``gap``. When ``scores.csv`` comes from a
+  retrieval recognizer (it has the ``knn_label`` and ``knn_score`` columns of
+  ``--recognizer knn`` / ``knn+classifier``), also ``gap_knn_only``,
+  ``gap_knn_only_landmarks_only`` and ``top1_accuracy_knn_only``: the kNN's answer
+  ``(knn_label, knn_score)`` before verification; the ``nn_only`` metrics are then given only if
+  the classifier ran (``knn+classifier``).
 - ``by_usage``: the same metrics per Usage (``Public``/``Private``), each with its own M.
 - ``counts``: images, landmark images, predictions (on landmark / non-landmark images), correct
   predictions, ignored rows, test ids without a submission row.
@@ -51,6 +56,7 @@ PRECISION_PLOT_FILENAME = "precision_at_rank.png"
 HISTOGRAM_PLOT_FILENAME = "score_histograms.png"
 SCORES_COLUMNS = ("id", "nn_label", "nn_confidence", "local_max", "local_mean", "local_best_half",
                   "final_score", "label")
+KNN_SCORES_COLUMNS = ("knn_label", "knn_score")  # with a retrieval recognizer
 USAGE_ORDER = ("Public", "Private")
 
 
@@ -74,8 +80,9 @@ class EvaluateConfig:
 def parse_scores(text: str, known_ids: Optional[set] = None) -> pd.DataFrame:
     """The predict job's ``scores.csv`` text -> DataFrame indexed by ``id``.
 
-    ``nn_label``/``label`` become nullable integers (``<NA>`` = no prediction); the score
-    columns floats.
+    ``nn_label``/``label`` (and ``knn_label`` when present) become nullable integers
+    (``<NA>`` = no prediction); the score columns (and ``knn_score``) floats. Other columns
+    (a retrieval recognizer's ``recognizer``, ``neighbour_*``, ...) stay text.
 
     Raises:
       InputError: missing columns, unparsable numbers, repeated ids, or ids outside
@@ -97,13 +104,15 @@ def parse_scores(text: str, known_ids: Optional[set] = None) -> pd.DataFrame:
         if unknown:
             raise InputError(f"scores: {len(unknown)} ids are not in the solution, "
                              f"e.g. {unknown[0]!r}")
-    for column in ("nn_label", "label"):
+    has_knn = all(column in frame.columns for column in KNN_SCORES_COLUMNS)
+    for column in ("nn_label", "label") + (("knn_label",) if has_knn else ()):
         try:
             frame[column] = pd.array([int(v) if v.strip() else None for v in frame[column]],
                                      dtype="Int64")
         except ValueError:
             raise InputError(f"scores: column {column} holds a non-integer label") from None
-    for column in ("nn_confidence", "local_max", "local_mean", "local_best_half", "final_score"):
+    for column in (("nn_confidence", "local_max", "local_mean", "local_best_half", "final_score")
+                   + (("knn_score",) if has_knn else ())):
         try:
             frame[column] = np.array([float(v) if v.strip() else math.nan for v in frame[column]],
                                      np.float64)
@@ -112,16 +121,38 @@ def parse_scores(text: str, known_ids: Optional[set] = None) -> pd.DataFrame:
     return frame.set_index("id")
 
 
-def nn_predictions(scores: pd.DataFrame) -> dict[str, gap_lib.Prediction]:
-    """``{id: (nn_label, nn_confidence) | None}`` from :func:`parse_scores`' frame."""
+def nn_predictions(scores: pd.DataFrame, label_column: str = "nn_label",
+                   score_column: str = "nn_confidence") -> dict[str, gap_lib.Prediction]:
+    """``{id: (nn_label, nn_confidence) | None}`` from :func:`parse_scores`' frame (or another
+    pair of label and score columns, e.g. ``knn_label``, ``knn_score``)."""
     predictions = {}
-    columns = zip(scores.index, scores["nn_label"], scores["nn_confidence"])
+    columns = zip(scores.index, scores[label_column], scores[score_column])
     for image_id, label, confidence in columns:
         if pd.isna(label) or not math.isfinite(confidence):
             predictions[image_id] = None
         else:
             predictions[image_id] = (int(label), float(confidence))
     return predictions
+
+
+def has_knn_columns(scores: pd.DataFrame) -> bool:
+    """Whether :func:`parse_scores`' frame comes from a retrieval recognizer."""
+    return all(column in scores.columns for column in KNN_SCORES_COLUMNS)
+
+
+def has_classifier_columns(scores: pd.DataFrame) -> bool:
+    """Whether the classifier ran: always for the classifier recognizer's file (no
+    ``recognizer`` column), for a retrieval recognizer's only with ``knn+classifier``."""
+    if "recognizer" not in scores.columns:
+        return True
+    return any(value in ("classifier", "knn+classifier") for value in scores["recognizer"])
+
+
+def knn_predictions(scores: pd.DataFrame) -> Optional[dict[str, gap_lib.Prediction]]:
+    """``{id: (knn_label, knn_score) | None}``, or None without the kNN columns."""
+    if not has_knn_columns(scores):
+        return None
+    return nn_predictions(scores, "knn_label", "knn_score")
 
 
 def _gap_or_none(predictions, solution, landmarks_only: bool = False) -> Optional[float]:
@@ -148,7 +179,16 @@ def top1_accuracy(predictions: Mapping[str, gap_lib.Prediction],
     return correct / len(landmark_ids)
 
 
-def _subset_metrics(predictions, nn, solution) -> dict:
+def _only_metrics(name: str, answers, solution) -> dict:
+    """``gap_<name>_only``, ``gap_<name>_only_landmarks_only``, ``top1_accuracy_<name>_only``."""
+    predicted = {i: p for i, p in answers.items() if p is not None and i in solution}
+    return {f"gap_{name}_only": _gap_or_none(predicted, solution),
+            f"gap_{name}_only_landmarks_only": _gap_or_none(predicted, solution,
+                                                            landmarks_only=True),
+            f"top1_accuracy_{name}_only": top1_accuracy(predicted, solution)}
+
+
+def _subset_metrics(predictions, nn, solution, knn=None) -> dict:
     predicted = {i: p for i, p in predictions.items() if p is not None and i in solution}
     metrics = {
         "gap": _gap_or_none(predicted, solution),
@@ -159,11 +199,9 @@ def _subset_metrics(predictions, nn, solution) -> dict:
         "predictions": len(predicted),
     }
     if nn is not None:
-        nn_predicted = {i: p for i, p in nn.items() if p is not None and i in solution}
-        metrics["gap_nn_only"] = _gap_or_none(nn_predicted, solution)
-        metrics["gap_nn_only_landmarks_only"] = _gap_or_none(nn_predicted, solution,
-                                                             landmarks_only=True)
-        metrics["top1_accuracy_nn_only"] = top1_accuracy(nn_predicted, solution)
+        metrics.update(_only_metrics("nn", nn, solution))
+    if knn is not None:
+        metrics.update(_only_metrics("knn", knn, solution))
     return metrics
 
 
@@ -184,11 +222,13 @@ def evaluate(submission_text: str, solution_text: str, scores_text: Optional[str
     problems = submission_lib.validate_submission(submission_text, list(full_solution))
 
     scored = {i: labels for i, labels in full_solution.items() if usage[i] != "Ignored"}
-    nn = None
+    nn = knn = None
     if scores_text is not None:
-        nn = nn_predictions(parse_scores(scores_text, known_ids=set(full_solution)))
+        scores = parse_scores(scores_text, known_ids=set(full_solution))
+        nn = nn_predictions(scores) if has_classifier_columns(scores) else None
+        knn = knn_predictions(scores)
 
-    report = _subset_metrics(predictions, nn, scored)
+    report = _subset_metrics(predictions, nn, scored, knn)
     counts = {key: report.pop(key) for key in ("images", "landmark_images", "predictions")}
     predicted = [i for i, p in predictions.items() if p is not None and i in scored]
     counts.update({
@@ -204,7 +244,7 @@ def evaluate(submission_text: str, solution_text: str, scores_text: Optional[str
     for usage_name in USAGE_ORDER:
         subset = {i: labels for i, labels in scored.items() if usage[i] == usage_name}
         if subset:
-            report["by_usage"][usage_name] = _subset_metrics(predictions, nn, subset)
+            report["by_usage"][usage_name] = _subset_metrics(predictions, nn, subset, knn)
     report["submission_problems"] = problems
     return report
 
@@ -235,7 +275,8 @@ def precision_plot(curves: Mapping[str, tuple[np.ndarray, np.ndarray]],
 
     figure = Figure(figsize=(11, 4.2))
     by_rank, by_score = figure.subplots(1, 2)
-    for (name, (scores, correct)), colour in zip(curves.items(), ("tab:blue", "tab:orange")):
+    for (name, (scores, correct)), colour in zip(curves.items(),
+                                                 ("tab:blue", "tab:orange", "tab:purple")):
         if len(scores) == 0:
             continue
         ranks = np.arange(1, len(scores) + 1)
@@ -318,7 +359,9 @@ def format_table(report: dict) -> str:
     """A short text table: metrics (rows) for all images and per Usage (columns)."""
     columns = [("all", {**report, **report["counts"]})] + list(report["by_usage"].items())
     names = ["gap", "gap_landmarks_only", "gap_nn_only", "gap_nn_only_landmarks_only",
-             "top1_accuracy", "top1_accuracy_nn_only", "images", "landmark_images", "predictions"]
+             "gap_knn_only", "gap_knn_only_landmarks_only", "top1_accuracy",
+             "top1_accuracy_nn_only", "top1_accuracy_knn_only", "images", "landmark_images",
+             "predictions"]
     names = [name for name in names if name in columns[0][1]]
     width = max(len(name) for name in names) + 2
     lines = ["metric".ljust(width) + "".join(title.rjust(10) for title, _ in columns)]
@@ -348,7 +391,8 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--output_dir", required=True,
                         help=f"folder for {REPORT_FILENAME} and the plots (required)")
     parser.add_argument("--scores", default=None,
-                        help="scores.csv of landmarks-predict: adds the classifier-only metrics "
+                        help="scores.csv of landmarks-predict: adds the classifier-only "
+                             "metrics, and the kNN-only ones for a retrieval recognizer "
                              "(default: none)")
     return parser
 
@@ -383,9 +427,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     curves = {"submission": ranked_correctness(predictions, solution)}
     panels = {"submission score": _score_groups(predictions, solution)}
     if scores_text is not None:
-        nn = nn_predictions(parse_scores(scores_text))
-        curves["classifier only"] = ranked_correctness(nn, solution)
-        panels["classifier confidence (nn_confidence)"] = _score_groups(nn, solution)
+        scores = parse_scores(scores_text)
+        if has_classifier_columns(scores):
+            nn = nn_predictions(scores)
+            curves["classifier only"] = ranked_correctness(nn, solution)
+            panels["classifier confidence (nn_confidence)"] = _score_groups(nn, solution)
+        knn = knn_predictions(scores)
+        if knn is not None:
+            curves["kNN only"] = ranked_correctness(knn, solution)
+            panels["kNN score (knn_score)"] = _score_groups(knn, solution)
 
     io_utils.write_bytes(io_utils.join(config.output_dir, PRECISION_PLOT_FILENAME),
                          precision_plot(curves, report["counts"]["landmark_images"]))

@@ -93,6 +93,12 @@ def _contents(path: str) -> list[str]:
     return match(join(path, "**"))
 
 
+def list_contents(path: str) -> list[str]:
+    """What :func:`prepare_output_dir` would delete: the top-level entries of a local folder
+    (files and folders), every object under the prefix on an object store; ``[]`` if none."""
+    return _contents(path)
+
+
 def prepare_output_dir(path: str, overwrite: bool) -> None:
     """Makes ``path`` an empty folder ready for one run's outputs.
 

@@ -57,3 +57,31 @@ def vote(view_probabilities: np.ndarray) -> tuple[int, float]:
         raise ValueError(f"expected [V, C] probabilities, got {probabilities.shape}")
     classes, confidences = vote_batch(probabilities[None])
     return int(classes[0]), float(confidences[0])
+
+
+def vote_shares(view_probabilities: np.ndarray) -> dict[int, float]:
+    """Every class's share of one image's votes: its summed votes divided by the views.
+
+    The same votes as :func:`vote` (each view votes for its top-1 class with that probability);
+    classes no view voted for are absent. The class of :func:`vote` is the one with the largest
+    share (lowest index on ties), and its share is :func:`vote`'s confidence (shares are
+    rounded to float32 as that confidence is).
+
+    Args:
+      view_probabilities: float ``[V, C]``: V views' class probabilities.
+
+    Returns:
+      ``{class_index: share}`` with Python ``int`` keys and ``float`` values.
+    """
+    probabilities = np.asarray(view_probabilities, np.float64)
+    if probabilities.ndim != 2 or 0 in probabilities.shape:
+        raise ValueError(f"expected non-empty [V, C] probabilities, got {probabilities.shape}")
+    if not np.all(np.isfinite(probabilities)):
+        raise ValueError("view probabilities contain NaN or infinity")
+    top_class = np.argmax(probabilities, axis=1)  # lowest index on ties, as vote_batch
+    top_probability = probabilities[np.arange(len(probabilities)), top_class]
+    shares: dict[int, float] = {}
+    for class_index, probability in zip(top_class.tolist(), top_probability.tolist()):
+        shares[class_index] = shares.get(class_index, 0.0) + probability
+    return {class_index: float(np.float32(shares[class_index] / len(probabilities)))
+            for class_index in sorted(shares)}

@@ -102,6 +102,41 @@ def test_without_scores_has_no_nn_metrics(files):
     assert "gap_nn_only" not in evaluate.format_table(report)
 
 
+def _knn_scores(recognizer: str) -> str:
+    """SCORES with the columns of a retrieval recognizer (landmarks-predict --recognizer ...).
+
+    The kNN alone: a right (2.5), c wrong (1.5), b right (1.0), d on a distractor (-0.5), e
+    none. Order a(v) c(x) b(v) d(x): GAP = (1/1 + 2/3) / 3 = 5/9, with or without d.
+    """
+    knn = {"a": "0,2.5", "b": "200,1.0", "c": "3,1.5", "d": "150,-0.5", "e": ","}
+    lines = SCORES.splitlines()
+    rows = [lines[0] + ",recognizer,knn_label,knn_score,neighbour_ids"]
+    for line in lines[1:]:
+        if recognizer == "knn":  # no classifier: its columns are empty
+            parts = line.split(",")
+            line = ",".join([parts[0], "", ""] + parts[3:])
+        rows.append(f"{line},{recognizer},{knn[line.split(',')[0]]},r1 r2")
+    return "\n".join(rows) + "\n"
+
+
+@pytest.mark.parametrize("recognizer", ["knn", "knn+classifier"])
+def test_knn_columns_give_gap_knn_only(files, recognizer, capsys):
+    pathlib.Path(files["scores"]).write_text(_knn_scores(recognizer))
+    report = evaluate.run(_argv(files))
+    assert report["gap"] == pytest.approx(1 / 6)  # the submission's, unchanged
+    assert report["gap_knn_only"] == pytest.approx(5 / 9)
+    assert report["gap_knn_only_landmarks_only"] == pytest.approx(5 / 9)
+    assert report["top1_accuracy_knn_only"] == pytest.approx(2 / 3)
+    # Public: a(v, 2.5) c(x, 1.5) -> M = 2 (a, c): 1/2.
+    assert report["by_usage"]["Public"]["gap_knn_only"] == pytest.approx(0.5)
+    if recognizer == "knn":
+        assert "gap_nn_only" not in report  # the classifier did not run
+    else:
+        assert report["gap_nn_only"] == pytest.approx(1 / 3)
+    assert evaluate.main(_argv(files)) == 0
+    assert "gap_knn_only" in capsys.readouterr().out
+
+
 def test_main_prints_table(files, capsys):
     assert evaluate.main(_argv(files)) == 0
     out = capsys.readouterr().out

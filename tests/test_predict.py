@@ -75,6 +75,7 @@ class PredictData:
     all_test_ids: tuple[str, ...]  # every id that must get a row
     target_class: dict  # readable test id -> class index the model was set up to predict
     test_images: dict  # readable test id -> decoded uint8 image (as the pipeline decodes it)
+    embedding_path: Path = None  # embedding.keras beside model.keras (the kNN recognizers')
 
 
 def _decode(jpeg: bytes) -> np.ndarray:
@@ -89,6 +90,7 @@ def build_data(root: Path, crops: int = 2) -> PredictData:
     from rescoring import voting
     from tfrecords_schema import image_record
     from tfrecords_schema.label_map import LabelMap
+    from trainer import heads as heads_lib
     from trainer import model as model_lib
     from trainer.preprocessing import ImageContract
     from trainer.train import calibrate_batchnorm
@@ -176,6 +178,10 @@ def build_data(root: Path, crops: int = 2) -> PredictData:
     model_dir.mkdir()
     model_path = model_dir / "model.keras"
     model.save(str(model_path))
+    # embedding.keras as landmarks-train writes it (trainer.train.export_model): the head's
+    # embedding model on the same weights, here the sigmoid head's L2-normalised GeM output.
+    embedding_path = model_dir / "embedding.keras"
+    heads_lib.SigmoidHead().embedding_model(model).save(str(embedding_path))
     label_map_path = model_dir / "label_map.csv"
     label_map_path.write_text(LabelMap.from_landmark_ids(LANDMARK_IDS).to_csv_text())
 
@@ -189,6 +195,7 @@ def build_data(root: Path, crops: int = 2) -> PredictData:
         all_test_ids=tuple(sorted(list(test_jpegs) + ["test_corrupt_jpeg", "test_old_schema"])),
         target_class=targets,
         test_images=decoded,
+        embedding_path=embedding_path,
     )
 
 

@@ -27,6 +27,7 @@ import posixpath
 from typing import Optional, Sequence
 
 from beam_pipelines import cli
+from beam_pipelines.predict.elements import RECOGNIZERS
 from tfrecords_schema import InputError
 
 CROP_CHOICES = (22, 12, 2, 1)
@@ -38,6 +39,23 @@ DEFAULT_BLEND_WEIGHT = 0.15
 DEFAULT_BATCH_IMAGES = 4
 DEFAULT_MAX_FAILED_FRACTION = 0.01
 REFERENCE_FEATURES_DIRNAME = "reference_features"
+
+RECOGNIZER_CHOICES = RECOGNIZERS
+"""``--recognizer``: crop voting (the recipe), retrieval over every reference image's embedding
+(GLR-2019 rule), or retrieval whose votes are weighted by the classifier (GLR-2020 3rd place)."""
+ANN_CHOICES = ("exact", "faiss")
+DEFAULT_INDEX_SHARD_SIZE = 100_000
+EMBEDDING_FILENAME = "embedding.keras"
+
+
+def default_knn_k(recognizer: str) -> int:
+    """The k of the rule's source: 3 for ``knn`` (GLR-2019, Ozaki & Yokoo), 5 for
+    ``knn+classifier`` (GLR-2020 3rd place, Ha et al.); see ``rescoring.retrieval``."""
+    from rescoring import retrieval
+
+    if recognizer == "knn":
+        return retrieval.AggregationParams.glr2019().k
+    return retrieval.AggregationParams.glr2020_third().k
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +83,14 @@ class PredictConfig:
       max_failed_fraction: the run fails (exit code 4, no ``_SUCCESS``) when more than this
         fraction of the local-feature extractions it ran failed: (test + reference extraction
         failures) / (test + reference images given to the extractor in this run).
+      recognizer: one of :data:`RECOGNIZER_CHOICES` (see the pipeline module's docstring).
+      embedding: ``embedding.keras`` of the kNN recognizers; default the one beside ``model``
+        (empty for the classifier recognizer).
+      knn_k: neighbours retrieved per test image, all of which vote (non-landmarks excepted);
+        0 = :func:`default_knn_k` (resolved here; stays 0 for the classifier recognizer).
+      index_shard_size: at most this many reference embeddings per shard of the index (the
+        unit of memory of a retrieval worker).
+      ann: ``exact`` (blocked exact search) or ``faiss`` (FAISS IVF per shard, approximate).
       image_size: model input side in pixels (resolved from the model by the launcher; 0 until
         then).
       num_classes: model output width (resolved from the model; 0 until then).
@@ -83,6 +109,11 @@ class PredictConfig:
     batch_images: int = DEFAULT_BATCH_IMAGES
     overwrite: bool = False
     max_failed_fraction: float = DEFAULT_MAX_FAILED_FRACTION
+    recognizer: str = "classifier"
+    embedding: str = ""
+    knn_k: int = 0
+    index_shard_size: int = DEFAULT_INDEX_SHARD_SIZE
+    ann: str = "exact"
     image_size: int = 0
     num_classes: int = 0
 
@@ -105,6 +136,25 @@ class PredictConfig:
                 f"--max_failed_fraction must lie in [0, 1], got {self.max_failed_fraction}")
         if not self.local_features:
             raise InputError("--local_features must name an extractor spec")
+        if self.recognizer not in RECOGNIZER_CHOICES:
+            raise InputError(
+                f"--recognizer must be one of {', '.join(RECOGNIZER_CHOICES)}, got "
+                f"{self.recognizer!r}")
+        if self.ann not in ANN_CHOICES:
+            raise InputError(f"--ann must be one of {', '.join(ANN_CHOICES)}, got {self.ann!r}")
+        if self.knn_k < 0:
+            raise InputError(f"--knn_k must be >= 1, got {self.knn_k}")
+        if self.index_shard_size < 1:
+            raise InputError(f"--index_shard_size must be >= 1, got {self.index_shard_size}")
+        if self.recognizer == "classifier":
+            if self.embedding or self.knn_k or self.ann != "exact":
+                raise InputError("--embedding, --knn_k and --ann need --recognizer knn or "
+                                 "knn+classifier")
+        else:
+            if not self.knn_k:
+                object.__setattr__(self, "knn_k", default_knn_k(self.recognizer))
+            if not self.embedding:
+                object.__setattr__(self, "embedding", _sibling(self.model, EMBEDDING_FILENAME))
         if self.image_size < 0 or self.num_classes < 0:
             raise ValueError("image_size and num_classes cannot be negative")
         # Defaults that depend on other fields are filled here so the frozen object (and
@@ -116,8 +166,8 @@ class PredictConfig:
             object.__setattr__(
                 self, "reference_features", _join(parent, REFERENCE_FEATURES_DIRNAME)
             )
-        for name in ("model", "label_map", "test_data", "reference_data"):
-            if _inside(getattr(self, name), self.output_dir):
+        for name in ("model", "label_map", "test_data", "reference_data", "embedding"):
+            if getattr(self, name) and _inside(getattr(self, name), self.output_dir):
                 raise InputError(
                     f"--{name} lies inside --output_dir: the run folder is emptied by "
                     "--overwrite, keep inputs elsewhere"
@@ -136,6 +186,14 @@ class PredictConfig:
 
     def to_json_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    @property
+    def uses_knn(self) -> bool:
+        return self.recognizer != "classifier"
+
+    @property
+    def uses_classifier(self) -> bool:
+        return self.recognizer != "knn"
 
 
 def _strip(path: str) -> str:
@@ -230,6 +288,21 @@ def build_parser() -> argparse.ArgumentParser:
         help="fail the run (exit code 4, no _SUCCESS) when more than this fraction of the "
              "local-feature extractions failed (test + reference images featurised in this "
              "run), in [0, 1]" + default)
+    add("--recognizer", default="classifier", choices=RECOGNIZER_CHOICES,
+        help="classifier: crop voting with --model; knn: the nearest reference images by "
+             "--embedding vote (GLR-2019 rule); knn+classifier: their votes weighted by the "
+             "classifier's crop-voting shares (GLR-2020 3rd place rule)" + default)
+    add("--embedding", default="",
+        help=f"{EMBEDDING_FILENAME} of the knn recognizers (default: the one beside --model)")
+    add("--knn_k", type=int, default=0,
+        help="neighbours retrieved per test image (all but non-landmarks vote) "
+             "(default: 3 for knn, 5 for knn+classifier, as the rules' sources)")
+    add("--index_shard_size", type=int, default=DEFAULT_INDEX_SHARD_SIZE,
+        help="at most this many reference embeddings per shard of the kNN index: a retrieval "
+             "worker holds one shard (size x D x 4 bytes)" + default)
+    add("--ann", default="exact", choices=ANN_CHOICES,
+        help="kNN search: exact (blocked matrix products) or faiss (approximate FAISS IVF "
+             "index per shard, needs faiss-cpu)" + default)
     return parser
 
 
@@ -250,5 +323,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]
         batch_images=known.batch_images,
         overwrite=known.overwrite,
         max_failed_fraction=known.max_failed_fraction,
+        recognizer=known.recognizer,
+        embedding=known.embedding,
+        knn_k=known.knn_k,
+        index_shard_size=known.index_shard_size,
+        ann=known.ann,
     )
     return config, beam_args

@@ -3,6 +3,12 @@
 Flow of one test image: ``DecodedImage`` -> views -> ``Vote`` (crop voting) -> ``TestQuery``
 (vote + the image's local features) -> ``ScoredImage`` (local-feature scores against its
 predicted class's references) -> ``FinalRow`` (normalised and blended).
+
+With a retrieval recognizer (``--recognizer knn`` or ``knn+classifier``): ``DecodedImage`` ->
+views -> one unit embedding -> ``Neighbours`` (its top-k references, merged over the
+``IndexShard`` s of the reference index) -> ``KnnScores`` (class scores from the neighbours) ->
+``ScoredImage`` whose ``knn`` field holds ``KnnDetails`` (after verification of each neighbour)
+-> ``FinalRow``.
 """
 
 from __future__ import annotations
@@ -16,7 +22,16 @@ STATUS_SCORED = "scored"  # compared with >= 1 reference of its predicted class
 STATUS_NO_REFERENCES = "no_references"  # predicted class has no reference features
 STATUS_NO_FEATURES = "no_features"  # the test image gave no local features
 STATUS_UNREADABLE = "unreadable"  # record or image could not be read: empty prediction
-STATUSES = (STATUS_SCORED, STATUS_NO_REFERENCES, STATUS_NO_FEATURES, STATUS_UNREADABLE)
+# kNN recognizers only: no landmark reference among the image's top-k neighbours (all of them
+# non-landmark images, or an empty index): empty prediction.
+STATUS_NO_NEIGHBOURS = "no_landmark_neighbours"
+STATUSES = (STATUS_SCORED, STATUS_NO_REFERENCES, STATUS_NO_FEATURES, STATUS_UNREADABLE,
+            STATUS_NO_NEIGHBOURS)
+
+RECOGNIZER_CLASSIFIER = "classifier"
+RECOGNIZER_KNN = "knn"
+RECOGNIZER_KNN_CLASSIFIER = "knn+classifier"
+RECOGNIZERS = (RECOGNIZER_CLASSIFIER, RECOGNIZER_KNN, RECOGNIZER_KNN_CLASSIFIER)
 
 
 class DecodedImage(NamedTuple):
@@ -35,10 +50,17 @@ class Unreadable(NamedTuple):
 
 
 class Vote(NamedTuple):
-    """Crop-voting result: contiguous class index and its mean vote (confidence in [0, 1])."""
+    """Crop-voting result: contiguous class index and its mean vote (confidence in [0, 1]).
+
+    ``class_votes``: every class that won at least one view, with its share of the votes
+    (:func:`rescoring.voting.vote_shares`), as ``((class_index, share), ...)`` sorted by class;
+    filled only when asked for (``CropVote(..., class_votes=True)``, the ``knn+classifier``
+    recognizer), empty otherwise.
+    """
 
     class_index: int
     confidence: float
+    class_votes: tuple = ()
 
 
 class TestQuery(NamedTuple):
@@ -70,6 +92,7 @@ class ScoredImage(NamedTuple):
     local_best_half: float
     num_features: int
     num_references: int
+    knn: Optional["KnnDetails"] = None
 
 
 class FinalRow(NamedTuple):
@@ -86,3 +109,103 @@ class FinalRow(NamedTuple):
     label: Optional[int]
     num_features: int
     num_references: int
+    knn: Optional["KnnDetails"] = None
+
+
+# ---- the retrieval recognizers ------------------------------------------------------------------
+
+
+class ReferenceEmbedding(NamedTuple):
+    """One reference image of the index: its id, label (class index, -1 for a non-landmark)
+    and unit embedding float32 ``[D]``."""
+
+    image_id: str
+    label: int
+    embedding: np.ndarray
+
+
+class IndexShard(NamedTuple):
+    """At most ``--index_shard_size`` rows of the reference index, sorted by id: ``ids`` str
+    ``[n]``, ``labels`` int64 ``[n]`` (class indices, -1 for non-landmarks), ``vectors`` float32
+    ``[n, D]`` (unit rows)."""
+
+    ids: np.ndarray
+    labels: np.ndarray
+    vectors: np.ndarray
+
+
+class QueryBatch(NamedTuple):
+    """Up to a few hundred test embeddings: ``ids`` (a tuple of test ids) and float32
+    ``[b, D]`` unit rows."""
+
+    ids: tuple
+    vectors: np.ndarray
+
+
+class Neighbours(NamedTuple):
+    """A test image's retrieved references, most similar first (ties: smaller id first).
+
+    ``labels`` are class indices (-1: non-landmark image) in the job, ORIGINAL landmark ids
+    (-1 stays) in ``FinalRow.knn``.
+    """
+
+    ids: tuple = ()
+    similarities: tuple = ()
+    labels: tuple = ()
+
+
+class KnnScores(NamedTuple):
+    """``ScoreNeighbours``' verdict on one test image, before verification.
+
+    Attributes:
+      neighbours: the retrieved references (landmarks and non-landmarks).
+      penalty: ``rescoring.retrieval.non_landmark_penalty`` of the non-landmark neighbours.
+      class_confidences: ``{class_index: crop-voting share}`` of the classifier
+        (``knn+classifier``), None for ``knn``.
+      knn_class: best class of ``class_scores_from_neighbours`` (None: no landmark neighbour).
+      knn_score: its score.
+      per_class: every voted class -> its score (similarity votes only, no inliers).
+      vote: the classifier's crop vote (``knn+classifier``), None for ``knn``.
+    """
+
+    neighbours: Neighbours
+    penalty: float
+    class_confidences: Optional[dict]
+    knn_class: Optional[int]
+    knn_score: float
+    per_class: dict
+    vote: Optional[Vote] = None
+
+
+class KnnDetails(NamedTuple):
+    """The retrieval columns of one ``scores.csv`` row (see :mod:`.outputs`).
+
+    Attributes:
+      recognizer: ``knn`` or ``knn+classifier``.
+      knn_label: the kNN's label before verification (class index in ``ScoredImage``, landmark
+        id in ``FinalRow``), None without a landmark neighbour.
+      knn_score: its score (``class_scores_from_neighbours``).
+      confidence: the value blended into ``final_score`` in place of the classifier's
+        confidence: the kNN similarity score of the final label divided by k, clipped to [0, 1].
+      neighbour_ids, neighbour_similarities, neighbour_labels: the retrieved references.
+      neighbour_inliers: verified inlier count per neighbour (0 when not compared: a
+        non-landmark, a reference without cached local features, a featureless test image).
+      neighbour_confidences: the classifier factor of each neighbour's class: its crop-voting
+        share, or ``missing_confidence`` (1e-8) when no view voted for it (always for a
+        non-landmark, which does not vote anyway); empty for ``knn``.
+      non_landmark_penalty: subtracted from the landmark neighbours' similarities.
+      nn_label, nn_confidence: the classifier's crop vote (``knn+classifier``), else None.
+    """
+
+    recognizer: str
+    knn_label: Optional[int]
+    knn_score: float
+    confidence: float
+    neighbour_ids: tuple
+    neighbour_similarities: tuple
+    neighbour_labels: tuple
+    neighbour_inliers: tuple
+    neighbour_confidences: tuple
+    non_landmark_penalty: float
+    nn_label: Optional[int] = None
+    nn_confidence: Optional[float] = None

@@ -9,6 +9,25 @@ unreadable image. ``local_*`` are the raw aggregated inlier counts (before norma
 ``final_score = (1 - w) * local_max / max(local_max over the test set) + w * nn_confidence``
 (0 when the maximum is 0), so the file alone is enough to recompute every final score.
 Floats are written with ``repr``, which reads back to the identical float.
+
+With a retrieval recognizer (``--recognizer knn`` or ``knn+classifier``) the file has the
+columns of :data:`KNN_COLUMNS` after those (the classifier recognizer's file is unchanged)::
+
+    recognizer,confidence,knn_label,knn_score,non_landmark_penalty,neighbour_ids,
+    neighbour_similarities,neighbour_labels,neighbour_inliers,neighbour_confidences
+
+The ``neighbour_*`` columns are space-separated lists, one entry per retrieved reference, most
+similar first; labels are landmark ids (-1: a non-landmark reference). Then, with the rule of
+:func:`beam_pipelines.predict.knn.aggregation_params` (k = the list length): the landmark
+neighbours' similarities minus ``non_landmark_penalty`` (the mean similarity of the
+non-landmark neighbours) vote by ``rescoring.retrieval.class_scores_from_neighbours`` (class
+confidences ``dict(zip(neighbour_labels, neighbour_confidences))`` for ``knn+classifier``) ->
+``knn_label``, ``knn_score``; the same with ``neighbour_inliers`` by
+``rescoring.retrieval.rerank_with_inliers`` -> ``label``, and its voting neighbours' inliers ->
+``local_max``, ``local_mean``, ``local_best_half``; ``final_score = (1 - w) * local_max /
+max(local_max) + w * confidence``, where ``confidence`` replaces ``nn_confidence`` (see
+:func:`beam_pipelines.predict.knn.blend_confidence`). ``nn_label`` and ``nn_confidence`` are the
+classifier's crop vote with ``knn+classifier``, empty with ``knn``.
 """
 
 from __future__ import annotations
@@ -18,6 +37,7 @@ from typing import Iterable, Sequence
 
 from beam_pipelines.predict.elements import (
     STATUS_NO_FEATURES,
+    STATUS_NO_NEIGHBOURS,
     STATUS_NO_REFERENCES,
     STATUS_SCORED,
     STATUS_UNREADABLE,
@@ -28,11 +48,16 @@ SCORES_HEADER = (
     "id", "nn_label", "nn_confidence", "local_max", "local_mean", "local_best_half",
     "final_score", "label",
 )
+KNN_COLUMNS = (
+    "recognizer", "confidence", "knn_label", "knn_score", "non_landmark_penalty",
+    "neighbour_ids", "neighbour_similarities", "neighbour_labels", "neighbour_inliers",
+    "neighbour_confidences",
+)
 
 # When one id appears in several test records, the row kept is the readable one with the
 # highest final score (then the smallest label): deterministic whatever the arrival order.
 _STATUS_RANK = {STATUS_SCORED: 0, STATUS_NO_REFERENCES: 0, STATUS_NO_FEATURES: 0,
-                STATUS_UNREADABLE: 1}
+                STATUS_NO_NEIGHBOURS: 0, STATUS_UNREADABLE: 1}
 
 
 def _preference(row: FinalRow):
@@ -71,19 +96,39 @@ def _text(value) -> str:
     return str(value)
 
 
-def scores_csv(rows: Sequence[FinalRow]) -> str:
-    """``scores.csv`` text for rows already reduced by :func:`one_row_per_id`."""
-    lines = [",".join(SCORES_HEADER)]
+def _list_text(values) -> str:
+    return " ".join(_text(value) for value in values)
+
+
+def _knn_values(row: FinalRow, recognizer: str) -> tuple:
+    knn = row.knn
+    if knn is None:  # an unreadable image: no retrieval
+        return (recognizer,) + ("",) * (len(KNN_COLUMNS) - 1)
+    return (knn.recognizer, knn.confidence, knn.knn_label, knn.knn_score,
+            knn.non_landmark_penalty, " ".join(knn.neighbour_ids),
+            _list_text(knn.neighbour_similarities), _list_text(knn.neighbour_labels),
+            _list_text(knn.neighbour_inliers), _list_text(knn.neighbour_confidences))
+
+
+def scores_csv(rows: Sequence[FinalRow], recognizer: str = "classifier") -> str:
+    """``scores.csv`` text for rows already reduced by :func:`one_row_per_id`; a kNN
+    ``recognizer`` adds :data:`KNN_COLUMNS`."""
+    knn_columns = recognizer != "classifier"
+    lines = [",".join(SCORES_HEADER + (KNN_COLUMNS if knn_columns else ()))]
     for row in rows:
         values = (row.image_id, row.nn_label, row.nn_confidence, row.local_max, row.local_mean,
                   row.local_best_half, row.final_score, row.label)
+        if knn_columns:
+            values += _knn_values(row, recognizer)
         lines.append(",".join(_text(value) for value in values))
     return "\n".join(lines) + "\n"
 
 
 def pipeline_stats(rows: Sequence[FinalRow], duplicates: int, unparseable: int) -> dict:
     """Counts that reconcile: ``test_images == predicted + unreadable`` and ``predicted ==
-    with_references + without_references + without_features``."""
+    with_references + without_references + without_features + without_landmark_neighbours``
+    (the last only with a kNN recognizer: readable images whose neighbours are all
+    non-landmarks, which get no label)."""
     by_status = {status: 0 for status in _STATUS_RANK}
     for row in rows:
         by_status[row.status] += 1
@@ -102,6 +147,7 @@ def pipeline_stats(rows: Sequence[FinalRow], duplicates: int, unparseable: int) 
         "with_references": by_status[STATUS_SCORED],
         "without_references": by_status[STATUS_NO_REFERENCES],
         "without_features": by_status[STATUS_NO_FEATURES],
+        "without_landmark_neighbours": by_status[STATUS_NO_NEIGHBOURS],
         "duplicate_test_records": duplicates,
         "unparseable_test_records": unparseable,
         "features_per_image": features,

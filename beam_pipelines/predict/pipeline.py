@@ -5,7 +5,9 @@ Usage::
     landmarks-predict --model runs/train/model.keras \\
         --test_data 'runs/ingest/test-*.tfrecord' --reference_data 'runs/ingest/train-*.tfrecord' \\
         --output_dir runs/predict [--local_features default|delf:HANDLE|sift|orb] \\
-        [--references_per_class 32] [--crops 22] [--overwrite] [Beam options, e.g. --runner]
+        [--references_per_class 32] [--crops 22] [--overwrite] [Beam options, e.g. --runner] \
+        [--recognizer classifier|knn|knn+classifier] [--embedding runs/train/embedding.keras] \
+        [--knn_k K] [--index_shard_size 100000] [--ann exact|faiss]
 
 Steps (the launcher checks everything it can before a pipeline starts):
 
@@ -34,6 +36,35 @@ Steps (the launcher checks everything it can before a pipeline starts):
 
 4. Launcher: ``stats.json`` (counts + seconds), then the completeness checks
    (:func:`completeness_problem`), then ``_SUCCESS`` only if they pass.
+
+Retrieval recognizer (``--recognizer knn`` or ``knn+classifier``; docs/METHOD.md, "Retrieval
+recognizer"). The launcher also loads ``--embedding`` (default ``embedding.keras`` beside the
+model) and checks it (:func:`check_embedding_model`); between steps 2 and 3 a job A' embeds
+*every* reference image into the cache (``embeddings/``, reused when the model's bytes and the
+reference files match, :func:`ensure_reference_embeddings`; no landmark embedding stops the run,
+exit code 4). Job B then replaces ``CropVote`` and ``Verify``::
+
+     ReadTestImages --images--+--> Embed ----- (id, embedding) ---+
+       |                      |                                   v
+       |  ReadReferenceEmbeddings -> ShardIndex -- (key, shard) -> Retrieve
+       |                      |                                   | (id, Neighbours)
+       |                      +--> CropVote (knn+classifier) --> ScoreNeighbours
+       |                      |         (id, Vote + shares)       | (id, KnnScores)
+       |                      +--> ExtractLocalFeatures --------> VerifyNeighbours <-- reference
+       |                                                          | ScoredImage       features
+       +--unreadable--> ... Flatten -> Blend -> WriteSubmission (as above)
+
+Test images are embedded from the same views as crop voting (``--crops``), combined by
+``rescoring.retrieval.combine_view_embeddings`` (views normalised, averaged, normalised again).
+Each test image retrieves its ``--knn_k`` most similar references of the whole index
+(non-landmarks included); the non-landmark ones give the penalty subtracted from the landmark
+ones' similarities, and only landmark ones vote (GLR-2019 rule for ``knn``; GLR-2020 3rd-place
+rule, votes times the classifier's crop-voting share of the class to the power 10, for
+``knn+classifier``; :func:`.knn.aggregation_params`). Each landmark neighbour whose local
+features are in the cache (the per-class sample of ``--references_per_class``) is verified
+against the test image, the inliers re-rank the classes
+(``rescoring.retrieval.rerank_with_inliers``), and the blend is the classifier's, with
+``confidence`` (:func:`.knn.blend_confidence`) in place of ``nn_confidence``.
 
 Exit codes of ``main`` (``run(argv)`` returns the summary or raises):
 
@@ -137,6 +168,51 @@ def check_model(path: str, label_map: LabelMap) -> model_handler.ModelGeometry:
             f"{label_map.num_classes} landmark ids; pass the label map the model was trained with"
         )
     return geometry
+
+
+def check_embedding_model(path: str, image_size: int) -> tuple[int, str]:
+    """Loads ``--embedding`` once in the launcher: input S = the classifier's, output ``[B, D]``
+    of unit rows (checked on :func:`probe_image`, so a classifier passed by mistake is refused).
+
+    Returns:
+      ``(D, SHA-256 of the file)``; the digest keys the reference-embedding cache.
+    """
+    import numpy as np
+
+    from trainer.preprocessing import ImageContract
+
+    flag = f"--embedding {path}"
+    try:
+        model = model_handler.load_keras_model(path)
+        width = model_handler.embedding_width(model, image_size)
+    except FileNotFoundError as error:
+        raise PredictError(f"{flag}: {error} (train with landmarks-train, which writes "
+                           "embedding.keras beside model.keras, or pass --embedding)") from error
+    except ValueError as error:
+        raise PredictError(f"incompatible {flag}: {error}") from error
+    from PIL import Image
+
+    probe = np.asarray(Image.fromarray(probe_image()).resize((image_size, image_size)), np.uint8)
+    output = np.asarray(model.predict_on_batch(ImageContract(image_size).scale(probe[None])))
+    del model
+    norm = float(np.linalg.norm(output[0]))
+    if not np.all(np.isfinite(output)) or abs(norm - 1.0) > 1e-3:
+        raise PredictError(
+            f"{flag} does not output L2-normalised embeddings (norm {norm:.4g} on a test "
+            "photograph); pass the embedding.keras written by landmarks-train")
+    return width, reference_cache.file_digest(path)
+
+
+def check_ann(config) -> None:
+    """``--ann faiss`` needs FAISS in the launcher (and the workers)."""
+    if config.ann != "faiss":
+        return
+    from rescoring import ann
+
+    try:
+        ann.import_faiss()
+    except ImportError as error:
+        raise PredictError(f"--ann faiss: {error}") from error
 
 
 def check_inputs(config: config_lib.PredictConfig) -> None:
@@ -274,6 +350,58 @@ def ensure_reference_features(config, beam_args, extractor_spec: str) -> dict:
             "errors": errors, "complete": complete}
 
 
+def ensure_reference_embeddings(config, beam_args, embedding_sha256: str) -> dict:
+    """Reuses the cache's reference embeddings (``embeddings/``) if they match, else recomputes
+    them (job A', :class:`.reference_cache.EmbedReferenceImages`); says which."""
+    directory = reference_cache.embeddings_dir(config.reference_features)
+    wanted = reference_cache.embedding_cache_metadata(
+        embedding_sha256, config.image_size, config.num_classes, config.reference_data)
+    reuse, reason = reference_cache.reuse_decision(
+        directory, wanted, shards_pattern=reference_cache.embeddings_pattern(directory),
+        matched=reference_cache.EMBEDDINGS_REUSE_REASON, what="reference embeddings")
+    if reuse:
+        _LOG.info("reference embeddings: reusing %s (%s)", directory, reason)
+        recorded = json.loads(
+            io_utils.read_text(io_utils.join(directory, reference_cache.METADATA_FILENAME)))
+        return {"dir": directory, "reused": True, "reason": reason, "seconds": 0.0,
+                "counts": recorded.get("counts"), "complete": True}
+    _LOG.info("reference embeddings: computing into %s (%s)", directory, reason)
+    start = time.monotonic()
+    reference_cache.clear_for_recompute(directory, keep=())
+    reference_cache.mark_in_progress(directory, wanted)
+    pipeline = beam.Pipeline(options=pipeline_options(beam_args))
+    _ = pipeline | "EmbedReferenceImages" >> reference_cache.EmbedReferenceImages(
+        config.reference_data, directory, config.embedding, embedding_sha256, config.image_size,
+        config.batch_images, config.num_classes)
+    result = pipeline.run()
+    result.wait_until_finish()
+    counts = _read_json_or(io_utils.join(directory, reference_cache.COUNTS_FILENAME), None)
+    complete = reference_cache.finish_embeddings(directory, wanted, counts, config.embedding)
+    seconds = time.monotonic() - start
+    _LOG.info("reference embeddings: %s in %.1f s", counts, seconds)
+    if not complete:
+        _LOG.warning("reference embeddings in %s are not marked complete (%s): the next run "
+                     "recomputes them", directory, counts)
+    return {"dir": directory, "reused": False, "reason": reason, "seconds": round(seconds, 3),
+            "counts": counts,
+            "undecodable": _counter_value(result, "reference_undecodable"),
+            "unparseable": _counter_value(result, "reference_unparseable"),
+            "label_out_of_range": _counter_value(result, "reference_label_out_of_range"),
+            "complete": complete}
+
+
+def embedding_problem(embeddings: dict, config) -> Optional[str]:
+    """Why the reference embeddings leave nothing to retrieve (None if they do not)."""
+    counts = embeddings.get("counts") or {}
+    if not counts.get("landmark"):
+        return (f"no reference embeddings: no record of --reference_data "
+                f"{config.reference_data} with a label in [0, {config.num_classes}) was "
+                f"embedded ({counts.get('rows', 0)} embedded in all)")
+    if len(counts.get("dims", [])) != 1:
+        return f"the reference embeddings have several lengths {counts.get('dims')}"
+    return None
+
+
 def reference_problem(references: dict, config) -> Optional[str]:
     """Why the reference features leave nothing to rescore against (None if they do not)."""
     if references.get("num_images") == 0:
@@ -332,23 +460,31 @@ def _distribution_count(result, name: str) -> Optional[int]:
 
 
 def build_prediction(pipeline, config, crop_spec, verification_params, landmark_ids,
-                     extractor_spec: str) -> None:
+                     extractor_spec: str, index: Optional[dict] = None) -> None:
     """Adds job B's steps (:mod:`.steps`) to ``pipeline``, as in the module docstring's diagram.
 
-    The recognizer, ``CropVote`` (``DecodedImage`` -> ``(image_id, Vote)``), is the step that
-    another recognizer (e.g. a kNN one: embed, then retrieve) would replace.
+    The recognizer is chosen by ``config.recognizer``: ``classifier`` runs ``CropVote``
+    (``DecodedImage`` -> ``(image_id, Vote)``) then ``Verify`` against the predicted class's
+    references; ``knn`` and ``knn+classifier`` run ``Embed``, ``Retrieve`` over the shards of
+    the reference index (``ShardIndex``), ``ScoreNeighbours`` (with ``CropVote``'s class shares
+    for ``knn+classifier``) and ``VerifyNeighbours``. ``index``: ``{"embeddings_dir",
+    "embedding_sha256", "num_rows"}`` of the reference embeddings (kNN recognizers only).
     """
     test = pipeline | "ReadTestImages" >> steps.ReadTestImages(config.test_data)
-    votes = test["images"] | "CropVote" >> steps.CropVote(
-        config.model, config.image_size, config.batch_images, crop_spec)
     features = test["images"] | "ExtractLocalFeatures" >> steps.ExtractLocalFeatures(
         extractor_spec, "test")
     references = pipeline | "ReadReferenceFeatures" >> reference_cache.ReadReferenceFeatures(
         config.reference_features, extractor_spec)
-    scored = (
-        {"votes": votes, "features": features["features"], "references": references}
-        | "Verify" >> steps.Verify(verification_params)
-    )
+    if config.recognizer == "classifier":
+        votes = test["images"] | "CropVote" >> steps.CropVote(
+            config.model, config.image_size, config.batch_images, crop_spec)
+        scored = (
+            {"votes": votes, "features": features["features"], "references": references}
+            | "Verify" >> steps.Verify(verification_params)
+        )
+    else:
+        scored = _knn_scored(pipeline, test, features, references, config, crop_spec,
+                             verification_params, index)
     unreadable = test["unreadable"] | "UnreadableRows" >> beam.Map(
         transforms.unreadable_to_scored)
     rows = (
@@ -359,7 +495,38 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
     _ = (
         {"rows": rows, "unparseable": test["unparseable"],
          "extraction_errors": features["errors"]}
-        | "WriteSubmission" >> steps.WriteSubmission(config.output_dir)
+        | "WriteSubmission" >> steps.WriteSubmission(config.output_dir, config.recognizer)
+    )
+
+
+def _knn_scored(pipeline, test, features, references, config, crop_spec, verification_params,
+                index: dict):
+    """The kNN recognizers' part of job B: test images -> ``ScoredImage`` (with ``knn``)."""
+    from beam_pipelines.predict import knn
+
+    params = knn.aggregation_params(config.recognizer, config.knn_k)
+    embeddings = test["images"] | "Embed" >> steps.Embed(
+        config.embedding, config.image_size, config.batch_images, crop_spec)
+    shards = (
+        pipeline
+        | "ReadReferenceEmbeddings" >> reference_cache.ReadReferenceEmbeddings(
+            index["embeddings_dir"], index["embedding_sha256"])
+        | "ShardIndex" >> steps.ShardIndex(
+            config.index_shard_size, knn.num_buckets(index["num_rows"], config.index_shard_size))
+    )
+    neighbours = (
+        {"queries": embeddings, "index": shards}
+        | "Retrieve" >> steps.Retrieve(config.knn_k, approximate=config.ann == "faiss")
+    )
+    inputs = {"neighbours": neighbours}
+    if config.recognizer == "knn+classifier":
+        inputs["votes"] = test["images"] | "CropVote" >> steps.CropVote(
+            config.model, config.image_size, config.batch_images, crop_spec, class_votes=True)
+    knn_scores = inputs | "ScoreNeighbours" >> steps.ScoreNeighbours(params)
+    return (
+        {"knn": knn_scores, "features": features["features"], "references": references}
+        | "VerifyNeighbours" >> steps.VerifyNeighbours(
+            verification_params, params, config.recognizer)
     )
 
 
@@ -414,6 +581,13 @@ def failure_stats(result, stats: dict, references: dict, reference_errors: dict,
     }
 
 
+def retrieval_stats(result) -> dict:
+    """The kNN recognizers' counters of job B (None where the runner has no metrics)."""
+    names = ("index_rows", "index_shards", "index_duplicate_ids", "retrieval_pairs",
+             "retrieval_queries", "knn_pairs_verified", "knn_pairs_unverified")
+    return {name: _counter_value(result, name) for name in names}
+
+
 def completeness_problem(stats: dict, config) -> Optional[str]:
     """One line saying why a finished job B did not do its work, or None (see the module
     docstring, exit code 4)."""
@@ -466,6 +640,16 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     label_map = load_label_map(config.label_map)
     geometry = check_model(config.model, label_map)
     config = config.resolved(geometry.image_size, geometry.num_classes)
+    knn_config = {}
+    if config.uses_knn:
+        from beam_pipelines.predict import knn
+
+        check_ann(config)
+        embedding_dim, embedding_sha256 = check_embedding_model(config.embedding,
+                                                                config.image_size)
+        knn_config = {"embedding_dim": embedding_dim, "embedding_sha256": embedding_sha256,
+                      "aggregation": repr(knn.aggregation_params(config.recognizer,
+                                                                 config.knn_k))}
     extractor, probe_features = probe_extractor(config.local_features)
     extractor_spec = extractor.spec
     crop_spec = crop_spec_for(config.crops)
@@ -477,7 +661,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         {"job": "landmarks-predict", "config": config.to_json_dict(), "beam_args": list(beam_args),
          "extractor_spec": extractor_spec, "probe_features": probe_features,
          "crop_spec": repr(crop_spec),
-         "verification": repr(verification_params)},
+         "verification": repr(verification_params),
+         **({"knn": knn_config} if knn_config else {})},
     )
     _LOG.info("predict: S=%d px, C=%d classes, %d views/image, extractor %s",
               config.image_size, config.num_classes, config.crops, extractor_spec)
@@ -493,11 +678,26 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                              "total": round(time.monotonic() - start, 3)}}
         _write_stats(config.output_dir, stats)
         raise IncompleteRunError(problem, stats)
+    index, embeddings, seconds = None, None, {"references": references["seconds"]}
+    if config.uses_knn:
+        embeddings = ensure_reference_embeddings(config, beam_args,
+                                                 knn_config["embedding_sha256"])
+        seconds["reference_embeddings"] = embeddings["seconds"]
+        problem = embedding_problem(embeddings, config)
+        if problem is not None:
+            stats = {"reference_features": references, "reference_embeddings": embeddings,
+                     "complete": False, "problem": problem,
+                     "seconds": dict(seconds, total=round(time.monotonic() - start, 3))}
+            _write_stats(config.output_dir, stats)
+            raise IncompleteRunError(problem, stats)
+        index = {"embeddings_dir": embeddings["dir"],
+                 "embedding_sha256": knn_config["embedding_sha256"],
+                 "num_rows": embeddings["counts"]["rows"]}
 
     predict_start = time.monotonic()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_prediction(pipeline, config, crop_spec, verification_params,
-                     label_map.landmark_ids, extractor_spec)
+                     label_map.landmark_ids, extractor_spec, index)
     result = pipeline.run()
     result.wait_until_finish()
     predict_seconds = time.monotonic() - predict_start
@@ -509,9 +709,11 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
                                config.max_failed_fraction))
     stats.update(
         reference_features=references,
-        seconds={"references": references["seconds"], "prediction": round(predict_seconds, 3),
-                 "total": round(time.monotonic() - start, 3)},
+        seconds=dict(seconds, prediction=round(predict_seconds, 3),
+                     total=round(time.monotonic() - start, 3)),
     )
+    if config.uses_knn:
+        stats.update(reference_embeddings=embeddings, retrieval=retrieval_stats(result))
     problem = completeness_problem(stats, config)
     stats.update(complete=problem is None, problem=problem)
     _write_stats(config.output_dir, stats)

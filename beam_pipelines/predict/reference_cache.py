@@ -1,6 +1,7 @@
 """The reusable reference-feature folder: when to reuse it, the Beam job that fills it (job A,
 :class:`FeaturiseReferences`) and the step that reads it back in job B
-(:class:`ReadReferenceFeatures`).
+(:class:`ReadReferenceFeatures`); with a retrieval recognizer, also the reference embeddings
+(job A', :class:`EmbedReferenceImages`, read back by :class:`ReadReferenceEmbeddings`).
 
 Folder layout (``--reference_features``)::
 
@@ -9,6 +10,10 @@ Folder layout (``--reference_features``)::
                                        before the job starts ("complete": false) and again after
     extraction_errors.json             {"count", "causes"}: the extraction failures of the job
     _SUCCESS                           written last, only if the folder is complete
+    embeddings/                        --recognizer knn / knn+classifier only:
+      embeddings-00000-of-0000N.tfrecord   one record per reference image (every one, see below)
+      counts.json                      rows, landmark and non-landmark rows, dimension
+      metadata.json, _SUCCESS          as above, for the embeddings alone
 
 The folder is reused only when ``_SUCCESS`` exists and ``metadata.json`` records the same
 extractor spec and extractor parameters, references per class K, class count and reference-data
@@ -23,6 +28,16 @@ num_classes``. Selection runs on ids only (``Top.SmallestPerKey`` over ``(label,
 the chosen ``(label, id)`` pairs then filter the records through a dict side input, so image
 bytes are never shuffled. At full scale that side input holds ~15k x 32 id pairs (tens of MB),
 not features.
+
+Reference embeddings (``embeddings/``, :func:`embedding_cache_metadata`): *every* reference
+record with a label in ``[-1, num_classes)`` (non-landmarks, label -1, included: they give the
+kNN recognizers' non-landmark penalty), each embedded by ``embedding.keras`` from its whole
+image (one view). The part is reused only when ``_SUCCESS`` exists and its ``metadata.json``
+records the same embedding model (SHA-256 of the file's bytes, so a copied or re-downloaded
+model still matches and a retrained one does not), image size, views, class count and
+reference files; otherwise ``embeddings/`` alone is emptied and recomputed. It is complete only
+when the job finished and embedded at least one landmark reference. The two parts are
+independent: recomputing the local features keeps ``embeddings/`` and vice versa.
 """
 
 from __future__ import annotations
@@ -31,11 +46,12 @@ import logging
 from typing import Optional
 
 import apache_beam as beam
+import numpy as np
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import io_utils
-from beam_pipelines.predict import steps, transforms
-from beam_pipelines.predict.elements import DecodedImage
+from beam_pipelines.predict import knn, steps, transforms
+from beam_pipelines.predict.elements import DecodedImage, ReferenceEmbedding
 from tfrecords_schema import SCHEMA_VERSION, SchemaError
 
 _LOG = logging.getLogger(__name__)
@@ -44,6 +60,11 @@ METADATA_FILENAME = "metadata.json"
 ERRORS_FILENAME = "extraction_errors.json"
 FEATURES_PREFIX = "features"
 FEATURES_SUFFIX = ".tfrecord"
+EMBEDDINGS_DIRNAME = "embeddings"
+EMBEDDINGS_PREFIX = "embeddings"
+COUNTS_FILENAME = "counts.json"
+FEATURES_REUSE_REASON = "extractor, K, classes and reference files match"
+EMBEDDINGS_REUSE_REASON = "embedding model, image size, views, classes and reference files match"
 
 
 def features_pattern(directory: str) -> str:
@@ -81,12 +102,50 @@ def cache_metadata(
     }
 
 
-def reuse_decision(directory: str, wanted: dict) -> tuple[bool, str]:
-    """``(reuse, reason)``: reuse only a finished folder whose metadata equals ``wanted``."""
+def embeddings_dir(directory: str) -> str:
+    """The reference-embedding part of the cache folder ``directory``."""
+    return io_utils.join(directory, EMBEDDINGS_DIRNAME)
+
+
+def embeddings_pattern(embedding_directory: str) -> str:
+    return io_utils.join(embedding_directory, f"{EMBEDDINGS_PREFIX}-*{FEATURES_SUFFIX}")
+
+
+def file_digest(path: str) -> str:
+    """SHA-256 (hex) of the bytes of ``path`` (local or ``gs://``), read in 16 MB chunks."""
+    import hashlib
+
+    digest = hashlib.sha256()
+    with FileSystems.open(path) as handle:
+        for chunk in iter(lambda: handle.read(16 << 20), b""):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def embedding_cache_metadata(embedding_sha256: str, image_size: int, num_classes: int,
+                             reference_data: str) -> dict:
+    """The record that decides reuse of the reference embeddings."""
+    return {
+        "schema_version": SCHEMA_VERSION,
+        "embedding_sha256": embedding_sha256,
+        "image_size": int(image_size),
+        "reference_views": knn.REFERENCE_VIEWS,
+        "num_classes": int(num_classes),
+        "reference_data": reference_data,
+        "reference_files": file_fingerprint(reference_data),
+    }
+
+
+def reuse_decision(directory: str, wanted: dict, shards_pattern: Optional[str] = None,
+                   matched: str = FEATURES_REUSE_REASON,
+                   what: str = "reference features") -> tuple[bool, str]:
+    """``(reuse, reason)``: reuse only a finished folder whose metadata equals ``wanted`` and
+    that holds shards (``shards_pattern``, default the feature shards); ``matched`` is the
+    reason given for a reuse, ``what`` names the contents in the other reasons."""
     import json
 
     if not io_utils.has_success_marker(directory):
-        return False, f"no finished reference features in {directory}"
+        return False, f"no finished {what} in {directory}"
     metadata_path = io_utils.join(directory, METADATA_FILENAME)
     if not io_utils.exists(metadata_path):
         return False, f"{metadata_path} is missing"
@@ -101,25 +160,33 @@ def reuse_decision(directory: str, wanted: dict) -> tuple[bool, str]:
         return False, f"recorded {', '.join(differing)} differ from this run's"
     if [list(item) for item in recorded.get("reference_files", [])] != wanted["reference_files"]:
         return False, "the reference-data files changed (paths or sizes)"
-    if not io_utils.match(features_pattern(directory)):
-        return False, f"no feature shards in {directory}"
-    return True, "extractor, K, classes and reference files match"
+    if not io_utils.match(shards_pattern or features_pattern(directory)):
+        return False, f"no {what} shards in {directory}"
+    return True, matched
 
 
-def clear_for_recompute(directory: str) -> None:
-    """Empties ``directory`` for a recomputation, refusing a folder that is not a cache.
+def clear_for_recompute(directory: str, keep: tuple = (EMBEDDINGS_DIRNAME,)) -> None:
+    """Empties ``directory`` for a recomputation, except its entries named in ``keep`` (the
+    features keep ``embeddings/``), refusing a folder that is not a cache.
 
     A non-empty folder without ``metadata.json`` is probably not ours (a typo in
     ``--reference_features``): deleting it would be a nasty surprise.
     """
     metadata_path = io_utils.join(directory, METADATA_FILENAME)
-    contents = io_utils.match(io_utils.join(directory, "*"))
+    kept = [io_utils.join(directory, name).rstrip("/") for name in keep]
+    contents = [
+        path for path in io_utils.list_contents(directory)
+        if not any(path.rstrip("/") == folder or path.startswith(folder + "/") for folder in kept)
+    ]
     if contents and not io_utils.exists(metadata_path):
         raise ValueError(
             f"--reference_features {directory} holds files but no {METADATA_FILENAME}; "
             "refusing to delete them, choose another folder"
         )
-    io_utils.prepare_output_dir(directory, overwrite=True)
+    if contents:
+        FileSystems.delete(contents)
+    if FileSystems.get_scheme(directory) is None and not io_utils.exists(directory):
+        FileSystems.mkdirs(directory)  # object stores have no folders to make
 
 
 def mark_in_progress(directory: str, metadata: dict) -> None:
@@ -288,4 +355,161 @@ class ReadReferenceFeatures(beam.PTransform):
             pipeline
             | "Read" >> beam.io.ReadFromTFRecord(features_pattern(self._directory))
             | "Parse" >> beam.Map(parse_reference, self._spec)
+        )
+
+
+# ---- reference embeddings (the kNN recognizers) ---------------------------------------------
+
+_KEY_ID = "image/id"
+_KEY_LABEL = "image/label"
+_KEY_MODEL = "embedding/model_sha256"
+_KEY_VALUES = "embedding/values"
+
+
+def serialize_embedding(reference: ReferenceEmbedding, model_sha256: str) -> bytes:
+    """One reference embedding -> a serialised ``tf.train.Example`` (id, label, the embedding
+    model's SHA-256, the D floats)."""
+    import tensorflow as tf
+
+    feature = {
+        _KEY_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[reference.image_id.encode("utf-8")])),
+        _KEY_LABEL: tf.train.Feature(int64_list=tf.train.Int64List(value=[int(reference.label)])),
+        _KEY_MODEL: tf.train.Feature(bytes_list=tf.train.BytesList(
+            value=[model_sha256.encode("ascii")])),
+        _KEY_VALUES: tf.train.Feature(float_list=tf.train.FloatList(
+            value=np.asarray(reference.embedding, np.float32).reshape(-1).tolist())),
+    }
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+
+
+def parse_embedding(serialized: bytes, model_sha256: str) -> ReferenceEmbedding:
+    """A cached embedding record -> ``ReferenceEmbedding``; ``SchemaError`` (failing the job)
+    for a record another embedding model made, or a malformed one."""
+    import tensorflow as tf
+
+    try:
+        feature = tf.train.Example.FromString(serialized).features.feature
+        image_id = feature[_KEY_ID].bytes_list.value[0].decode("utf-8")
+        label = int(feature[_KEY_LABEL].int64_list.value[0])
+        made_by = feature[_KEY_MODEL].bytes_list.value[0].decode("ascii")
+        values = np.asarray(feature[_KEY_VALUES].float_list.value, np.float32)
+    except Exception as error:  # protobuf's DecodeError, a missing key (IndexError)
+        raise SchemaError(f"malformed reference embedding record: {error!r}") from error
+    if made_by != model_sha256:
+        raise SchemaError(
+            f"reference embedding {image_id!r} was made by the embedding model with SHA-256 "
+            f"{made_by[:12]}..., this run uses {model_sha256[:12]}...")
+    return ReferenceEmbedding(image_id, label, values)
+
+
+def _is_indexed(record, num_classes: int) -> bool:
+    """Every reference with a label in ``[-1, num_classes)`` (non-landmarks included); a label
+    beyond the label map is counted and logged."""
+    if record.label >= num_classes:
+        _LABEL_OUT_OF_RANGE.inc()
+        _LOG.warning("reference %s has label %d outside the label map's %d classes; skipped",
+                     record.image_id, record.label, num_classes)
+        return False
+    return record.label >= -1
+
+
+class EmbeddingCountsFn(beam.CombineFn):
+    """``ReferenceEmbedding`` s -> ``{"rows", "landmark", "non_landmark", "dims"}`` (``dims``:
+    the distinct embedding lengths seen, one when the model is sound)."""
+
+    def create_accumulator(self):
+        return 0, 0, set()
+
+    def add_input(self, accumulator, reference):
+        rows, landmark, dims = accumulator
+        dims.add(int(np.asarray(reference.embedding).size))
+        return rows + 1, landmark + int(reference.label >= 0), dims
+
+    def merge_accumulators(self, accumulators):
+        rows, landmark, dims = 0, 0, set()
+        for part_rows, part_landmark, part_dims in accumulators:
+            rows, landmark = rows + part_rows, landmark + part_landmark
+            dims |= part_dims
+        return rows, landmark, dims
+
+    def extract_output(self, accumulator):
+        rows, landmark, dims = accumulator
+        return {"rows": rows, "landmark": landmark, "non_landmark": rows - landmark,
+                "dims": sorted(dims)}
+
+
+def _write_counts(counts: dict, path: str) -> None:
+    io_utils.write_json(path, counts)
+
+
+class EmbedReferenceImages(beam.PTransform):
+    """Reference shards -> every reference with a label in ``[-1, num_classes)`` -> its
+    embedding (:class:`.steps.EmbedReferences`) -> TFRecords in ``output_dir``, and their
+    counts -> ``counts.json`` (job A')."""
+
+    def __init__(self, reference_data: str, output_dir: str, embedding_path: str,
+                 embedding_sha256: str, image_size: int, batch_images: int, num_classes: int):
+        super().__init__()
+        self._reference_data = reference_data
+        self._output_dir = output_dir
+        self._embedding_path = embedding_path
+        self._sha256 = embedding_sha256
+        self._image_size = image_size
+        self._batch_images = batch_images
+        self._num_classes = num_classes
+
+    def expand(self, pipeline):
+        embeddings = (
+            pipeline
+            | "ReadReferences" >> beam.io.ReadFromTFRecord(self._reference_data)
+            | "ParseReferences" >> beam.ParDo(ParseRecord())
+            | "KeepIndexed" >> beam.Filter(_is_indexed, self._num_classes)
+            | "DecodeReferences" >> beam.ParDo(DecodeRecord())
+            | "EmbedReferences" >> steps.EmbedReferences(
+                self._embedding_path, self._image_size, self._batch_images)
+        )
+        _ = (
+            embeddings
+            | "CountEmbeddings" >> beam.CombineGlobally(EmbeddingCountsFn())
+            | "WriteCounts" >> beam.Map(
+                _write_counts, io_utils.join(self._output_dir, COUNTS_FILENAME))
+        )
+        return (
+            embeddings
+            | "SerializeEmbeddings" >> beam.Map(serialize_embedding, self._sha256)
+            | "WriteEmbeddings" >> beam.io.WriteToTFRecord(
+                io_utils.join(self._output_dir, EMBEDDINGS_PREFIX),
+                file_name_suffix=FEATURES_SUFFIX)
+        )
+
+
+def finish_embeddings(directory: str, metadata: dict, counts: Optional[dict],
+                      embedding_path: str) -> bool:
+    """Writes the embeddings' ``metadata.json`` after job A', then ``_SUCCESS`` only if it is
+    complete: the counts were written, at least one landmark reference was embedded, and every
+    embedding has the same length. Returns whether it is complete."""
+    complete = bool(counts) and counts["landmark"] > 0 and len(counts["dims"]) == 1
+    recorded = dict(metadata, embedding=embedding_path, counts=counts, complete=complete)
+    io_utils.write_json(io_utils.join(directory, METADATA_FILENAME), recorded)
+    if complete:
+        io_utils.write_success_marker(directory)
+    return complete
+
+
+class ReadReferenceEmbeddings(beam.PTransform):
+    """The cached embedding shards in ``directory`` (the ``embeddings/`` part; applied to the
+    pipeline) -> ``ReferenceEmbedding``, all made by the model of ``embedding_sha256``
+    (:func:`parse_embedding`)."""
+
+    def __init__(self, directory: str, embedding_sha256: str):
+        super().__init__()
+        self._directory = directory
+        self._sha256 = embedding_sha256
+
+    def expand(self, pipeline):
+        return (
+            pipeline
+            | "Read" >> beam.io.ReadFromTFRecord(embeddings_pattern(self._directory))
+            | "Parse" >> beam.Map(parse_embedding, self._sha256)
         )

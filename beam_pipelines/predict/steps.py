@@ -14,7 +14,7 @@ import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
 from beam_pipelines import io_utils
-from beam_pipelines.predict import model_handler, outputs, transforms
+from beam_pipelines.predict import knn, model_handler, outputs, transforms
 from rescoring import scores
 
 _LOG = logging.getLogger(__name__)
@@ -50,10 +50,15 @@ class ReadTestImages(beam.PTransform):
 
 class VoteOverViews(beam.PTransform):
     """``(image_id, PredictionResult)`` whose ``inference`` is the views' class probabilities
-    ``[V, C]`` -> ``(image_id, Vote)`` (:func:`rescoring.voting.vote`)."""
+    ``[V, C]`` -> ``(image_id, Vote)`` (:func:`rescoring.voting.vote`; with ``class_votes``,
+    every class's share of the votes too, :func:`rescoring.voting.vote_shares`)."""
+
+    def __init__(self, class_votes: bool = False):
+        super().__init__()
+        self._class_votes = class_votes
 
     def expand(self, results):
-        return results | "Vote" >> beam.Map(transforms.vote_keyed)
+        return results | "Vote" >> beam.Map(transforms.vote_keyed, self._class_votes)
 
 
 class CropVote(beam.PTransform):
@@ -62,15 +67,18 @@ class CropVote(beam.PTransform):
 
     The image's V views (``crop_spec``), the model on batches of ``batch_images`` images'
     views (``RunInference`` with :class:`.model_handler.CropViewsModelHandler`), then
-    :class:`VoteOverViews`.
+    :class:`VoteOverViews` (``class_votes``: the votes carry every class's share, for the
+    ``knn+classifier`` recognizer).
     """
 
-    def __init__(self, model_path: str, image_size: int, batch_images: int, crop_spec):
+    def __init__(self, model_path: str, image_size: int, batch_images: int, crop_spec,
+                 class_votes: bool = False):
         super().__init__()
         self._model_path = model_path
         self._image_size = image_size
         self._batch_images = batch_images
         self._crop_spec = crop_spec
+        self._class_votes = class_votes
 
     def expand(self, images):
         handler = KeyedModelHandler(model_handler.CropViewsModelHandler(
@@ -80,7 +88,7 @@ class CropVote(beam.PTransform):
             | "MakeViews" >> beam.Map(
                 transforms.make_views_keyed, self._image_size, self._crop_spec)
             | "RunInference" >> RunInference(handler)
-            | "VoteOverViews" >> VoteOverViews()
+            | "VoteOverViews" >> VoteOverViews(self._class_votes)
         )
 
 
@@ -160,8 +168,189 @@ class Blend(beam.PTransform):
             self._landmark_ids)
 
 
-def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict) -> None:
-    """Writes ``submission.csv``, ``scores.csv`` and :data:`PIPELINE_STATS_FILENAME`."""
+# ---- the retrieval recognizers (--recognizer knn, knn+classifier) --------------------------------
+
+
+class Embed(beam.PTransform):
+    """``DecodedImage`` -> ``(image_id, embedding float32 [D])``: the test image's views
+    (``crop_spec``, the crop code of :class:`CropVote`), ``embedding.keras`` on batches of
+    ``batch_images`` images' views (``RunInference`` with
+    :class:`.model_handler.EmbeddingViewsModelHandler`), then one unit embedding per image by
+    :func:`rescoring.retrieval.combine_view_embeddings` (each view's embedding normalised, the
+    mean of the V unit vectors normalised again)."""
+
+    def __init__(self, embedding_path: str, image_size: int, batch_images: int, crop_spec):
+        super().__init__()
+        self._embedding_path = embedding_path
+        self._image_size = image_size
+        self._batch_images = batch_images
+        self._crop_spec = crop_spec
+
+    def expand(self, images):
+        handler = KeyedModelHandler(model_handler.EmbeddingViewsModelHandler(
+            self._embedding_path, self._image_size, self._batch_images))
+        return (
+            images
+            | "MakeViews" >> beam.Map(
+                transforms.make_views_keyed, self._image_size, self._crop_spec)
+            | "RunInference" >> RunInference(handler)
+            | "CombineViews" >> beam.Map(knn.combine_keyed)
+        )
+
+
+class EmbedReferences(beam.PTransform):
+    """Reference ``DecodedImage`` -> ``ReferenceEmbedding`` (id, label, unit embedding): the
+    whole image as its only view (:data:`.knn.REFERENCE_VIEWS`), ``embedding.keras`` on batches
+    of ``batch_images`` images. Used by the reference-embedding job
+    (:class:`.reference_cache.EmbedReferenceImages`)."""
+
+    def __init__(self, embedding_path: str, image_size: int, batch_images: int):
+        super().__init__()
+        self._embedding_path = embedding_path
+        self._image_size = image_size
+        self._batch_images = batch_images
+
+    def expand(self, images):
+        handler = KeyedModelHandler(model_handler.EmbeddingViewsModelHandler(
+            self._embedding_path, self._image_size, self._batch_images))
+        return (
+            images
+            | "MakeViews" >> beam.Map(knn.reference_views_keyed, self._image_size)
+            | "RunInference" >> RunInference(handler)
+            | "CombineViews" >> beam.Map(knn.combine_keyed)
+            | "ToReferenceEmbedding" >> beam.Map(knn.to_reference_embedding)
+        )
+
+
+class ShardIndex(beam.PTransform):
+    """``ReferenceEmbedding`` -> ``(shard_key, IndexShard)``: shards of at most ``shard_size``
+    rows (one element each), from ``num_buckets`` hash buckets of the reference ids
+    (:func:`.knn.num_buckets`, :class:`.knn.MakeShards`)."""
+
+    def __init__(self, shard_size: int, num_buckets: int):
+        super().__init__()
+        self._shard_size = shard_size
+        self._num_buckets = num_buckets
+
+    def expand(self, references):
+        return (
+            references
+            | "KeyByBucket" >> beam.Map(knn.key_by_bucket, self._num_buckets)
+            | "GroupBuckets" >> beam.GroupByKey()
+            | "MakeShards" >> beam.ParDo(knn.MakeShards(self._shard_size))
+        )
+
+
+class Retrieve(beam.PTransform):
+    """``{"queries": (test_id, embedding [D]), "index": (shard_key, IndexShard)}`` ->
+    ``(test_id, Neighbours)``: each test image's ``k`` most similar references of the whole
+    index (non-landmarks included), most similar first.
+
+    The test embeddings are batched (at most ``batch_size`` per batch), each batch is replicated
+    to every shard key (the keys, not the shards, are a side input), shard and batches are
+    grouped by shard key and each (batch, shard) pair is searched (:class:`.knn.SearchShard`:
+    :func:`rescoring.retrieval.exact_top_k`, or FAISS IVF with ``approximate``); the per-shard
+    lists of a test image are merged by ``CombinePerKey`` (:class:`.knn.MergeNeighboursFn`,
+    :func:`rescoring.retrieval.merge_top_k`). A worker holds one shard and one batch.
+    """
+
+    def __init__(self, k: int, batch_size: int = knn.QUERY_BATCH_SIZE,
+                 approximate: bool = False):
+        super().__init__()
+        self._k = k
+        self._batch_size = batch_size
+        self._approximate = approximate
+
+    def expand(self, inputs):
+        index = inputs["index"]
+        shard_keys = index | "ShardKeys" >> beam.Keys()
+        batches = (
+            inputs["queries"]
+            | "BatchQueries" >> beam.BatchElements(
+                min_batch_size=1, max_batch_size=self._batch_size)
+            | "ToQueryBatch" >> beam.Map(knn.to_query_batch)
+            | "ToEveryShard" >> beam.FlatMap(
+                knn.replicate_to_shards, beam.pvalue.AsList(shard_keys))
+        )
+        shards = index | "TagShards" >> beam.Map(knn.tag_shard)
+        return (
+            (shards, batches)
+            | "ShardsAndBatches" >> beam.Flatten()
+            | "GroupByShard" >> beam.GroupByKey()
+            | "SearchShard" >> beam.ParDo(knn.SearchShard(self._k, self._approximate))
+            | "MergeTopK" >> beam.CombinePerKey(knn.MergeNeighboursFn(self._k))
+        )
+
+
+class ScoreNeighbours(beam.PTransform):
+    """``{"neighbours": (test_id, Neighbours)[, "votes": (test_id, Vote)]}`` ->
+    ``(test_id, KnnScores)`` (:func:`.knn.score_neighbours`).
+
+    ``params``: the ``rescoring.retrieval.AggregationParams`` of the recognizer
+    (:func:`.knn.aggregation_params`). With ``votes`` (``knn+classifier``), each neighbour's
+    vote is multiplied by the classifier's crop-voting share of its class to the power
+    ``params.confidence_power``; every voted test image gets a verdict.
+    """
+
+    def __init__(self, params):
+        super().__init__()
+        self._params = params
+
+    def expand(self, inputs):
+        if "votes" not in inputs:
+            return inputs["neighbours"] | "Score" >> beam.Map(knn.score_keyed, self._params)
+        return (
+            {"neighbours": inputs["neighbours"], "votes": inputs["votes"]}
+            | "JoinVotes" >> beam.CoGroupByKey()
+            | "Score" >> beam.FlatMap(knn.score_joined, self._params, True)
+        )
+
+
+class VerifyNeighbours(beam.PTransform):
+    """``{"knn": (test_id, KnnScores), "features": (test_id, FeatureRecord), "references":
+    (class_index, FeatureRecord)}`` -> ``ScoredImage`` (with ``knn`` details).
+
+    Verification by neighbours: each test image is compared with its retrieved landmark
+    references, not with a sample of a predicted class. The (test id, reference id) pairs
+    (:func:`.knn.neighbour_pairs`) are keyed by reference id and joined (``CoGroupByKey``) with
+    the cached reference features re-keyed by id, so a worker holds one reference's features
+    at a time (:class:`.knn.CountNeighbourInliers`); the inlier counts return to their test
+    image by a second join on test id, where :func:`.knn.rerank`
+    (:func:`rescoring.retrieval.rerank_with_inliers`) gives the final class and local columns.
+    Every readable test image (one with a feature record) gets one ``ScoredImage``.
+    """
+
+    def __init__(self, verification_params, params, recognizer: str):
+        super().__init__()
+        self._verification = verification_params
+        self._params = params
+        self._recognizer = recognizer
+
+    def expand(self, inputs):
+        tests = (
+            {"knn": inputs["knn"], "features": inputs["features"]}
+            | "JoinTestFeatures" >> beam.CoGroupByKey()
+            | "MakePairs" >> beam.FlatMap(knn.neighbour_pairs).with_outputs(
+                knn.TAG_PAIRS, main="tests")
+        )
+        references = inputs["references"] | "KeyReferencesById" >> beam.Map(
+            knn.key_reference_by_id)
+        inliers = (
+            {"pairs": tests[knn.TAG_PAIRS], "references": references}
+            | "JoinPairsReferences" >> beam.CoGroupByKey()
+            | "CountInliers" >> beam.ParDo(knn.CountNeighbourInliers(self._verification))
+        )
+        return (
+            {"tests": tests.tests, "inliers": inliers}
+            | "JoinInliers" >> beam.CoGroupByKey()
+            | "Rerank" >> beam.FlatMap(knn.rerank, self._params, self._recognizer)
+        )
+
+
+def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
+                  recognizer: str = "classifier") -> None:
+    """Writes ``submission.csv``, ``scores.csv`` (with the kNN columns for a kNN
+    ``recognizer``) and :data:`PIPELINE_STATS_FILENAME`."""
     from rescoring import submission
 
     unique_rows, duplicates = outputs.one_row_per_id(rows)
@@ -169,7 +358,8 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict) ->
         io_utils.join(output_dir, "submission.csv"),
         submission.format_submission(outputs.submission_rows(unique_rows)),
     )
-    io_utils.write_text(io_utils.join(output_dir, "scores.csv"), outputs.scores_csv(unique_rows))
+    io_utils.write_text(io_utils.join(output_dir, "scores.csv"),
+                        outputs.scores_csv(unique_rows, recognizer))
     stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
     stats["test_extraction_errors"] = test_errors
     io_utils.write_json(io_utils.join(output_dir, PIPELINE_STATS_FILENAME), stats)
@@ -181,12 +371,14 @@ class WriteSubmission(beam.PTransform):
     :func:`write_outputs` in ``output_dir`` (one row per id, :mod:`.outputs`).
 
     The stats file holds the row counts, the number of ``unparseable`` records and the test
-    images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary).
+    images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary). ``recognizer``
+    decides the columns of ``scores.csv`` (:func:`.outputs.scores_csv`).
     """
 
-    def __init__(self, output_dir: str):
+    def __init__(self, output_dir: str, recognizer: str = "classifier"):
         super().__init__()
         self._output_dir = output_dir
+        self._recognizer = recognizer
 
     def expand(self, inputs):
         unparseable = inputs["unparseable"] | "CountUnparseable" >> beam.combiners.Count.Globally()
@@ -195,5 +387,5 @@ class WriteSubmission(beam.PTransform):
             | "AllRows" >> beam.combiners.ToList()
             | "Write" >> beam.Map(
                 write_outputs, self._output_dir, beam.pvalue.AsSingleton(unparseable),
-                beam.pvalue.AsSingleton(inputs["extraction_errors"]))
+                beam.pvalue.AsSingleton(inputs["extraction_errors"]), self._recognizer)
         )

@@ -169,11 +169,17 @@ def make_views_keyed(image: DecodedImage, image_size: int, crop_spec):
     return image.image_id, crops.make_views(image.image, image_size, crop_spec, dtype=np.uint8)
 
 
-def vote_keyed(keyed_result):
-    """``(image_id, PredictionResult with [V, C] probabilities)`` -> ``(image_id, Vote)``."""
+def vote_keyed(keyed_result, class_votes: bool = False):
+    """``(image_id, PredictionResult with [V, C] probabilities)`` -> ``(image_id, Vote)``;
+    with ``class_votes``, the vote also carries every class's share of the votes
+    (:func:`rescoring.voting.vote_shares`)."""
     image_id, result = keyed_result
-    class_index, confidence = voting.vote(np.asarray(result.inference))
-    return image_id, Vote(int(class_index), float(confidence))
+    probabilities = np.asarray(result.inference)
+    class_index, confidence = voting.vote(probabilities)
+    if not class_votes:
+        return image_id, Vote(int(class_index), float(confidence))
+    shares = tuple(voting.vote_shares(probabilities).items())
+    return image_id, Vote(int(class_index), float(confidence), shares)
 
 
 class ExtractFeatures(beam.DoFn):
@@ -389,16 +395,27 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
     :func:`local_scores`), labels mapped back to landmark ids.
 
     ``landmark_ids`` is the label map's tuple (class index -> original landmark id).
+
+    A row of a kNN recognizer (``scored.knn`` set) blends ``scored.nn_confidence``, which is
+    its ``KnnDetails.confidence``; its ``nn_label`` / ``nn_confidence`` columns are the
+    classifier's crop vote (``knn+classifier``) or empty (``knn``).
     """
+    knn = scored.knn
+    if knn is not None:
+        from beam_pipelines.predict import knn as knn_lib
+
+        knn = knn_lib.details_with_landmark_ids(knn, landmark_ids)
     if scored.class_index is None:
-        return FinalRow(scored.image_id, scored.status, None, 0.0, 0.0, 0.0, 0.0, 0.0, None,
-                        scored.num_features, scored.num_references)
+        nn_label = knn.nn_label if knn is not None else None
+        nn_confidence = knn.nn_confidence if knn is not None else 0.0
+        return FinalRow(scored.image_id, scored.status, nn_label, nn_confidence, 0.0, 0.0, 0.0,
+                        0.0, None, scored.num_features, scored.num_references, knn)
     landmark_id = int(landmark_ids[scored.class_index])
     return FinalRow(
         image_id=scored.image_id,
         status=scored.status,
-        nn_label=landmark_id,
-        nn_confidence=scored.nn_confidence,
+        nn_label=landmark_id if knn is None else knn.nn_label,
+        nn_confidence=scored.nn_confidence if knn is None else knn.nn_confidence,
         local_max=scored.local_max,
         local_mean=scored.local_mean,
         local_best_half=scored.local_best_half,
@@ -407,6 +424,7 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
         label=landmark_id,
         num_features=scored.num_features,
         num_references=scored.num_references,
+        knn=knn,
     )
 
 

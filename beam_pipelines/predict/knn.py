@@ -1,0 +1,493 @@
+"""The retrieval recognizers' DoFns and element functions (``--recognizer knn`` and
+``knn+classifier``), around :mod:`rescoring.retrieval`'s pure functions.
+
+The named steps built from them are in :mod:`beam_pipelines.predict.steps` (``Embed``,
+``EmbedReferences``, ``ShardIndex``, ``Retrieve``, ``ScoreNeighbours``, ``VerifyNeighbours``).
+How the pieces fit, and the memory each holds:
+
+* Reference index -> shards (:class:`MakeShards`): each reference embedding is keyed by a bucket,
+  ``sha1(id) mod B`` with ``B = ceil(N / (0.9 * shard_size))`` (:func:`num_buckets`, N from the
+  cache's counts); one ``GroupByKey`` gathers a bucket, whose rows are cut into shards of at most
+  ``shard_size`` rows (a bucket holds 0.9 x shard_size rows on average, so a second shard is
+  rare). A worker holds one shard while it builds it.
+* Test batches x shards (:class:`SearchShard`): each batch of at most
+  :data:`QUERY_BATCH_SIZE` test embeddings is replicated to every shard key (a side input holds
+  the shard *keys* only, a few per 100k references), the shard and the batches are tagged and
+  grouped by shard key (``Flatten`` + ``GroupByKey``: unlike ``CoGroupByKey``, which builds
+  lists, the grouped values are iterated, so a runner that pages large groups never holds all
+  the batches), and each (batch, shard) pair runs :func:`rescoring.retrieval.exact_top_k`.
+  Memory per worker: one shard (``shard_size x D x 4`` bytes: 200 MB for 100k x 512, 800 MB
+  for 100k x 2048) + one batch + ``exact_top_k``'s blocks (``256 x 16384`` similarities).
+* Per test image, the shards' top-k lists are merged by ``CombinePerKey(MergeNeighboursFn)``
+  (:func:`rescoring.retrieval.merge_top_k`): accumulators of k entries.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import logging
+import math
+from typing import Optional
+
+import apache_beam as beam
+import numpy as np
+from apache_beam.metrics import Metrics
+
+from beam_pipelines.predict.elements import (
+    RECOGNIZER_KNN,
+    RECOGNIZER_KNN_CLASSIFIER,
+    STATUS_NO_FEATURES,
+    STATUS_NO_NEIGHBOURS,
+    STATUS_NO_REFERENCES,
+    STATUS_SCORED,
+    DecodedImage,
+    IndexShard,
+    KnnDetails,
+    KnnScores,
+    Neighbours,
+    QueryBatch,
+    ReferenceEmbedding,
+    ScoredImage,
+    Vote,
+)
+from beam_pipelines.predict.transforms import NAMESPACE
+from rescoring import crops, retrieval, scores, verification
+
+_LOG = logging.getLogger(__name__)
+
+QUERY_BATCH_SIZE = 256
+"""Test embeddings per (batch, shard) search: one ``[256, D] x [D, block]`` product per block."""
+
+SHARD_FILL = 0.9
+"""Average fill of a bucket, as a fraction of ``--index_shard_size`` (see :func:`num_buckets`)."""
+
+REFERENCE_VIEWS = 1
+"""Views per reference image: the whole image (references are many; test images get
+``--crops`` views)."""
+
+TAG_SHARD = "shard"
+TAG_QUERIES = "queries"
+TAG_PAIRS = "pairs"
+
+
+# ---- embeddings ---------------------------------------------------------------------------------
+
+
+def combine_keyed(keyed_result):
+    """``(key, PredictionResult with [V, D] view embeddings)`` -> ``(key, unit [D] float32)``
+    (:func:`rescoring.retrieval.combine_view_embeddings`: views normalised, averaged,
+    normalised again)."""
+    key, result = keyed_result
+    return key, retrieval.combine_view_embeddings(np.asarray(result.inference, np.float32))
+
+
+def reference_views_keyed(image: DecodedImage, image_size: int):
+    """A reference image -> ``((image_id, label), views [1, S, S, 3] uint8)``: the whole image."""
+    spec = crops.CropSpec.for_num_views(REFERENCE_VIEWS)
+    views = crops.make_views(image.image, image_size, spec, dtype=np.uint8)
+    return (image.image_id, int(image.label)), views
+
+
+def to_reference_embedding(keyed_embedding) -> ReferenceEmbedding:
+    (image_id, label), embedding = keyed_embedding
+    return ReferenceEmbedding(image_id, int(label), np.asarray(embedding, np.float32))
+
+
+# ---- the index in shards -------------------------------------------------------------------------
+
+
+def num_buckets(num_rows: int, shard_size: int) -> int:
+    """``ceil(N / (SHARD_FILL * shard_size))``, at least 1."""
+    if shard_size < 1:
+        raise ValueError(f"shard_size must be >= 1, got {shard_size}")
+    return max(1, math.ceil(max(int(num_rows), 0) / (SHARD_FILL * shard_size)))
+
+
+def bucket_of(image_id: str, buckets: int) -> int:
+    """A stable bucket of ``image_id`` in ``[0, buckets)`` (the same in every process)."""
+    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
+    return int.from_bytes(digest[:8], "big") % buckets
+
+
+def key_by_bucket(reference: ReferenceEmbedding, buckets: int):
+    return bucket_of(reference.image_id, buckets), reference
+
+
+def _shard(rows: list) -> IndexShard:
+    rows = sorted(rows, key=lambda row: row.image_id)
+    return IndexShard(
+        ids=np.array([row.image_id for row in rows]),
+        labels=np.array([row.label for row in rows], np.int64),
+        vectors=np.stack([np.asarray(row.embedding, np.float32) for row in rows]),
+    )
+
+
+class MakeShards(beam.DoFn):
+    """``(bucket, iterable of ReferenceEmbedding)`` -> ``((bucket, part), IndexShard)`` s of at
+    most ``shard_size`` rows each, rows sorted by id within a shard.
+
+    A reference id seen twice in the bucket (the same image twice in the reference data) is
+    kept once. Counters: ``index_rows``, ``index_shards``, ``index_duplicate_ids``.
+    """
+
+    def __init__(self, shard_size: int):
+        self._shard_size = int(shard_size)
+        self._rows = Metrics.counter(NAMESPACE, "index_rows")
+        self._shards = Metrics.counter(NAMESPACE, "index_shards")
+        self._duplicates = Metrics.counter(NAMESPACE, "index_duplicate_ids")
+
+    def process(self, element):
+        bucket, references = element
+        seen: set = set()
+        rows: list = []
+        part = 0
+        for reference in references:
+            if reference.image_id in seen:
+                self._duplicates.inc()
+                continue
+            seen.add(reference.image_id)
+            rows.append(reference)
+            if len(rows) == self._shard_size:
+                yield (bucket, part), _shard(rows)
+                self._rows.inc(len(rows))
+                self._shards.inc()
+                rows, part = [], part + 1
+        if rows:
+            self._rows.inc(len(rows))
+            self._shards.inc()
+            yield (bucket, part), _shard(rows)
+
+
+# ---- test batches x shards -----------------------------------------------------------------------
+
+
+def to_query_batch(keyed_embeddings) -> QueryBatch:
+    """``[(test_id, embedding [D])]`` (one ``BatchElements`` batch) -> :class:`QueryBatch`."""
+    ids = tuple(image_id for image_id, _ in keyed_embeddings)
+    vectors = np.stack([np.asarray(embedding, np.float32) for _, embedding in keyed_embeddings])
+    return QueryBatch(ids, vectors)
+
+
+def replicate_to_shards(batch: QueryBatch, shard_keys):
+    """One ``(shard_key, (TAG_QUERIES, batch))`` per shard key (the keys: a side input)."""
+    for key in shard_keys:
+        yield key, (TAG_QUERIES, batch)
+
+
+def tag_shard(keyed_shard):
+    key, shard = keyed_shard
+    return key, (TAG_SHARD, shard)
+
+
+def _make_searcher(shard: IndexShard, approximate: bool):
+    """``search(queries, k) -> (similarities, positions)`` over one shard: exact
+    (:func:`rescoring.retrieval.exact_top_k`) or FAISS IVF (:mod:`rescoring.ann`)."""
+    if not approximate:
+        return lambda queries, k: retrieval.exact_top_k(queries, shard.vectors, k)
+    from rescoring import ann
+
+    lists = ann.default_num_lists(len(shard.ids))
+    index = ann.make_index(shard.vectors, approximate=True, num_lists=lists,
+                           num_probes=min(ann.DEFAULT_NUM_PROBES, lists))
+    return index.search
+
+
+class SearchShard(beam.DoFn):
+    """``(shard_key, iterable of tagged values)`` -> ``(test_id, (similarities float32 [k'],
+    ids str [k'], labels int64 [k']))``, one per test image of every batch in the group: the
+    test image's top-k within that shard.
+
+    The group holds one :data:`TAG_SHARD` value (the shard) and the :data:`TAG_QUERIES`
+    batches; they are iterated twice (first to find the shard, then to search each batch), never
+    copied into a list. Counters: ``retrieval_pairs`` ((batch, shard) searches),
+    ``retrieval_queries`` (test images searched, once per shard).
+    """
+
+    def __init__(self, k: int, approximate: bool = False):
+        self._k = int(k)
+        self._approximate = bool(approximate)
+        self._pairs = Metrics.counter(NAMESPACE, "retrieval_pairs")
+        self._queries = Metrics.counter(NAMESPACE, "retrieval_queries")
+
+    def process(self, element):
+        _, values = element
+        shards = [value for tag, value in values if tag == TAG_SHARD]  # one by construction
+        for shard in shards:
+            search = _make_searcher(shard, self._approximate)
+            for tag, batch in values:
+                if tag != TAG_QUERIES:
+                    continue
+                similarities, positions = search(batch.vectors, self._k)
+                self._pairs.inc()
+                self._queries.inc(len(batch.ids))
+                for row, test_id in enumerate(batch.ids):
+                    found = positions[row] >= 0  # FAISS marks unfilled slots with -1
+                    kept = positions[row][found]
+                    yield test_id, (np.asarray(similarities[row][found], np.float32),
+                                    shard.ids[kept], shard.labels[kept])
+
+
+class MergeNeighboursFn(beam.CombineFn):
+    """Top-k lists of one test image (one per shard) -> its :class:`Neighbours`.
+
+    A Top-style combiner: the accumulator is a top-k list ``(similarities, ids, labels)`` and
+    every merge is :func:`rescoring.retrieval.merge_top_k` (similarity descending, ties by id;
+    associative and commutative, so any split of the shards gives the same answer); the labels
+    follow their ids.
+    """
+
+    def __init__(self, k: int):
+        self._k = int(k)
+
+    def create_accumulator(self):
+        return (np.zeros([0], np.float32), np.zeros([0], np.str_), np.zeros([0], np.int64))
+
+    def _merge(self, lists):
+        lists = [item for item in lists if len(item[0])]
+        if not lists:
+            return self.create_accumulator()
+        labels = {}
+        for _, ids, list_labels in lists:
+            labels.update(zip(ids.tolist(), list_labels.tolist()))
+        sims, ids = retrieval.merge_top_k([(item[0], item[1]) for item in lists], self._k)
+        return sims, ids, np.array([labels[image_id] for image_id in ids.tolist()], np.int64)
+
+    def add_input(self, accumulator, element):
+        return self._merge([accumulator, element])
+
+    def merge_accumulators(self, accumulators):
+        return self._merge(list(accumulators))
+
+    def extract_output(self, accumulator):
+        sims, ids, labels = accumulator
+        return Neighbours(tuple(str(image_id) for image_id in ids.tolist()),
+                          tuple(float(value) for value in sims.tolist()),
+                          tuple(int(label) for label in labels.tolist()))
+
+
+# ---- class scores from the neighbours ------------------------------------------------------------
+
+
+def aggregation_params(recognizer: str, k: int) -> retrieval.AggregationParams:
+    """The rule of ``recognizer`` with ``k`` voting neighbours: ``knn`` = GLR-2019 (votes
+    ``2 s - 1``), ``knn+classifier`` = GLR-2020 3rd place (votes ``s ** 9 * share ** 10``)."""
+    if recognizer == RECOGNIZER_KNN:
+        return dataclasses.replace(retrieval.AggregationParams.glr2019(), k=int(k))
+    if recognizer == RECOGNIZER_KNN_CLASSIFIER:
+        return dataclasses.replace(retrieval.AggregationParams.glr2020_third(), k=int(k))
+    raise ValueError(f"no kNN aggregation for recognizer {recognizer!r}")
+
+
+def split_neighbours(neighbours: Neighbours, penalty: float):
+    """``(landmark positions in the list, penalised landmark similarities, landmark labels)``:
+    :func:`rescoring.retrieval.split_non_landmarks` then :func:`~rescoring.retrieval.penalise`."""
+    positions = [index for index, label in enumerate(neighbours.labels)
+                 if label != retrieval.NON_LANDMARK_LABEL]
+    landmark_sims, landmark_labels, _ = retrieval.split_non_landmarks(
+        neighbours.similarities, neighbours.labels)
+    return positions, retrieval.penalise(landmark_sims, penalty), landmark_labels
+
+
+def score_neighbours(test_id: str, neighbours: Optional[Neighbours], vote: Optional[Vote],
+                     params: retrieval.AggregationParams, with_classifier: bool):
+    """One test image's :class:`KnnScores`.
+
+    The non-landmark neighbours (label -1) give the penalty
+    (:func:`rescoring.retrieval.non_landmark_penalty`, the mean of their similarities) that is
+    subtracted from the landmark neighbours' similarities (:func:`~rescoring.retrieval.penalise`);
+    only landmark neighbours vote (:func:`~rescoring.retrieval.class_scores_from_neighbours`).
+    With the classifier, each vote is multiplied by the classifier's crop-voting share of that
+    class to the power 10 (``missing_confidence`` 1e-8 for a class no view voted for).
+    """
+    neighbours = neighbours or Neighbours()
+    _, _, non_landmark_sims = retrieval.split_non_landmarks(
+        neighbours.similarities, neighbours.labels)
+    penalty = retrieval.non_landmark_penalty(non_landmark_sims)
+    _, penalised, labels = split_neighbours(neighbours, penalty)
+    confidences = None
+    if with_classifier:
+        confidences = dict(vote.class_votes) if vote is not None else {}
+    verdict = retrieval.class_scores_from_neighbours(penalised, labels, params, confidences)
+    return test_id, KnnScores(
+        neighbours=neighbours, penalty=float(penalty), class_confidences=confidences,
+        knn_class=verdict.best_class, knn_score=float(verdict.score),
+        per_class=dict(verdict.per_class), vote=vote)
+
+
+def score_keyed(element, params):
+    """``(test_id, Neighbours)`` -> ``(test_id, KnnScores)`` without a classifier (``knn``)."""
+    test_id, neighbours = element
+    return score_neighbours(test_id, neighbours, None, params, False)
+
+
+def score_joined(element, params, with_classifier: bool):
+    """``(test_id, {"neighbours": [Neighbours], "votes": [Vote]})`` -> ``(test_id, KnnScores)``
+    (a duplicated test id: its first neighbour list and most confident vote)."""
+    test_id, grouped = element
+    neighbours = list(grouped.get("neighbours", []))
+    votes = sorted(grouped.get("votes", []), key=lambda vote: (-vote.confidence, vote.class_index))
+    if with_classifier and not votes:
+        return  # not a readable test image of this run: nothing to score
+    yield score_neighbours(test_id, neighbours[0] if neighbours else None,
+                           votes[0] if votes else None, params, with_classifier)
+
+
+# ---- verification of each (test image, neighbour) pair -------------------------------------------
+
+
+def neighbour_pairs(element):
+    """``(test_id, {"knn": [KnnScores], "features": [FeatureRecord]})`` ->
+    ``(test_id, (KnnScores, num_features))`` and, tagged :data:`TAG_PAIRS`, one
+    ``(reference_id, (test_id, locations, descriptors))`` per landmark neighbour (none when the
+    test image has no local features).
+
+    A duplicated test id keeps its record with most features. A readable test image without
+    neighbours (none retrieved) gets empty :class:`KnnScores`, so it still gets its row.
+    """
+    test_id, grouped = element
+    knn = list(grouped["knn"])
+    records = sorted(grouped["features"], key=lambda record: -record.num_features)
+    if not knn and not records:
+        return
+    scored = knn[0] if knn else KnnScores(Neighbours(), 0.0, None, None, 0.0, {})
+    record = records[0] if records else None
+    num_features = record.num_features if record is not None else 0
+    yield test_id, (scored, num_features)
+    if num_features == 0:
+        return
+    for reference_id, label in zip(scored.neighbours.ids, scored.neighbours.labels):
+        if label != retrieval.NON_LANDMARK_LABEL:
+            yield beam.pvalue.TaggedOutput(
+                TAG_PAIRS, (reference_id, (test_id, record.locations, record.descriptors)))
+
+
+def key_reference_by_id(keyed_record):
+    """``(class_index, FeatureRecord)`` -> ``(image_id, FeatureRecord)``."""
+    return keyed_record[1].image_id, keyed_record[1]
+
+
+class CountNeighbourInliers(beam.DoFn):
+    """``(reference_id, {"pairs": [(test_id, locations, descriptors)], "references":
+    [FeatureRecord]})`` -> ``(test_id, (reference_id, inliers))`` for each pair.
+
+    Holds one reference's features and the test images that retrieved it. A reference without
+    cached features (outside the per-class sample, or featureless) gives nothing: its pairs
+    are not verified (counter ``knn_pairs_unverified``; ``knn_pairs_verified`` otherwise).
+    """
+
+    def __init__(self, verification_params):
+        self._params = verification_params
+        self._verified = Metrics.counter(NAMESPACE, "knn_pairs_verified")
+        self._unverified = Metrics.counter(NAMESPACE, "knn_pairs_unverified")
+
+    def process(self, element):
+        reference_id, grouped = element
+        references = [record for record in grouped["references"] if record.num_features > 0]
+        pairs = list(grouped["pairs"])
+        if not pairs:
+            return
+        if not references:
+            self._unverified.inc(len(pairs))
+            return
+        reference = references[0]
+        for test_id, locations, descriptors in pairs:
+            inliers = verification.count_inliers(
+                locations, descriptors, reference.locations, reference.descriptors, self._params)
+            self._verified.inc()
+            yield test_id, (reference_id, int(inliers))
+
+
+def blend_confidence(knn: KnnScores, final_class, params: retrieval.AggregationParams) -> float:
+    """What ``final_score`` blends in place of the classifier's confidence.
+
+    ``knn``: the final class's kNN similarity score (votes without inliers) divided by k,
+    clipped to [0, 1]. ``knn+classifier``: the classifier's crop-voting share of the final class
+    (its ``nn_confidence`` when kNN and classifier agree), or ``missing_confidence`` (1e-8) when
+    no view voted for it: the factor its votes were weighted with.
+    """
+    if final_class is None:
+        return 0.0
+    if knn.class_confidences is not None:
+        return float(knn.class_confidences.get(final_class, params.missing_confidence))
+    return float(min(max(knn.per_class.get(final_class, 0.0) / params.k, 0.0), 1.0))
+
+
+def rerank(element, params: retrieval.AggregationParams, recognizer: str):
+    """``(test_id, {"tests": [(KnnScores, num_features)], "inliers": [(reference_id, n)]})`` ->
+    ``ScoredImage`` with :class:`KnnDetails` (labels still class indices).
+
+    :func:`rescoring.retrieval.rerank_with_inliers` on the penalised landmark neighbours with
+    their inlier counts (0 when not verified) gives the final class; its voting neighbours'
+    inliers give the local columns (:func:`rescoring.scores.aggregate`). Status: no landmark
+    neighbour -> ``no_landmark_neighbours`` (no prediction); featureless test image ->
+    ``no_features``; no neighbour verified -> ``no_references``; else ``scored``.
+    """
+    test_id, grouped = element
+    tests = list(grouped["tests"])
+    if not tests:
+        return
+    knn, num_features = tests[0]
+    inliers = {}
+    for reference_id, count in grouped["inliers"]:
+        inliers[reference_id] = max(count, inliers.get(reference_id, 0))
+    neighbours = knn.neighbours
+    positions, penalised, labels = split_neighbours(neighbours, knn.penalty)
+    counts = [inliers.get(neighbours.ids[index], 0) for index in positions]
+    reranked = retrieval.rerank_with_inliers(penalised, labels, counts, params,
+                                             class_confidences=knn.class_confidences)
+    final_class = reranked.best_class
+    verified = sum(1 for index in positions if neighbours.ids[index] in inliers)
+    if final_class is None:
+        status = STATUS_NO_NEIGHBOURS
+    elif num_features == 0:
+        status = STATUS_NO_FEATURES
+    elif verified == 0:
+        status = STATUS_NO_REFERENCES
+    else:
+        status = STATUS_SCORED
+    local_max, local_mean, local_best_half = (
+        float(value) for value in scores.aggregate(reranked.best_class_inliers))
+    confidence = blend_confidence(knn, final_class, params)
+    shares = knn.class_confidences
+    details = KnnDetails(
+        recognizer=recognizer,
+        knn_label=knn.knn_class,
+        knn_score=knn.knn_score,
+        confidence=confidence,
+        neighbour_ids=neighbours.ids,
+        neighbour_similarities=neighbours.similarities,
+        neighbour_labels=neighbours.labels,
+        neighbour_inliers=tuple(int(inliers.get(image_id, 0)) for image_id in neighbours.ids),
+        neighbour_confidences=(() if shares is None else tuple(
+            float(shares.get(label, params.missing_confidence)) for label in neighbours.labels)),
+        non_landmark_penalty=knn.penalty,
+        nn_label=None if knn.vote is None else int(knn.vote.class_index),
+        nn_confidence=None if knn.vote is None else float(knn.vote.confidence),
+    )
+    yield ScoredImage(
+        image_id=test_id,
+        status=status,
+        class_index=None if final_class is None else int(final_class),
+        nn_confidence=confidence,
+        local_max=local_max,
+        local_mean=local_mean,
+        local_best_half=local_best_half,
+        num_features=int(num_features),
+        num_references=int(verified),
+        knn=details,
+    )
+
+
+def details_with_landmark_ids(details: KnnDetails, landmark_ids) -> KnnDetails:
+    """Class indices -> ORIGINAL landmark ids (-1 stays -1) in a row's :class:`KnnDetails`."""
+    def landmark(class_index):
+        if class_index is None:
+            return None
+        return -1 if class_index < 0 else int(landmark_ids[class_index])
+
+    return details._replace(
+        knn_label=landmark(details.knn_label),
+        neighbour_labels=tuple(landmark(label) for label in details.neighbour_labels),
+        nn_label=landmark(details.nn_label),
+    )
