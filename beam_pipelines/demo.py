@@ -9,6 +9,13 @@ Stages (each one is the real job, called in this process with the flags a user w
     5 predict    landmarks-predict   -> <run_dir>/predict/      (crop voting + rescoring)
     6 evaluate   landmarks-evaluate  -> <run_dir>/evaluation/   (report.json, PNG plots)
 
+With ``--compare true`` (the default) two more predict + evaluate pairs run on the same test set
+and the same reference-feature cache (``<run_dir>/reference_features``, so local features are
+not recomputed): the classifier on one view (``--crops 1`` -> ``predict_1view/``,
+``evaluation_1view/``) and the kNN recognizer (``--recognizer knn`` -> ``predict_knn/``,
+``evaluation_knn/``). The summary then compares five recognizers side by side: classifier on
+one view, with crop voting, with crop voting + rescoring, kNN, kNN + rescoring.
+
 The run folder holds one run only: a rerun into a folder that an earlier demo wrote replaces it
 (a folder that is not a demo run folder is refused, so nothing else is ever deleted). The
 summary (``demo.json``, and a table on stdout) gives GAP with and without rescoring, top-1
@@ -61,6 +68,7 @@ class DemoConfig:
     crops: int = 22
     references_per_class: int = 32
     train_preset: str = "quick"
+    compare: bool = True
     extra_train_flags: tuple[str, ...] = ()
 
     def __post_init__(self):
@@ -107,7 +115,19 @@ def build_parser() -> argparse.ArgumentParser:
              + default)
     add("--train_preset", default=defaults.train_preset, choices=("quick", "full"),
         help="landmarks-train --preset; full is the recipe and takes hours on a CPU" + default)
+    add("--compare", type=_bool, default=defaults.compare, metavar="true|false",
+        help="also run predict + evaluate with one view and with --recognizer knn, and compare "
+             "the five recognizers in a table" + " (default: true)")
     return parser
+
+
+def _bool(text: str) -> bool:
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:
@@ -165,13 +185,14 @@ class _Stage:
     detail: str
 
 
-def _run_stage(stages: list, number: int, name: str, action: Callable[[], tuple[object, str]]):
-    _LOG.info("=== [%d/6] %s ...", number, name)
+def _run_stage(stages: list, number: int, name: str, action: Callable[[], tuple[object, str]],
+               total: int = 6):
+    _LOG.info("=== [%d/%d] %s ...", number, total, name)
     start = time.perf_counter()
     result, detail = action()
     seconds = time.perf_counter() - start
     stages.append(_Stage(name, seconds, detail))
-    _LOG.info("=== [%d/6] %s done in %.1f s: %s", number, name, seconds, detail)
+    _LOG.info("=== [%d/%d] %s done in %.1f s: %s", number, total, name, seconds, detail)
     return result
 
 
@@ -181,7 +202,7 @@ def _check_exit(name: str, code: int) -> None:
 
 
 def run(config: DemoConfig) -> dict:
-    """Runs the six stages; returns the summary written to ``demo.json``."""
+    """Runs the six stages (ten with ``compare``); returns the summary written to ``demo.json``."""
     from beam_pipelines import evaluate
     from beam_pipelines.ingest import pipeline as ingest
     from beam_pipelines.predict import pipeline as predict
@@ -192,7 +213,9 @@ def run(config: DemoConfig) -> dict:
     # Marks the folder as a demo folder from the start, so a crashed demo can be rerun in place.
     paths = {
         name: os.path.join(config.run_dir, name)
-        for name in ("toy_data", "ingest_train", "ingest_test", "model", "predict", "evaluation")
+        for name in ("toy_data", "ingest_train", "ingest_test", "model", "predict", "evaluation",
+                     "predict_1view", "evaluation_1view", "predict_knn", "evaluation_knn",
+                     "reference_features")
     }
     with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
         json.dump({"status": "running", "config": dataclasses.asdict(config)}, handle, indent=2)
@@ -244,15 +267,17 @@ def run(config: DemoConfig) -> dict:
         )
         return summary, detail
 
-    def predict_test():
+    def predict_test(output: str = "predict", extra: Sequence[str] = (), crops: int = 0):
+        # Every predict run shares one reference-feature cache: computed once, then reused.
         summary = predict.run([
             "--model", os.path.join(paths["model"], "model.keras"),
             "--test_data", os.path.join(paths["ingest_test"], "test-*.tfrecord"),
             "--reference_data", os.path.join(paths["ingest_train"], "train-*.tfrecord"),
-            "--output_dir", paths["predict"],
+            "--output_dir", paths[output],
+            "--reference_features", paths["reference_features"],
             "--local_features", config.local_features,
             "--references_per_class", str(config.references_per_class),
-            "--crops", str(config.crops), *beam_flags,
+            "--crops", str(crops or config.crops), *extra, *beam_flags,
         ])
         seconds = summary.get("seconds", {}).get("total") or 0.0
         detail = (
@@ -262,21 +287,40 @@ def run(config: DemoConfig) -> dict:
         )
         return summary, detail
 
-    def evaluate_submission():
+    def evaluate_submission(predicted: str = "predict", output: str = "evaluation"):
         report = evaluate.run([
-            "--submission", os.path.join(paths["predict"], "submission.csv"),
+            "--submission", os.path.join(paths[predicted], "submission.csv"),
             "--solution", os.path.join(paths["toy_data"], "test_solution.csv"),
-            "--scores", os.path.join(paths["predict"], "scores.csv"),
-            "--output_dir", paths["evaluation"],
+            "--scores", os.path.join(paths[predicted], "scores.csv"),
+            "--output_dir", paths[output],
         ])
-        return report, f"GAP {_fmt(report.get('gap'))}, classifier alone {_fmt(report.get('gap_nn_only'))}"
+        alone = ("knn alone", report.get("gap_knn_only")) if "gap_knn_only" in report else (
+            "classifier alone", report.get("gap_nn_only"))
+        return report, f"GAP {_fmt(report.get('gap'))}, {alone[0]} {_fmt(alone[1])}"
 
-    _run_stage(stages, 1, "toy data", make_toy_data)
-    _run_stage(stages, 2, "ingest train", ingest_train)
-    _run_stage(stages, 3, "ingest test", ingest_test)
-    train_summary = _run_stage(stages, 4, "train", train_model)
-    _run_stage(stages, 5, "predict", predict_test)
-    report = _run_stage(stages, 6, "evaluate", evaluate_submission)
+    total = 10 if config.compare else 6
+    _run_stage(stages, 1, "toy data", make_toy_data, total)
+    _run_stage(stages, 2, "ingest train", ingest_train, total)
+    _run_stage(stages, 3, "ingest test", ingest_test, total)
+    train_summary = _run_stage(stages, 4, "train", train_model, total)
+    _run_stage(stages, 5, "predict", predict_test, total)
+    report = _run_stage(stages, 6, "evaluate", evaluate_submission, total)
+    views = predict_views_per_image(paths["predict"])
+    one_view_report = knn_report = None
+    knn_k = None
+    if config.compare:
+        _run_stage(stages, 7, "predict 1 view",
+                   lambda: predict_test("predict_1view", crops=1), total)
+        one_view_report = _run_stage(
+            stages, 8, "evaluate 1 view",
+            lambda: evaluate_submission("predict_1view", "evaluation_1view"), total)
+        _run_stage(
+            stages, 9, "predict knn",
+            lambda: predict_test("predict_knn", extra=("--recognizer", "knn")), total)
+        knn_report = _run_stage(
+            stages, 10, "evaluate knn",
+            lambda: evaluate_submission("predict_knn", "evaluation_knn"), total)
+        knn_k = _recorded_config(paths["predict_knn"], "knn_k")
 
     summary = {
         "status": "done",
@@ -288,7 +332,9 @@ def run(config: DemoConfig) -> dict:
         "top1_accuracy_nn_only": report.get("top1_accuracy_nn_only"),
         "dev_gap_initial": train_summary.get("dev_gap_initial"),
         "dev_gap_final": train_summary.get("dev_gap_final"),
-        "views_per_image": predict_views_per_image(paths["predict"]),
+        "views_per_image": views,
+        "comparison": comparison_rows(report, one_view_report, knn_report, views, knn_k)
+        if config.compare else None,
         "seconds_total": round(time.perf_counter() - total_start, 1),
         "stages": [dataclasses.asdict(stage) for stage in stages],
         "outputs": {
@@ -300,6 +346,9 @@ def run(config: DemoConfig) -> dict:
             "train_records": paths["ingest_train"],
             "test_records": paths["ingest_test"],
             "toy_data": paths["toy_data"],
+            **({"report_1view": os.path.join(paths["evaluation_1view"], "report.json"),
+                "report_knn": os.path.join(paths["evaluation_knn"], "report.json"),
+                "reference_features": paths["reference_features"]} if config.compare else {}),
         },
     }
     with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
@@ -332,6 +381,14 @@ def _ingest_detail(stats: dict) -> str:
             f"{rate:.1f} img/s")
 
 
+def _recorded_config(predict_dir: str, key: str):
+    """``key`` of the config that the predict run in ``predict_dir`` recorded in ``config.json``."""
+    path = os.path.join(predict_dir, "config.json")
+    with open(path) as handle:
+        recorded = json.load(handle)
+    return _required(_required(recorded, "config", path), key, f"{path} config")
+
+
 def predict_views_per_image(predict_dir: str) -> int:
     """Views per test image of the predict run in ``predict_dir``, from its ``config.json``.
 
@@ -340,11 +397,45 @@ def predict_views_per_image(predict_dir: str) -> int:
     """
     from rescoring import crops
 
-    path = os.path.join(predict_dir, "config.json")
-    with open(path) as handle:
-        recorded = json.load(handle)
-    requested = _required(_required(recorded, "config", path), "crops", f"{path} config")
+    requested = _recorded_config(predict_dir, "crops")
     return crops.CropSpec.for_num_views(int(requested)).num_views
+
+
+def comparison_rows(report: dict, one_view: dict, knn: dict, views: int, knn_k: int) -> list:
+    """The five recognizers on the same test set, from three ``report.json`` of evaluate:
+    ``{"recognizer", "gap", "gap_landmarks_only", "top1_accuracy"}`` per row (None where a
+    report lacks the figure)."""
+    voting = voting_label(views)
+
+    def infix(prefix):
+        return f"_{prefix}_only" if prefix else ""
+
+    rows = [("classifier, 1 view", one_view, "nn"), (f"classifier, {voting}", report, "nn"),
+            (f"classifier, {voting} + rescoring", report, ""), (f"knn (k={knn_k})", knn, "knn"),
+            ("knn + rescoring", knn, "")]
+    return [{"recognizer": label, "gap": source.get(f"gap{infix(prefix)}"),
+             "gap_landmarks_only": source.get(f"gap{infix(prefix)}_landmarks_only"),
+             "top1_accuracy": source.get(f"top1_accuracy{infix(prefix)}")}
+            for label, source, prefix in rows]
+
+
+def format_comparison(rows: Sequence[dict]) -> list[str]:
+    """The comparison table's lines ("-" where evaluate gives no figure) and the winner line."""
+    width = max(len("recognizer"), *(len(row["recognizer"]) for row in rows))
+
+    def cell(value):
+        return "-" if value is None else f"{value:.4f}"
+
+    lines = [f"  {'recognizer':<{width}}  {'GAP':<6}  {'GAP landmarks':<13}  top-1"]
+    lines += [f"  {row['recognizer']:<{width}}  {cell(row['gap']):<6}  "
+              f"{cell(row['gap_landmarks_only']):<13}  {cell(row['top1_accuracy'])}"
+              for row in rows]
+    scored = [row for row in rows if row["gap"] is not None]
+    if scored:
+        best = max(row["gap"] for row in scored)
+        winners = [row["recognizer"] for row in scored if row["gap"] == best]
+        lines.append(f"  best GAP on this run: {' = '.join(winners)} ({best:.4f})")
+    return lines
 
 
 def voting_label(views: int) -> str:
@@ -368,6 +459,11 @@ def format_table(summary: dict) -> str:
         "",
         "landmarks-demo: results on the toy test set",
         *(f"  {label:<{width}} : {value}" for label, value in results),
+    ]
+    if summary.get("comparison"):
+        lines += ["", "recognizers compared on the same test set", *format_comparison(
+            summary["comparison"])]
+    lines += [
         "",
         "  stage            seconds",
     ]

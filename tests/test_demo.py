@@ -10,7 +10,8 @@ from beam_pipelines import demo
 
 
 # The default toy set (6 classes, 24 landmark test views, 12 distractors) and the demo's own
-# training length: the same run a user gets from `make demo`, about 1.5 minutes here.
+# training length: the same run a user gets from `make demo` (with the comparison of the five
+# recognizers), about 2 minutes here. This is the suite's only whole-demo run.
 
 
 @pytest.mark.slow
@@ -19,11 +20,24 @@ def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
     assert demo.main(["--run_dir", str(run_dir)]) == 0
     table = capsys.readouterr().out
     assert "GAP, classifier alone" in table and "after local-feature rescoring" in table
+    # The comparison table: five rows, each with its figures, and the winner line.
+    lines = table.splitlines()
+    start = lines.index("recognizers compared on the same test set") + 2
+    rows = lines[start:start + 5]
+    labels = ["classifier, 1 view", "classifier, 22-crop voting",
+              "classifier, 22-crop voting + rescoring", "knn (k=3)", "knn + rescoring"]
+    for label, row in zip(labels, rows):
+        assert row.startswith(f"  {label}  "), row
+        cells = row[len(label) + 2:].split()  # GAP, GAP landmarks, top-1: all reported here
+        assert len(cells) == 3 and all(0.0 <= float(cell) <= 1.0 for cell in cells), row
+    assert lines[start + 5].startswith("  best GAP on this run: ")
 
     summary = json.loads((run_dir / demo.DEMO_MARKER).read_text())
     assert summary["status"] == "done"
     assert [stage["name"] for stage in summary["stages"]] == [
-        "toy data", "ingest train", "ingest test", "train", "predict", "evaluate"]
+        "toy data", "ingest train", "ingest test", "train", "predict", "evaluate",
+        "predict 1 view", "evaluate 1 view", "predict knn", "evaluate knn"]
+    assert all(row["gap"] is not None for row in summary["comparison"])
     report = json.loads(open(summary["outputs"]["report"]).read())
     for key in ("gap", "gap_nn_only", "top1_accuracy"):
         assert 0.0 <= report[key] <= 1.0

@@ -43,6 +43,61 @@ def test_table_names_the_crop_count_that_was_run(views, text):
     assert len(columns) == 1
 
 
+def _reports():
+    """Three report.json of evaluate, reduced to the keys the comparison reads."""
+    main = {"gap": 0.875, "gap_landmarks_only": 0.9, "top1_accuracy": 0.8, "gap_nn_only": 0.8417,
+            "gap_nn_only_landmarks_only": 0.85, "top1_accuracy_nn_only": 0.75}
+    one_view = {"gap": 0.6, "gap_nn_only": 0.7, "gap_nn_only_landmarks_only": None,
+                "top1_accuracy_nn_only": 0.625}
+    knn = {"gap": 0.95, "gap_landmarks_only": 0.96, "top1_accuracy": 0.9,
+           "gap_knn_only": 0.9, "gap_knn_only_landmarks_only": 0.91,
+           "top1_accuracy_knn_only": 0.875}
+    return main, one_view, knn
+
+
+def test_comparison_table_lists_the_five_recognizers_and_the_winner():
+    rows = demo.comparison_rows(*_reports(), views=22, knn_k=3)
+    table = demo.format_table({**_summary(22), "comparison": rows})
+    lines = table.splitlines()
+    start = lines.index("recognizers compared on the same test set")
+    assert lines[start + 1:start + 8] == [
+        "  recognizer                              GAP     GAP landmarks  top-1",
+        "  classifier, 1 view                      0.7000  -              0.6250",
+        "  classifier, 22-crop voting              0.8417  0.8500         0.7500",
+        "  classifier, 22-crop voting + rescoring  0.8750  0.9000         0.8000",
+        "  knn (k=3)                               0.9000  0.9100         0.8750",
+        "  knn + rescoring                         0.9500  0.9600         0.9000",
+        "  best GAP on this run: knn + rescoring (0.9500)",
+    ]
+    # The first table's lines stay as they were.
+    assert "GAP, classifier alone (22-crop voting) : 0.8417" in table
+
+
+def test_comparison_names_the_real_crop_count_and_k_and_ties():
+    main, one_view, knn = _reports()
+    knn["gap"], knn["gap_knn_only"] = main["gap"], 0.5
+    rows = demo.comparison_rows(main, one_view, knn, views=12, knn_k=5)
+    assert [row["recognizer"] for row in rows] == [
+        "classifier, 1 view", "classifier, 12-crop voting", "classifier, 12-crop voting + rescoring",
+        "knn (k=5)", "knn + rescoring"]
+    lines = demo.format_comparison(rows)
+    assert lines[-1] == ("  best GAP on this run: classifier, 12-crop voting + rescoring = "
+                         "knn + rescoring (0.8750)")
+
+
+def test_without_compare_there_is_no_comparison_table():
+    for comparison in (None, []):
+        table = demo.format_table({**_summary(22), "comparison": comparison})
+        assert "recognizers compared" not in table
+    assert "recognizers compared" not in demo.format_table(_summary(22))
+
+
+@pytest.mark.parametrize("text, value", [("true", True), ("false", False), ("FALSE", False)])
+def test_compare_flag(text, value):
+    assert demo.parse_args(["--compare", text]).compare is value
+    assert demo.parse_args([]).compare is True
+
+
 def test_table_without_the_crop_count_fails_loudly():
     summary = _summary(22)
     del summary["views_per_image"]

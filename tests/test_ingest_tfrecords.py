@@ -443,8 +443,11 @@ def test_all_rows_rejected_exits_4_and_names_the_reason(tmp_path, capsys):
     error = _error_line(capsys)
     assert "3 of 3 rows rejected (100% > --max_rejected_fraction 0.5), nothing written: " \
            "3 missing_file (e.g. m0: " in error
-    assert "missing0.jpg" in error and f"outputs in {out} are incomplete (no _SUCCESS)" in error
+    assert "missing0.jpg" in error and f"outputs in {out} are incomplete (no _SUCCESS;" in error
     assert not io_utils.has_success_marker(str(out))
+    assert not list(out.glob("*.tfrecord"))  # a reader's glob finds no shard of a failed run
+    assert sorted(path.name for path in out.glob("*.tfrecord.incomplete")) == [
+        "train-00000-of-00001.tfrecord.incomplete"]
     assert not (out / "dataset_info.json").exists()  # TFDS would take the folder for complete
     assert len(read_rejected(out / "rejected.csv")) == 3
     stats = json.loads((out / "stats.json").read_text())

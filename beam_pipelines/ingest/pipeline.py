@@ -192,6 +192,21 @@ def write_tfds_metadata_if_reachable(output_dir: str) -> None:
     tfds_metadata.write_tfds_metadata(output_dir)
 
 
+INCOMPLETE_SUFFIX = ".incomplete"
+
+
+def set_aside_shards(output_dir: str) -> int:
+    """Renames the shards of a failed run ``*.tfrecord`` -> ``*.tfrecord.incomplete``.
+
+    Kept for inspection, but a glob such as ``train-*.tfrecord`` (the trainer's, the predict
+    job's) no longer matches them. Returns how many were renamed.
+    """
+    paths = io_utils.match(io_utils.join(output_dir, "*.tfrecord"))
+    if paths:
+        FileSystems.rename(paths, [path + INCOMPLETE_SUFFIX for path in paths])
+    return len(paths)
+
+
 def remove_empty_splits(output_dir: str, shards: dict[str, int],
                         written_per_split: dict[str, int], keep=("dev",)) -> dict[str, int]:
     """Deletes the (empty) shards of the splits that received no record, except ``keep``;
@@ -306,9 +321,12 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         _LOGGER.error("ingest: rows in (%d) != written (%d) + rejected (%d); no _SUCCESS marker",
                       stats["rows_in"], stats["written"], stats["rejected"])
     else:
-        # No TFDS metadata and no _SUCCESS: nothing here may pass for a complete dataset.
+        # No TFDS metadata, no _SUCCESS, and no shard under its usual name: nothing here may
+        # pass for a complete dataset, not even to a reader that globs '*.tfrecord'.
+        renamed = set_aside_shards(config.output_dir)
         message = (f"{failure['message']}; outputs in {config.output_dir} are incomplete (no "
-                   f"_SUCCESS): see {REJECTED_FILENAME} and {STATS_FILENAME} there")
+                   f"_SUCCESS; {renamed} shard(s) renamed *{INCOMPLETE_SUFFIX}): see "
+                   f"{REJECTED_FILENAME} and {STATS_FILENAME} there")
         _LOGGER.error("ingest: %s", message)
         raise IngestIncomplete(message, stats)
     _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
