@@ -348,7 +348,7 @@ def run(config: DemoConfig) -> dict:
             "toy_data": paths["toy_data"],
             **({"report_1view": os.path.join(paths["evaluation_1view"], "report.json"),
                 "report_knn": os.path.join(paths["evaluation_knn"], "report.json"),
-                "reference_features": paths["reference_features"]} if config.compare else {}),
+                "ref_features": paths["reference_features"]} if config.compare else {}),
         },
     }
     with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:

@@ -78,8 +78,8 @@ def test_comparison_names_the_real_crop_count_and_k_and_ties():
     knn["gap"], knn["gap_knn_only"] = main["gap"], 0.5
     rows = demo.comparison_rows(main, one_view, knn, views=12, knn_k=5)
     assert [row["recognizer"] for row in rows] == [
-        "classifier, 1 view", "classifier, 12-crop voting", "classifier, 12-crop voting + rescoring",
-        "knn (k=5)", "knn + rescoring"]
+        "classifier, 1 view", "classifier, 12-crop voting",
+        "classifier, 12-crop voting + rescoring", "knn (k=5)", "knn + rescoring"]
     lines = demo.format_comparison(rows)
     assert lines[-1] == ("  best GAP on this run: classifier, 12-crop voting + rescoring = "
                          "knn + rescoring (0.8750)")

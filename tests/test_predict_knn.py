@@ -15,7 +15,9 @@ writes it), the reference data holds three views of landmarks 11 and 22 and one 
 Every run: every test id once, counts reconcile, the neighbours are the true nearest references
 (computed here without Beam, to float32 round-off), and every score of ``scores.csv`` is
 recomputed from its own columns with ``rescoring.retrieval``'s and ``rescoring.scores``' pure
-functions.
+functions, and every landmark neighbour is verified: those outside the cached sample
+(``--references_per_class`` 2 of 3) are featurised on demand, their inliers equal to
+``rescoring``'s extractor + verification on the same images.
 """
 
 from __future__ import annotations
@@ -266,7 +268,7 @@ def test_verify_neighbours_hand_computed():
             {"knn": p | "Knn" >> Create([q1, q2, q3]),
              "features": p | "Features" >> Create(tests),
              "references": p | "References" >> Create(references)}
-            | steps.VerifyNeighbours(VerificationParams(), params, "knn"))
+            | steps.VerifyNeighbours(VerificationParams(), params, "knn"))["scored"]
         rows = scored | Map(lambda row: (
             row.image_id, row.status, row.class_index, row.nn_confidence, row.local_max,
             row.local_mean, row.local_best_half, row.num_features, row.num_references,
@@ -278,6 +280,114 @@ def test_verify_neighbours_hand_computed():
             ("q2", "no_features", 0, 0.125, 0.0, 0.0, 0.0, 0, 0, 0, (0,)),
             ("q3", "no_landmark_neighbours", None, 0.0, 0.0, 0.0, 0.0, 24, 0, None, (0,)),
         ]))
+
+
+def _image_record(image_id, label, jpeg):
+    from tfrecords_schema.image_record import ImageRecord
+
+    return ImageRecord(image_id=image_id, jpeg_bytes=jpeg, label=label, height=112, width=112)
+
+
+def _counters(result) -> dict:
+    from apache_beam.metrics.metric import MetricsFilter
+
+    query = result.metrics().query(MetricsFilter().with_namespace(transforms.NAMESPACE))
+    counters = {}
+    for item in query["counters"]:
+        value = item.committed if item.committed is not None else item.attempted
+        counters[item.key.metric.name] = counters.get(item.key.metric.name, 0) + int(value)
+    for item in query["distributions"]:
+        counters[item.key.metric.name + ".count"] = item.committed.count
+    return counters
+
+
+def _orb(image):
+    from rescoring import local_features
+
+    extractor = local_features.make_extractor("orb")
+    return transforms.check_features(extractor.extract(image))
+
+
+def test_featurise_retrieved_references_extracts_each_wanted_image_once():
+    from test_predict import _jpeg, _scenes, _view
+
+    scenes = _scenes()
+    jpegs = {"a": _jpeg(_view(scenes[0], 0.2, 0.3, 0.8)),
+             "b": _jpeg(_view(scenes[1], 0.5, 0.5, 0.8)),
+             "c": _jpeg(_view(scenes[2], 0.5, 0.5, 0.8))}
+    images = [_image_record(image_id, 0, jpeg) for image_id, jpeg in jpegs.items()]
+    images += [_image_record("b", 0, jpegs["b"]),  # the same id twice: featurised once
+               _image_record("bad", 1, b"not a jpeg")]
+    wanted = [("a", None), ("a", None), ("b", None), ("bad", None), ("ghost", None)]
+    expected = {image_id: _orb(transforms.decode_rgb(jpegs[image_id])) for image_id in "ab"}
+
+    def check(features):
+        assert sorted(image_id for image_id, _ in features) == ["a", "b"]  # "c": not wanted
+        for image_id, record in features:
+            assert record.image_id == image_id and record.extractor == "orb"
+            np.testing.assert_array_equal(record.locations, expected[image_id][0])
+            np.testing.assert_array_equal(record.descriptors, expected[image_id][1])
+            assert record.num_features > 0
+
+    p = _pipeline()
+    featurised = (
+        {"ids": p | "Ids" >> Create(wanted),
+         "images": p | "Images" >> Create(images) | Map(knn.key_image_record)}
+        | steps.FeaturiseRetrievedReferences("orb"))
+    assert_that(featurised["features"], check, label="features")
+    assert_that(featurised["errors"], equal_to([{"count": 0, "causes": []}]), label="errors")
+    result = p.run()
+    result.wait_until_finish()
+    counters = _counters(result)
+    assert counters["knn_references_featurised_on_demand"] == 2
+    assert counters["knn_references_missing"] == 1
+    assert counters["knn_references_undecodable"] == 1
+    # Counted as reference extractions (the launcher's failed fraction).
+    assert counters["reference_features_per_image.count"] == 2
+
+
+def test_verify_neighbours_featurises_uncached_neighbours_on_demand():
+    from rescoring import local_features, verification
+    from test_predict import _jpeg, _scenes, _view
+
+    scene = _scenes()[0]
+    test_image = _view(scene, 0.4, 0.4, 0.85)
+    jpegs = {"r_on_demand": _jpeg(_view(scene, 0.3, 0.5, 0.8)),
+             "r_cached": _jpeg(_view(scene, 0.6, 0.2, 0.8)),
+             "r_unretrieved": _jpeg(_view(scene, 0.5, 0.5, 0.8))}
+    vparams = verification.VerificationParams(
+        max_descriptor_distance=local_features.make_extractor("orb").max_descriptor_distance)
+    test_features = _orb(test_image)
+    # The cache holds r_cached's features from another image than its record's: they win.
+    cached = _orb(_view(scene, 0.5, 0.5, 0.8))
+    on_demand = _orb(transforms.decode_rgb(jpegs["r_on_demand"]))
+    expected = (verification.count_inliers(*test_features, *on_demand, vparams),
+                verification.count_inliers(*test_features, *cached, vparams), 0)
+    assert expected[0] > 0 and expected[1] > 0
+    params = knn.aggregation_params("knn", 3)
+    q1 = knn.score_neighbours("q1", Neighbours(("r_on_demand", "r_cached", "r_ghost"),
+                                               (0.75, 0.625, 0.5), (0, 0, 1)),
+                              None, params, False)
+    images = [_image_record(image_id, 0, jpeg) for image_id, jpeg in jpegs.items()]
+
+    p = _pipeline()
+    verified = (
+        {"knn": p | "Knn" >> Create([q1]),
+         "features": p | "Features" >> Create([("q1", _features("q1", -1, *test_features))]),
+         "references": p | "References" >> Create(
+             [(0, FeatureRecord("r_cached", 0, "orb", *cached))]),
+         "reference_images": p | "Images" >> Create(images)}
+        | steps.VerifyNeighbours(vparams, params, "knn", "orb"))
+    assert_that(verified["scored"] | Map(lambda row: row.knn.neighbour_inliers),
+                equal_to([expected]), label="inliers")
+    assert_that(verified["errors"], equal_to([{"count": 0, "causes": []}]), label="errors")
+    result = p.run()
+    result.wait_until_finish()
+    counters = _counters(result)
+    assert counters["knn_references_featurised_on_demand"] == 1  # not r_cached, r_unretrieved
+    assert counters["knn_references_missing"] == 1  # r_ghost
+    assert counters["knn_pairs_verified"] == 2
+    assert counters["knn_pairs_unverified"] == counters["knn_pairs_unverified_not_featurised"] == 1
 
 
 # ---- config, cache, evaluate (pure) -------------------------------------------------------------
@@ -531,7 +641,59 @@ def _check_run(data, summary, output_dir: Path, recognizer: str, k: int,
     for test_id in ("test_corrupt_jpeg", "test_old_schema"):
         assert predictions[test_id] is None and rows[test_id]["label"] == ""
         assert rows[test_id]["recognizer"] == recognizer and rows[test_id]["neighbour_ids"] == ""
+    _check_on_demand_verification(data, stats, output_dir, rows)
     return rows
+
+
+def _check_on_demand_verification(data, stats: dict, output_dir: Path, rows: dict) -> None:
+    """Every retrieved landmark neighbour is verified: those outside the cached per-class
+    sample (``--references_per_class`` 2 of 3) were featurised in the job, and their inlier
+    column equals rescoring's extractor + verification on the same images."""
+    import glob
+
+    import tensorflow as tf
+
+    from rescoring import local_features, verification
+    from tfrecords_schema import image_record
+    from tfrecords_schema.local_features import parse_features
+
+    retrieval_stats = stats["retrieval"]
+    assert retrieval_stats["knn_pairs_unverified"] == 0
+    assert retrieval_stats["knn_pairs_unverified_reasons"] == {
+        "not_featurised": 0, "no_features": 0}
+    config = json.loads((output_dir / "config.json").read_text())
+    cache = Path(config["config"]["reference_features"])
+    cached = {parse_features(serialized).image_id
+              for path in sorted(cache.glob("features-*.tfrecord"))
+              for serialized in tf.data.TFRecordDataset(str(path)).as_numpy_iterator()}
+    references = {}
+    for path in sorted(glob.glob(data.reference_glob)):
+        for serialized in tf.data.TFRecordDataset(path).as_numpy_iterator():
+            record = image_record.parse_record(serialized)
+            references[record.image_id] = transforms.decode_rgb(record.jpeg_bytes)
+    extractor = local_features.make_extractor(config["extractor_spec"])
+    params = verification.VerificationParams(
+        max_descriptor_distance=float(extractor.max_descriptor_distance))
+    on_demand = set()
+    for test_id in data.readable_test_ids:
+        row = rows[test_id]
+        test_features = transforms.check_features(extractor.extract(data.test_images[test_id]))
+        if len(test_features[0]) == 0:  # the flat grey image: no pairs to verify
+            continue
+        for reference_id, label, inliers in zip(row["neighbour_ids"].split(),
+                                                _ints(row["neighbour_labels"]),
+                                                _ints(row["neighbour_inliers"])):
+            if label == -1 or reference_id in cached:
+                continue
+            on_demand.add(reference_id)
+            reference_features = transforms.check_features(
+                extractor.extract(references[reference_id]))
+            assert inliers == verification.count_inliers(*test_features, *reference_features,
+                                                         params), (test_id, reference_id)
+    assert on_demand and retrieval_stats["knn_references_featurised_on_demand"] == len(on_demand)
+    reference_features = stats["reference_features"]
+    made = 0 if reference_features["reused"] else reference_features["num_images"]
+    assert stats["extraction_attempts"]["reference"] == made + len(on_demand)
 
 
 @pytest.mark.slow

@@ -367,30 +367,109 @@ def key_reference_by_id(keyed_record):
     return keyed_record[1].image_id, keyed_record[1]
 
 
+def reference_id_only(keyed):
+    """``(reference_id, anything)`` -> ``(reference_id, None)``: the id alone, so that a join on
+    ids shuffles no features."""
+    return keyed[0], None
+
+
+def uncached_ids(element):
+    """``(reference_id, {"wanted": [...], "cached": [...]})`` -> ``(reference_id, None)`` for a
+    retrieved reference (wanted) whose features are not in the cache."""
+    reference_id, grouped = element
+    if any(True for _ in grouped["wanted"]) and not any(True for _ in grouped["cached"]):
+        yield reference_id, None
+
+
+def key_image_record(record):
+    """``ImageRecord`` -> ``(image_id, ImageRecord)`` (JPEG still encoded)."""
+    return record.image_id, record
+
+
+class DecodeRetrievedImage(beam.DoFn):
+    """``(reference_id, {"wanted": [...], "images": [ImageRecord]})`` -> ``DecodedImage`` of a
+    wanted reference, once per distinct id (the image with the smallest JPEG bytes when the id
+    is in the reference data twice); images nobody wanted are dropped undecoded.
+
+    Counters: ``knn_references_featurised_on_demand`` (decoded, handed to the extractor),
+    ``knn_references_missing`` (wanted, but no such id in the reference data),
+    ``knn_references_undecodable``.
+    """
+
+    def __init__(self):
+        self._featurised = Metrics.counter(NAMESPACE, "knn_references_featurised_on_demand")
+        self._missing = Metrics.counter(NAMESPACE, "knn_references_missing")
+        self._undecodable = Metrics.counter(NAMESPACE, "knn_references_undecodable")
+
+    def process(self, element):
+        from beam_pipelines.predict import transforms
+
+        reference_id, grouped = element
+        if not any(True for _ in grouped["wanted"]):
+            return
+        records = sorted(grouped["images"], key=lambda record: record.jpeg_bytes)
+        if not records:
+            self._missing.inc()
+            _LOG.warning("retrieved reference %s is not in the reference data", reference_id)
+            return
+        record = records[0]
+        try:
+            image = transforms.decode_rgb(record.jpeg_bytes)
+        except ValueError as error:
+            self._undecodable.inc()
+            _LOG.warning("retrieved reference %s is undecodable: %s", reference_id, error)
+            return
+        self._featurised.inc()
+        yield DecodedImage(record.image_id, int(record.label), image)
+
+
+UNVERIFIED_NOT_FEATURISED = "not_featurised"
+"""Why a pair is unverified: its reference has no feature record, neither cached nor made on
+demand (not in the reference data, or undecodable)."""
+UNVERIFIED_NO_FEATURES = "no_features"
+"""Why a pair is unverified: its reference's record holds no local features (featureless
+image, or the extractor failed on it)."""
+UNVERIFIED_REASONS = (UNVERIFIED_NOT_FEATURISED, UNVERIFIED_NO_FEATURES)
+
+
 class CountNeighbourInliers(beam.DoFn):
     """``(reference_id, {"pairs": [(test_id, locations, descriptors)], "references":
-    [FeatureRecord]})`` -> ``(test_id, (reference_id, inliers))`` for each pair.
+    [FeatureRecord], "on_demand": [FeatureRecord]})`` -> ``(test_id, (reference_id, inliers))``
+    for each pair.
 
-    Holds one reference's features and the test images that retrieved it. A reference without
-    cached features (outside the per-class sample, or featureless) gives nothing: its pairs
-    are not verified (counter ``knn_pairs_unverified``; ``knn_pairs_verified`` otherwise).
+    Holds one reference's features and the test images that retrieved it. The cached record
+    takes precedence over one extracted on demand (``on_demand``, optional). A reference
+    without a record, or whose record has no features, gives nothing: its pairs are not
+    verified (counter ``knn_pairs_unverified`` and, by reason, ``knn_pairs_unverified_<reason>``
+    of :data:`UNVERIFIED_REASONS`; ``knn_pairs_verified`` otherwise).
     """
 
     def __init__(self, verification_params):
         self._params = verification_params
         self._verified = Metrics.counter(NAMESPACE, "knn_pairs_verified")
         self._unverified = Metrics.counter(NAMESPACE, "knn_pairs_unverified")
+        self._reasons = {reason: Metrics.counter(NAMESPACE, f"knn_pairs_unverified_{reason}")
+                         for reason in UNVERIFIED_REASONS}
 
     def process(self, element):
         reference_id, grouped = element
-        references = [record for record in grouped["references"] if record.num_features > 0]
         pairs = list(grouped["pairs"])
         if not pairs:
             return
-        if not references:
+        records = list(grouped["references"]) or list(grouped.get("on_demand", ()))
+        records.sort(key=lambda record: -record.num_features)
+        reason = None
+        if not records:
+            reason = UNVERIFIED_NOT_FEATURISED
+        elif records[0].num_features == 0:
+            reason = UNVERIFIED_NO_FEATURES
+        if reason is not None:
             self._unverified.inc(len(pairs))
+            self._reasons[reason].inc(len(pairs))
+            _LOG.info("%d pairs with reference %s unverified: %s", len(pairs), reference_id,
+                      reason)
             return
-        reference = references[0]
+        reference = records[0]
         for test_id, locations, descriptors in pairs:
             inliers = verification.count_inliers(
                 locations, descriptors, reference.locations, reference.descriptors, self._params)

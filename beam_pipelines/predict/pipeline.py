@@ -52,6 +52,7 @@ exit code 4). Job B then replaces ``CropVote`` and ``Verify``::
        |                      |         (id, Vote + shares)       | (id, KnnScores)
        |                      +--> ExtractLocalFeatures --------> VerifyNeighbours <-- reference
        |                                                          | ScoredImage       features
+       |  ReadReferenceImages -- (id, ImageRecord) --------------^ (uncached neighbours only)
        +--unreadable--> ... Flatten -> Blend -> WriteSubmission (as above)
 
 Test images are embedded from the same views as crop voting (``--crops``), combined by
@@ -60,9 +61,13 @@ Each test image retrieves its ``--knn_k`` most similar references of the whole i
 (non-landmarks included); the non-landmark ones give the penalty subtracted from the landmark
 ones' similarities, and only landmark ones vote (GLR-2019 rule for ``knn``; GLR-2020 3rd-place
 rule, votes times the classifier's crop-voting share of the class to the power 10, for
-``knn+classifier``; :func:`.knn.aggregation_params`). Each landmark neighbour whose local
-features are in the cache (the per-class sample of ``--references_per_class``) is verified
-against the test image, the inliers re-rank the classes
+``knn+classifier``; :func:`.knn.aggregation_params`). Every landmark neighbour is verified
+against the test image: with its cached local features when it is in the per-class sample of
+``--references_per_class``, else with features extracted in job B (``VerifyNeighbours``: the
+uncached retrieved ids are joined by id with the records of ``--reference_data``, each decoded
+and featurised once by the cache's extractor, written nowhere; ``stats.json``
+``retrieval.knn_references_featurised_on_demand``, their failures counted as reference
+extraction failures); the inliers re-rank the classes
 (``rescoring.retrieval.rerank_with_inliers``), and the blend is the classifier's, with
 ``confidence`` (:func:`.knn.blend_confidence`) in place of ``nn_confidence``.
 
@@ -81,7 +86,8 @@ Exit codes of ``main`` (``run(argv)`` returns the summary or raises):
 What counts in the failed fraction: extraction failures (the extractor raised or returned
 unusable output) over extraction attempts, test and reference images together, counting only
 the extractions this run made (a reused reference cache adds nothing: it was complete, so it
-had no failures). Undecodable or unparseable records are not extraction failures: they are
+had no failures; the kNN recognizers' on-demand reference extractions in job B count as
+reference extractions). Undecodable or unparseable records are not extraction failures: they are
 counted separately in ``stats.json`` (``undecodable_test_images``, ``unreadable``, ...) and an
 unreadable test image still gets its (empty) row.
 """
@@ -475,6 +481,7 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         extractor_spec, "test")
     references = pipeline | "ReadReferenceFeatures" >> reference_cache.ReadReferenceFeatures(
         config.reference_features, extractor_spec)
+    reference_errors = None
     if config.recognizer == "classifier":
         votes = test["images"] | "CropVote" >> steps.CropVote(
             config.model, config.image_size, config.batch_images, crop_spec)
@@ -483,8 +490,9 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
             | "Verify" >> steps.Verify(verification_params)
         )
     else:
-        scored = _knn_scored(pipeline, test, features, references, config, crop_spec,
-                             verification_params, index)
+        verified = _knn_scored(pipeline, test, features, references, config, crop_spec,
+                               verification_params, index, extractor_spec)
+        scored, reference_errors = verified["scored"], verified["errors"]
     unreadable = test["unreadable"] | "UnreadableRows" >> beam.Map(
         transforms.unreadable_to_scored)
     rows = (
@@ -492,16 +500,17 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         | "AllTestImages" >> beam.Flatten()
         | "Blend" >> steps.Blend(config.blend_weight, landmark_ids)
     )
-    _ = (
-        {"rows": rows, "unparseable": test["unparseable"],
-         "extraction_errors": features["errors"]}
-        | "WriteSubmission" >> steps.WriteSubmission(config.output_dir, config.recognizer)
-    )
+    outputs = {"rows": rows, "unparseable": test["unparseable"],
+               "extraction_errors": features["errors"]}
+    if reference_errors is not None:
+        outputs["reference_extraction_errors"] = reference_errors
+    _ = outputs | "WriteSubmission" >> steps.WriteSubmission(config.output_dir, config.recognizer)
 
 
 def _knn_scored(pipeline, test, features, references, config, crop_spec, verification_params,
-                index: dict):
-    """The kNN recognizers' part of job B: test images -> ``ScoredImage`` (with ``knn``)."""
+                index: dict, extractor_spec: str):
+    """The kNN recognizers' part of job B: test images -> ``{"scored": ScoredImage (with
+    ``knn``), "errors": summary of the on-demand reference extraction failures}``."""
     from beam_pipelines.predict import knn
 
     params = knn.aggregation_params(config.recognizer, config.knn_k)
@@ -523,10 +532,16 @@ def _knn_scored(pipeline, test, features, references, config, crop_spec, verific
         inputs["votes"] = test["images"] | "CropVote" >> steps.CropVote(
             config.model, config.image_size, config.batch_images, crop_spec, class_votes=True)
     knn_scores = inputs | "ScoreNeighbours" >> steps.ScoreNeighbours(params)
+    reference_images = (
+        pipeline
+        | "ReadReferenceImages" >> beam.io.ReadFromTFRecord(config.reference_data)
+        | "ParseReferenceImages" >> beam.ParDo(reference_cache.ParseRecord())
+    )
     return (
-        {"knn": knn_scores, "features": features["features"], "references": references}
+        {"knn": knn_scores, "features": features["features"], "references": references,
+         "reference_images": reference_images}
         | "VerifyNeighbours" >> steps.VerifyNeighbours(
-            verification_params, params, config.recognizer)
+            verification_params, params, config.recognizer, extractor_spec)
     )
 
 
@@ -556,17 +571,27 @@ def failure_stats(result, stats: dict, references: dict, reference_errors: dict,
     """The failure counters of ``stats.json`` from job B's result and job A's summary.
 
     ``failed_fraction`` = (test + reference extraction failures) / (test + reference images
-    given to the extractor), counting job A only when it ran in this run.
+    given to the extractor), counting job A only when it ran in this run; the references that
+    job B featurised on demand (kNN recognizers) count as reference extractions.
     """
     test_errors = stats.pop("test_extraction_errors", None) or dict(_NO_ERRORS)
+    on_demand_errors = stats.pop("reference_extraction_errors", None) or dict(_NO_ERRORS)
+    on_demand_failed = _counter_value(result, "reference_extraction_failed")
+    if on_demand_failed is None:
+        on_demand_failed = on_demand_errors["count"]
+    on_demand_attempts = _distribution_count(result, "reference_features_per_image")
+    if on_demand_attempts is None:
+        on_demand_attempts = _counter_value(result, "knn_references_featurised_on_demand")
+    on_demand_attempts = max(int(on_demand_attempts or 0), int(on_demand_failed))
     test_failed = _counter_value(result, "test_extraction_failed")
     if test_failed is None:  # a runner without metrics: the tagged output's count is exact too
         test_failed = test_errors["count"]
     test_attempts = _distribution_count(result, "test_features_per_image")
     if test_attempts is None:
         test_attempts = stats["features_per_image"]["images"]
-    reference_failed = int(references.get("extraction_failures") or 0)
-    reference_attempts = 0 if references.get("reused") else int(references.get("num_images") or 0)
+    reference_failed = int(references.get("extraction_failures") or 0) + int(on_demand_failed)
+    reference_attempts = (0 if references.get("reused") else int(references.get("num_images") or 0)
+                          ) + on_demand_attempts
     attempts = test_attempts + reference_attempts
     failed = test_failed + reference_failed
     return {
@@ -577,15 +602,39 @@ def failure_stats(result, stats: dict, references: dict, reference_errors: dict,
         "extraction_attempts": {"test": int(test_attempts), "reference": reference_attempts},
         "failed_fraction": round(failed / attempts, 6) if attempts else 0.0,
         "max_failed_fraction": max_failed_fraction,
-        "extraction_errors": {"test": test_errors, "reference": reference_errors},
+        "extraction_errors": {"test": test_errors,
+                              "reference": merge_error_summaries(reference_errors,
+                                                                 on_demand_errors)},
     }
+
+
+def merge_error_summaries(*summaries) -> dict:
+    """:class:`transforms.ErrorSummaryFn` summaries -> one (counts added, causes merged by
+    :func:`transforms.cause_key`)."""
+    combine = transforms.ErrorSummaryFn()
+    accumulators = []
+    for summary in summaries:
+        summary = summary or _NO_ERRORS
+        groups: dict = {}
+        for example, times in summary.get("causes", []):
+            combine._add(groups, transforms.cause_key(example), int(times), example)
+        accumulators.append((int(summary.get("count", 0)), groups))
+    return combine.extract_output(combine.merge_accumulators(accumulators))
 
 
 def retrieval_stats(result) -> dict:
     """The kNN recognizers' counters of job B (None where the runner has no metrics)."""
+    from beam_pipelines.predict import knn
+
     names = ("index_rows", "index_shards", "index_duplicate_ids", "retrieval_pairs",
-             "retrieval_queries", "knn_pairs_verified", "knn_pairs_unverified")
-    return {name: _counter_value(result, name) for name in names}
+             "retrieval_queries", "knn_pairs_verified", "knn_pairs_unverified",
+             "knn_references_featurised_on_demand", "knn_references_missing",
+             "knn_references_undecodable")
+    stats = {name: _counter_value(result, name) for name in names}
+    stats["knn_pairs_unverified_reasons"] = {
+        reason: _counter_value(result, f"knn_pairs_unverified_{reason}")
+        for reason in knn.UNVERIFIED_REASONS}
+    return stats
 
 
 def completeness_problem(stats: dict, config) -> Optional[str]:

@@ -306,25 +306,58 @@ class ScoreNeighbours(beam.PTransform):
         )
 
 
+class FeaturiseRetrievedReferences(beam.PTransform):
+    """``{"ids": (reference_id, anything), "images": (reference_id, ImageRecord)}`` ->
+    ``{"features": (reference_id, FeatureRecord), "errors": summary}``: the local features of
+    the wanted reference images, extracted in this job (on demand).
+
+    ``ids`` (duplicates allowed) and the reference images keyed by id are joined
+    (``CoGroupByKey``: no side input holds the references); only the wanted ones are decoded
+    (:class:`.knn.DecodeRetrievedImage`, once per distinct id), then
+    :class:`ExtractLocalFeatures` with the extractor spec of the reference cache and role
+    ``reference`` (its failures count as reference extraction failures). The features are
+    written nowhere: the cache is not modified.
+    """
+
+    def __init__(self, extractor_spec: str):
+        super().__init__()
+        self._spec = extractor_spec
+
+    def expand(self, inputs):
+        return (
+            {"wanted": inputs["ids"], "images": inputs["images"]}
+            | "JoinIdsImages" >> beam.CoGroupByKey()
+            | "DecodeWanted" >> beam.ParDo(knn.DecodeRetrievedImage())
+            | "Extract" >> ExtractLocalFeatures(self._spec, "reference")
+        )
+
+
 class VerifyNeighbours(beam.PTransform):
     """``{"knn": (test_id, KnnScores), "features": (test_id, FeatureRecord), "references":
-    (class_index, FeatureRecord)}`` -> ``ScoredImage`` (with ``knn`` details).
+    (class_index, FeatureRecord)[, "reference_images": ImageRecord]}`` -> ``{"scored":
+    ScoredImage (with ``knn`` details), "errors": summary of on-demand extraction failures}``.
 
     Verification by neighbours: each test image is compared with its retrieved landmark
     references, not with a sample of a predicted class. The (test id, reference id) pairs
-    (:func:`.knn.neighbour_pairs`) are keyed by reference id and joined (``CoGroupByKey``) with
-    the cached reference features re-keyed by id, so a worker holds one reference's features
-    at a time (:class:`.knn.CountNeighbourInliers`); the inlier counts return to their test
-    image by a second join on test id, where :func:`.knn.rerank`
-    (:func:`rescoring.retrieval.rerank_with_inliers`) gives the final class and local columns.
-    Every readable test image (one with a feature record) gets one ``ScoredImage``.
+    (:func:`.knn.neighbour_pairs`) are keyed by reference id. With ``reference_images`` (and
+    ``extractor_spec``), the retrieved references whose features are not in the cache (the
+    per-class sample) are featurised on demand (:class:`FeaturiseRetrievedReferences`; their
+    ids are found by a join of ids only). The pairs are joined (``CoGroupByKey``) with the
+    cached reference features re-keyed by id and the on-demand ones, so a worker holds one
+    reference's features at a time (:class:`.knn.CountNeighbourInliers`; the cached record
+    takes precedence); the inlier counts return to their test image by a second join on test
+    id, where :func:`.knn.rerank` (:func:`rescoring.retrieval.rerank_with_inliers`) gives the
+    final class and local columns. Every readable test image (one with a feature record) gets
+    one ``ScoredImage``.
     """
 
-    def __init__(self, verification_params, params, recognizer: str):
+    def __init__(self, verification_params, params, recognizer: str,
+                 extractor_spec: str = ""):
         super().__init__()
         self._verification = verification_params
         self._params = params
         self._recognizer = recognizer
+        self._spec = extractor_spec
 
     def expand(self, inputs):
         tests = (
@@ -333,24 +366,48 @@ class VerifyNeighbours(beam.PTransform):
             | "MakePairs" >> beam.FlatMap(knn.neighbour_pairs).with_outputs(
                 knn.TAG_PAIRS, main="tests")
         )
+        pairs = tests[knn.TAG_PAIRS]
         references = inputs["references"] | "KeyReferencesById" >> beam.Map(
             knn.key_reference_by_id)
+        joined = {"pairs": pairs, "references": references}
+        if "reference_images" in inputs:
+            if not self._spec:
+                raise ValueError("VerifyNeighbours: reference_images need an extractor_spec")
+            missing = (
+                {"wanted": pairs | "WantedIds" >> beam.Map(knn.reference_id_only),
+                 "cached": references | "CachedIds" >> beam.Map(knn.reference_id_only)}
+                | "JoinWantedCached" >> beam.CoGroupByKey()
+                | "UncachedIds" >> beam.FlatMap(knn.uncached_ids)
+            )
+            on_demand = (
+                {"ids": missing,
+                 "images": inputs["reference_images"] | "KeyImagesById" >> beam.Map(
+                     knn.key_image_record)}
+                | "FeaturiseOnDemand" >> FeaturiseRetrievedReferences(self._spec)
+            )
+            joined["on_demand"] = on_demand["features"]
+            errors = on_demand["errors"]
+        else:
+            errors = inputs["knn"].pipeline | "NoOnDemandErrors" >> beam.Create(
+                [{"count": 0, "causes": []}])
         inliers = (
-            {"pairs": tests[knn.TAG_PAIRS], "references": references}
+            joined
             | "JoinPairsReferences" >> beam.CoGroupByKey()
             | "CountInliers" >> beam.ParDo(knn.CountNeighbourInliers(self._verification))
         )
-        return (
+        scored = (
             {"tests": tests.tests, "inliers": inliers}
             | "JoinInliers" >> beam.CoGroupByKey()
             | "Rerank" >> beam.FlatMap(knn.rerank, self._params, self._recognizer)
         )
+        return {"scored": scored, "errors": errors}
 
 
 def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
-                  recognizer: str = "classifier") -> None:
+                  recognizer: str = "classifier", reference_errors=None) -> None:
     """Writes ``submission.csv``, ``scores.csv`` (with the kNN columns for a kNN
-    ``recognizer``) and :data:`PIPELINE_STATS_FILENAME`."""
+    ``recognizer``) and :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the
+    summary of this job's reference extraction failures, when given)."""
     from rescoring import submission
 
     unique_rows, duplicates = outputs.one_row_per_id(rows)
@@ -362,6 +419,8 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
                         outputs.scores_csv(unique_rows, recognizer))
     stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
     stats["test_extraction_errors"] = test_errors
+    if reference_errors is not None:
+        stats["reference_extraction_errors"] = reference_errors
     io_utils.write_json(io_utils.join(output_dir, PIPELINE_STATS_FILENAME), stats)
     _LOG.info("wrote %d rows to %s", len(unique_rows), output_dir)
 
@@ -371,7 +430,9 @@ class WriteSubmission(beam.PTransform):
     :func:`write_outputs` in ``output_dir`` (one row per id, :mod:`.outputs`).
 
     The stats file holds the row counts, the number of ``unparseable`` records and the test
-    images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary). ``recognizer``
+    images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary) and, when given
+    (``reference_extraction_errors``), the summary of the reference images featurised in this
+    job (:class:`VerifyNeighbours`' ``errors``). ``recognizer``
     decides the columns of ``scores.csv`` (:func:`.outputs.scores_csv`).
     """
 
@@ -382,10 +443,14 @@ class WriteSubmission(beam.PTransform):
 
     def expand(self, inputs):
         unparseable = inputs["unparseable"] | "CountUnparseable" >> beam.combiners.Count.Globally()
+        reference_errors = None
+        if "reference_extraction_errors" in inputs:
+            reference_errors = beam.pvalue.AsSingleton(inputs["reference_extraction_errors"])
         return (
             inputs["rows"]
             | "AllRows" >> beam.combiners.ToList()
             | "Write" >> beam.Map(
                 write_outputs, self._output_dir, beam.pvalue.AsSingleton(unparseable),
-                beam.pvalue.AsSingleton(inputs["extraction_errors"]), self._recognizer)
+                beam.pvalue.AsSingleton(inputs["extraction_errors"]), self._recognizer,
+                reference_errors)
         )
