@@ -198,22 +198,24 @@ def _dev_gaps(text: str) -> list[str]:
 @pytest.mark.slow
 def test_two_workers_resume_after_a_worker_is_killed_mid_epoch(records, tmp_path):
     model_dir = tmp_path / "model"
+    # 12 steps per epoch: the second epoch lasts seconds (each step is a forward and backward
+    # pass of Xception plus a cross-process all-reduce), far longer than the 0.1 s poll, so the
+    # kill below lands inside it on any machine.
     args = _args(records, model_dir, "--dev_data", records["dev"], "--head_epochs", "0",
-                 "--finetune_epochs", "2", "--steps_per_epoch", "2")
+                 "--finetune_epochs", "2", "--steps_per_epoch", "12")
     with Workers(args, tmp_path, tag="first") as first:
         deadline = time.monotonic() + WORKER_TIMEOUT_S
-        # Wait for the first epoch's backup, then kill one worker in the middle of the second
-        # epoch (a step takes seconds here).
+        # Wait for the first epoch's backup, then kill one worker in the second epoch.
         while _backup_epoch(model_dir, "1-finetune") < 1:
             assert time.monotonic() < deadline, first.text(0)[-4000:]
             assert all(p.poll() is None for p in first.processes), first.text(0)[-4000:]
-            time.sleep(0.5)
-        time.sleep(2.0)
+            time.sleep(0.1)
         first.processes[1].send_signal(signal.SIGKILL)
         first.processes[1].wait(timeout=60)
         # The survivor waits on a collective that will never complete: the operator restarts
         # the whole job, as on a real cluster.
         first.kill()
+    assert _backup_epoch(model_dir, "1-finetune") == 1, "the kill must land in epoch 2"
     assert not (model_dir / "_SUCCESS").exists()
     assert (model_dir / "workertemp_1").is_dir(), "the non-chief keeps its backup until success"
 
