@@ -1,6 +1,6 @@
 """What every command line of this project shares: its argument parser and its exit codes.
 
-Two rules, for all six ``landmarks-*`` commands:
+Two rules, for every ``landmarks-*`` command:
 
 - **No flag passes silently.** :class:`ErrorRaisingArgumentParser` never accepts an
   abbreviation (``--crop`` is not ``--crops``) and reports an unknown flag as
