@@ -17,6 +17,7 @@ from trainer.cli import (  # noqa: F401 - re-exported for the commands of this p
     EXIT_OK,
     ErrorRaisingArgumentParser,
     option_strings,
+    parse_bool,
     run_command,
     unknown_arguments_message,
 )

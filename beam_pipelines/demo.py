@@ -115,19 +115,11 @@ def build_parser() -> argparse.ArgumentParser:
              + default)
     add("--train_preset", default=defaults.train_preset, choices=("quick", "full"),
         help="landmarks-train --preset; full is the recipe and takes hours on a CPU" + default)
-    add("--compare", type=_bool, default=defaults.compare, metavar="true|false",
+    add("--compare", type=cli.parse_bool, default=defaults.compare, metavar="true|false",
         help="also run predict + evaluate with one view and with --recognizer knn, and compare "
              "the five recognizers in a table" + " (default: true)")
     return parser
 
-
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
 
 
 def parse_args(argv: Optional[Sequence[str]]) -> DemoConfig:

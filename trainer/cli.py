@@ -85,6 +85,16 @@ def unknown_arguments_message(unknown: Sequence[str], known_flags: Iterable[str]
     return "; ".join(problems)
 
 
+def parse_bool(text: str) -> bool:
+    """A flag's ``true``/``false`` value (also 1/0, yes/no, on/off; any case), for ``type=``."""
+    lowered = text.lower()
+    if lowered in ("1", "true", "yes", "on"):
+        return True
+    if lowered in ("0", "false", "no", "off"):
+        return False
+    raise argparse.ArgumentTypeError(f"expected true or false, got {text!r}")
+
+
 def _looks_like_number(text: str) -> bool:
     try:
         float(text)

@@ -336,14 +336,6 @@ def _optional_float(text: str) -> float | None:
     return None if text.lower() in ("none", "") else float(text)
 
 
-def _bool(text: str) -> bool:
-    lowered = text.lower()
-    if lowered in ("1", "true", "yes", "on"):
-        return True
-    if lowered in ("0", "false", "no", "off"):
-        return False
-    raise argparse.ArgumentTypeError(f"expected true/false, got {text!r}")
-
 
 def _device_list(text: str) -> tuple[str, ...]:
     return tuple(part.strip() for part in text.split(",") if part.strip())
@@ -437,9 +429,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="full = the recipe; quick = a few steps at 96 px (tests, demo) "
         f"(default: {DEFAULT_PRESET})")
     add("--image_size", "side of the square network input, pixels, >= 71", type=int)
-    add("--augment", "the recipe's augmentation on training batches", type=_bool)
+    add("--augment", "the recipe's augmentation on training batches", type=cli.parse_bool)
     add("--augment_on_device", "run the warp and channel shift batched on the accelerator "
-        "(true) or per image on the host (false)", type=_bool)
+        "(true) or per image on the host (false)", type=cli.parse_bool)
     add("--shuffle_buffer", "records in the shuffle buffer", type=int)
     add("--max_images_per_class", "class-balanced epochs: at most this many images per class "
         "(recipe option: 256; none = all)", type=_optional_int)
@@ -447,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(none = one pass)", type=_optional_int)
     add("--max_dev_images", "dev images evaluated per epoch (none = all)", type=_optional_int)
     add("--check_labels", "read every training label once and check it against the label map",
-        type=_bool)
+        type=cli.parse_bool)
     add("--seed", "seed of initialisation, shuffling and augmentation (none = random)",
         type=_optional_int)
     add("--backbone_weights", "imagenet (download), none (random init) or a path to Xception "
@@ -484,7 +476,7 @@ def build_parser() -> argparse.ArgumentParser:
         "(none = all GPUs)", type=_device_list)
     add("--mixed_precision", "compute dtype; the output stays float32",
         choices=MIXED_PRECISION_CHOICES)
-    add("--jit_compile", "XLA compilation (slow for Xception on CPU)", type=_bool)
+    add("--jit_compile", "XLA compilation (slow for Xception on CPU)", type=cli.parse_bool)
     add("--verbose", "Keras progress: 0 silent, 1 bar, 2 one line per epoch", type=int,
         choices=(0, 1, 2))
     return parser
