@@ -483,7 +483,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 
 
 def _main(argv: Optional[Sequence[str]]) -> int:
-    """Parses, runs the six stages, prints the table; returns 0."""
+    """Parses, runs the stages (see :func:`run`), prints the tables; returns 0."""
     summary = run(parse_args(argv))
     print(format_table(summary))
     return 0
