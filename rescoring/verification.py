@@ -264,14 +264,35 @@ def count_inliers(
     Returns:
       The inlier count, an int in ``[0, N2]``; 0 when fewer than 3 putative matches.
     """
+    index1, _ = inlier_matches(loc1, desc1, loc2, desc2, params)
+    return int(index1.shape[0])
+
+
+def inlier_matches(
+    loc1: np.ndarray,
+    desc1: np.ndarray,
+    loc2: np.ndarray,
+    desc2: np.ndarray,
+    params: VerificationParams | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The verified matches themselves: :func:`count_inliers` is their number.
+
+    Same arguments as :func:`count_inliers`.
+
+    Returns:
+      ``(index1, index2)``: int64 ``[I]`` each, inlier ``i`` pairs feature ``index1[i]`` of
+      image 1 with feature ``index2[i]`` of image 2 (ordered by ``index2``); empty when fewer
+      than 3 putative matches. ``landmarks-query`` draws them.
+    """
     params = params or VerificationParams()
     loc1, desc1 = _check_features(loc1, desc1, "image 1")
     loc2, desc2 = _check_features(loc2, desc2, "image 2")
     index1, index2 = putative_matches(desc1, desc2, params.max_descriptor_distance)
     if index1.shape[0] < params.min_samples:
-        return 0
+        empty = np.zeros([0], np.int64)
+        return empty, empty
     inliers = ransac_affine_inliers(loc1[index1], loc2[index2], params)
-    return int(np.count_nonzero(inliers))
+    return index1[inliers], index2[inliers]
 
 
 def count_inliers_reference(

@@ -187,3 +187,25 @@ def test_reference_and_vectorised_counts_agree_on_photo_pairs(photo_features):
         # RANSAC is random in both; the best models agree to a few percent (or a few inliers
         # for near-zero counts).
         assert abs(fast - reference) <= max(3, 0.05 * reference), (first, second, fast, reference)
+
+
+def test_inlier_matches_pair_the_features_the_affine_map_relates():
+    """The matches drawn by landmarks-query: every returned pair maps under the true affine
+    map to within the residual threshold, the planted pairs are (nearly) all found, and their
+    number is count_inliers."""
+    rng = np.random.default_rng(5)
+    loc1 = rng.uniform(0, 400, size=(120, 2)).astype(np.float32)
+    desc1 = unit_rows(rng.normal(size=(120, 40)))
+    affine, shift = np.array([[0.9, -0.2], [0.15, 1.1]]), np.array([12.0, -30.0])
+    order = rng.permutation(120)
+    loc2 = (loc1 @ affine.T + shift)[order].astype(np.float32)
+    loc2[:30] = rng.uniform(0, 400, size=(30, 2))  # 30 moved: matched descriptors, wrong place
+    desc2 = desc1[order]
+    index1, index2 = verification.inlier_matches(loc1, desc1, loc2, desc2)
+    assert len(index1) == verification.count_inliers(loc1, desc1, loc2, desc2)
+    np.testing.assert_array_equal(order[index2], index1)  # each pair is a true correspondence
+    residuals = np.linalg.norm(loc1[index1] @ affine.T + shift - loc2[index2], axis=1)
+    assert residuals.max() < verification.VerificationParams().residual_threshold
+    assert len(index1) >= 88  # 90 planted; a moved point may land near its prediction
+    empty = verification.inlier_matches(loc1[:2], desc1[:2], loc2[:2], desc2[:2])
+    assert empty[0].shape == (0,) and empty[1].shape == (0,)

@@ -114,7 +114,8 @@ def key_by_bucket(reference: ReferenceEmbedding, buckets: int):
     return bucket_of(reference.image_id, buckets), reference
 
 
-def _shard(rows: list) -> IndexShard:
+def make_shard(rows: list) -> IndexShard:
+    """``ReferenceEmbedding`` s -> one :class:`IndexShard`, rows sorted by id."""
     rows = sorted(rows, key=lambda row: row.image_id)
     return IndexShard(
         ids=np.array([row.image_id for row in rows]),
@@ -149,14 +150,14 @@ class MakeShards(beam.DoFn):
             seen.add(reference.image_id)
             rows.append(reference)
             if len(rows) == self._shard_size:
-                yield (bucket, part), _shard(rows)
+                yield (bucket, part), make_shard(rows)
                 self._rows.inc(len(rows))
                 self._shards.inc()
                 rows, part = [], part + 1
         if rows:
             self._rows.inc(len(rows))
             self._shards.inc()
-            yield (bucket, part), _shard(rows)
+            yield (bucket, part), make_shard(rows)
 
 
 # ---- test batches x shards -----------------------------------------------------------------------

@@ -333,38 +333,44 @@ class ScoreAgainstReferences(beam.DoFn):
         references = unique_references(grouped["references"])
         _LOG.debug("class %s: %d references", class_index, len(references))
         for query in grouped["tests"]:
-            counts: list[int] = []
-            if query.num_features == 0:
-                status = STATUS_NO_FEATURES
-            elif not references:
-                status = STATUS_NO_REFERENCES
-            else:
-                status = STATUS_SCORED
-                for reference in references:
-                    counts.append(
-                        verification.count_inliers(
-                            query.locations,
-                            query.descriptors,
-                            reference.locations,
-                            reference.descriptors,
-                            self._params,
-                        )
-                    )
+            scored = score_query(query, int(class_index), references, self._params)
+            if scored.status == STATUS_SCORED:
                 self._comparisons.inc(len(references))
-            local_max, local_mean, local_best_half = (
-                float(value) for value in scores.aggregate(counts))
-            self._outcomes[status].inc()
-            yield ScoredImage(
-                image_id=query.image_id,
-                status=status,
-                class_index=int(class_index),
-                nn_confidence=float(query.vote.confidence),
-                local_max=local_max,
-                local_mean=local_mean,
-                local_best_half=local_best_half,
-                num_features=query.num_features,
-                num_references=len(references),
-            )
+            self._outcomes[scored.status].inc()
+            yield scored
+
+
+def score_query(query: TestQuery, class_index: int, references, params) -> ScoredImage:
+    """One test image against the references of one class (its predicted class in the job):
+    the inlier count against each (:func:`rescoring.verification.count_inliers`), aggregated
+    (max, mean, mean of the best half; :func:`rescoring.scores.aggregate`).
+
+    ``references``: that class's :func:`unique_references`. Also what ``landmarks-query``
+    calls for each candidate class, so its scores are the job's.
+    """
+    counts: list[int] = []
+    if query.num_features == 0:
+        status = STATUS_NO_FEATURES
+    elif not references:
+        status = STATUS_NO_REFERENCES
+    else:
+        status = STATUS_SCORED
+        for reference in references:
+            counts.append(verification.count_inliers(
+                query.locations, query.descriptors, reference.locations, reference.descriptors,
+                params))
+    local_max, local_mean, local_best_half = (float(value) for value in scores.aggregate(counts))
+    return ScoredImage(
+        image_id=query.image_id,
+        status=status,
+        class_index=int(class_index),
+        nn_confidence=float(query.vote.confidence),
+        local_max=local_max,
+        local_mean=local_mean,
+        local_best_half=local_best_half,
+        num_features=query.num_features,
+        num_references=len(references),
+    )
 
 
 def unique_references(records) -> list:

@@ -1,0 +1,148 @@
+"""Random access to TFRecord files: which record is where, so one photo's query reads only the
+records it needs (a class's cached reference features, a retrieved reference's image).
+
+A TFRecord file is a sequence of ``[length uint64 LE][crc32c of length uint32][payload]
+[crc32c of payload uint32]`` frames. :func:`iter_records` walks them through Beam's
+FileSystems (local paths and ``gs://``) and yields each payload with its byte offset;
+:func:`read_record_at` reads one payload back. :class:`RecordIndex` maps a key (a class index,
+an image id) to the offsets of its records. Building it reads every file once; it is saved as
+JSON beside the data it indexes, keyed by the files' names and sizes, so the next load reuses
+it (``query_index.json`` in the reference cache).
+
+CRCs are not checked: the files were written by this project's jobs, and a damaged payload
+fails to parse anyway (the caller reports it).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import struct
+from typing import Callable, Hashable, Iterator, Optional
+
+from apache_beam.io.filesystems import FileSystems
+
+from beam_pipelines import io_utils
+
+_LOG = logging.getLogger(__name__)
+
+_HEADER = struct.Struct("<QI")  # payload length, crc32c of the length
+_FOOTER_BYTES = 4  # crc32c of the payload
+INDEX_VERSION = 1
+
+
+class RecordFileError(ValueError):
+    """A TFRecord file ends in the middle of a frame (truncated or not a TFRecord file)."""
+
+
+def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
+    """``(offset of the frame in bytes, payload)`` of every record of one TFRecord file."""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        offset = 0
+        while True:
+            header = handle.read(_HEADER.size)
+            if not header:
+                return
+            if len(header) < _HEADER.size:
+                raise RecordFileError(f"{path}: truncated record header at byte {offset}")
+            length, _ = _HEADER.unpack(header)
+            payload = handle.read(length)
+            footer = handle.read(_FOOTER_BYTES)
+            if len(payload) < length or len(footer) < _FOOTER_BYTES:
+                raise RecordFileError(f"{path}: truncated record at byte {offset}")
+            yield offset, payload
+            offset += _HEADER.size + length + _FOOTER_BYTES
+
+
+def read_record_at(path: str, offset: int) -> bytes:
+    """The payload of the record whose frame starts at ``offset`` of ``path``."""
+    with FileSystems.open(path, compression_type="uncompressed") as handle:
+        handle.seek(offset)
+        header = handle.read(_HEADER.size)
+        if len(header) < _HEADER.size:
+            raise RecordFileError(f"{path}: no record at byte {offset}")
+        length, _ = _HEADER.unpack(header)
+        payload = handle.read(length)
+        if len(payload) < length:
+            raise RecordFileError(f"{path}: truncated record at byte {offset}")
+        return payload
+
+
+class RecordIndex:
+    """Key -> the ``(file, offset)`` of each of its records, over the files of one glob.
+
+    ``keys_of(payload)`` returns the keys of one record (e.g. ``[label]`` or ``[image_id]``;
+    an empty list leaves the record out). Keys are stored as JSON strings: use :meth:`get`
+    with the original key.
+    """
+
+    def __init__(self, files: list, entries: dict):
+        self.files = files  # [[path, size], ...]: the fingerprint the index was built from
+        self._entries = entries  # key string -> [[file position, offset], ...]
+
+    @classmethod
+    def build(cls, pattern: str, keys_of: Callable[[bytes], list]) -> "RecordIndex":
+        files = _fingerprint(pattern)
+        entries: dict = {}
+        for position, (path, _) in enumerate(files):
+            for offset, payload in iter_records(path):
+                for key in keys_of(payload):
+                    entries.setdefault(_key(key), []).append([position, offset])
+        return cls(files, entries)
+
+    def get(self, key: Hashable) -> list[tuple[str, int]]:
+        """``[(path, offset), ...]`` of the records with ``key`` (empty when none)."""
+        return [(self.files[position][0], offset)
+                for position, offset in self._entries.get(_key(key), [])]
+
+    def read(self, key: Hashable) -> list[bytes]:
+        """The payloads of the records with ``key``."""
+        return [read_record_at(path, offset) for path, offset in self.get(key)]
+
+    def __len__(self) -> int:
+        return len(self._entries)
+
+    def to_json(self) -> dict:
+        return {"files": self.files, "entries": self._entries}
+
+
+def _key(key: Hashable) -> str:
+    return json.dumps(key)
+
+
+def _fingerprint(pattern: str) -> list:
+    files = sorted([item.path, int(item.size_in_bytes)]
+                   for item in FileSystems.match([pattern])[0].metadata_list)
+    if not files:
+        raise FileNotFoundError(f"no files match {pattern}")
+    return files
+
+
+def cached_index(index_path: str, name: str, pattern: str,
+                 keys_of: Callable[[bytes], list]) -> RecordIndex:
+    """The index ``name`` of ``pattern``'s files: read from ``index_path`` (a JSON file holding
+    several named indexes) when it was built from the same files (names and sizes), else built
+    now and saved there (when the folder cannot be written, it is kept in memory only)."""
+    stored: dict = {}
+    if io_utils.exists(index_path):
+        try:
+            stored = json.loads(io_utils.read_text(index_path))
+        except ValueError as error:
+            _LOG.warning("ignoring unreadable %s: %s", index_path, error)
+            stored = {}
+    if stored.get("version") != INDEX_VERSION:
+        stored = {"version": INDEX_VERSION}
+    entry: Optional[dict] = stored.get(name)
+    files = _fingerprint(pattern)
+    if entry is not None and entry.get("files") == files:
+        return RecordIndex(entry["files"], entry["entries"])
+    _LOG.info("indexing the records of %s (%d files; once, saved to %s)", pattern, len(files),
+              index_path)
+    index = RecordIndex.build(pattern, keys_of)
+    stored[name] = index.to_json()
+    try:
+        io_utils.write_text(index_path, json.dumps(stored))
+    except OSError as error:  # a read-only cache still answers queries
+        _LOG.warning("cannot save the record index to %s (%s); it is rebuilt next time",
+                     index_path, error)
+    return index
