@@ -18,3 +18,26 @@ tf.config.set_logical_device_configuration(
 
 # Shared fixtures for remote sources (HTTP server, GCS emulator) on 127.0.0.1.
 from remote_servers import gcs_emulator, http_server  # noqa: E402,F401
+
+
+import contextlib  # noqa: E402
+import io  # noqa: E402
+import types  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def demo_run(tmp_path_factory):
+    """One whole ``landmarks-demo`` run (defaults, with the recognizer comparison: about two
+    minutes here), shared by the tests that need a trained model, its records, reference cache
+    and predict outputs (test_demo.py, test_query.py). ``run_dir``, ``exit_code``, ``stdout``.
+    """
+    from beam_pipelines import demo
+
+    run_dir = tmp_path_factory.mktemp("shared") / "demo"
+    printed = io.StringIO()
+    with contextlib.redirect_stdout(printed):
+        exit_code = demo.main(["--run_dir", str(run_dir)])
+    return types.SimpleNamespace(run_dir=str(run_dir), exit_code=exit_code,
+                                 stdout=printed.getvalue())

@@ -19,6 +19,7 @@ import pytest
 from beam_pipelines import demo, evaluate, revisited, toy_data
 from beam_pipelines.ingest import config as ingest_config
 from beam_pipelines.predict import config as predict_config
+from beam_pipelines.query import main as query
 from trainer import config as train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
@@ -32,6 +33,7 @@ PARSER_BUILDERS = {
     "landmarks-evaluate": evaluate.build_parser,
     "landmarks-demo": demo.build_parser,
     "landmarks-revisited": revisited.build_parser,
+    "landmarks-query": query.build_parser,
 }
 # A help text ends by saying what happens when the flag is not given.
 DEFAULT_STATEMENT = re.compile(r"\((default: .+|full: .+; quick: .+|required)\)$")

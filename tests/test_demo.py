@@ -3,6 +3,7 @@
 import csv
 import json
 import os
+import pathlib
 
 import pytest
 
@@ -11,14 +12,15 @@ from beam_pipelines import demo
 
 # The default toy set (6 classes, 24 landmark test views, 12 distractors) and the demo's own
 # training length: the same run a user gets from `make demo` (with the comparison of the five
-# recognizers), about 2 minutes here. This is the suite's only whole-demo run.
+# recognizers), about 2 minutes here. This is the suite's only whole-demo run (fixture
+# demo_run in conftest.py, which test_query.py reuses).
 
 
 @pytest.mark.slow
-def test_demo_runs_every_stage_and_reports_both_gaps(tmp_path, capsys):
-    run_dir = tmp_path / "demo"
-    assert demo.main(["--run_dir", str(run_dir)]) == 0
-    table = capsys.readouterr().out
+def test_demo_runs_every_stage_and_reports_both_gaps(demo_run):
+    run_dir = pathlib.Path(demo_run.run_dir)
+    assert demo_run.exit_code == 0
+    table = demo_run.stdout
     assert "GAP, classifier alone" in table and "after local-feature rescoring" in table
     # The comparison table: five rows, each with its figures, and the winner line.
     lines = table.splitlines()

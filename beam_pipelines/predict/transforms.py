@@ -340,13 +340,15 @@ class ScoreAgainstReferences(beam.DoFn):
             yield scored
 
 
-def score_query(query: TestQuery, class_index: int, references, params) -> ScoredImage:
+def score_query(query: TestQuery, class_index: int, references, params,
+                count_inliers=verification.count_inliers) -> ScoredImage:
     """One test image against the references of one class (its predicted class in the job):
     the inlier count against each (:func:`rescoring.verification.count_inliers`), aggregated
     (max, mean, mean of the best half; :func:`rescoring.scores.aggregate`).
 
     ``references``: that class's :func:`unique_references`. Also what ``landmarks-query``
-    calls for each candidate class, so its scores are the job's.
+    calls for its answer, so its scores are the job's; it passes a ``count_inliers`` that also
+    keeps the matches (the same count, :func:`rescoring.verification.inlier_matches`).
     """
     counts: list[int] = []
     if query.num_features == 0:
@@ -356,7 +358,7 @@ def score_query(query: TestQuery, class_index: int, references, params) -> Score
     else:
         status = STATUS_SCORED
         for reference in references:
-            counts.append(verification.count_inliers(
+            counts.append(count_inliers(
                 query.locations, query.descriptors, reference.locations, reference.descriptors,
                 params))
     local_max, local_mean, local_best_half = (float(value) for value in scores.aggregate(counts))

@@ -37,7 +37,6 @@ import argparse
 import dataclasses
 import json
 import logging
-import re
 import sys
 import time
 from typing import Optional, Sequence
@@ -117,12 +116,15 @@ def build_parser() -> argparse.ArgumentParser:
                "records.")
     default = " (default: %(default)s)"
     add = parser.add_argument
-    add("photos", nargs="*", metavar="PHOTO", help="photos to recognise: paths or URLs")
+    add("photos", nargs="*", metavar="PHOTO",
+        help="photos to recognise: JPEG, PNG, WebP, GIF or BMP; paths, gs:// or http(s):// "
+             "URLs (required)")
     add("--model_dir", required=True,
-        help="the training run's folder: model.keras, label_map.csv (embedding.keras for kNN)")
+        help="the training run's folder: model.keras, label_map.csv (embedding.keras for kNN) "
+             "(required)")
     add("--references", required=True,
         help="a reference cache folder written by landmarks-predict, or a glob of reference "
-             "TFRecords (featurised once into --reference_features)")
+             "TFRecords (featurised once into --reference_features) (required)")
     add("--output_dir", default=defaults.output_dir,
         help="folder for pictures, index.html, scores.csv, answers.json" + default)
     add("--recognizer", default=defaults.recognizer, choices=config_lib.RECOGNIZER_CHOICES,
@@ -134,7 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="divide max inlier counts by this (0: by the largest among these photos)"
              + default)
     add("--reference_features", default=defaults.reference_features,
-        help="cache folder for reference records (default: beside --output_dir)")
+        help="cache folder for reference records (default: reference_features beside "
+             "--output_dir)")
     add("--local_features", default=defaults.local_features,
         help="extractor for reference records (a cache folder names its own)" + default)
     add("--references_per_class", type=int, default=defaults.references_per_class,
@@ -145,7 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the classifier's confidence in the final score" + default)
     add("--max_side", type=int, default=defaults.max_side,
         help="longer side a photo is normalised to, as landmarks-ingest --max_side" + default)
-    add("--overwrite", action="store_true", help="replace a non-empty --output_dir")
+    add("--overwrite", action="store_true",
+        help="replace a non-empty --output_dir (default: off, a non-empty folder is refused)")
     return parser
 
 
@@ -154,11 +158,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[QueryConfig, list[str]]:
     values = vars(known)
     values["photos"] = tuple(values["photos"])
     return QueryConfig(**values), beam_args
-
-
-def safe_name(text: str) -> str:
-    """A file name from a photo id: letters, digits, ``.``, ``_`` and ``-`` only."""
-    return re.sub(r"[^A-Za-z0-9._-]", "_", text)[:120] or "photo"
 
 
 def candidate_json(candidate) -> dict:
@@ -199,8 +198,8 @@ def run(config: QueryConfig, beam_args: Sequence[str] = ()) -> dict:
     io_utils.prepare_output_dir(config.output_dir, config.overwrite)
     session = session_lib.QuerySession(config.settings(), beam_args)
     answers, failures = [], []
-    for position, photo in enumerate(config.photos):
-        image_id = session_lib.photo_id(photo, position)
+    for position, (photo, image_id) in enumerate(
+            zip(config.photos, session_lib.photo_ids(config.photos))):
         try:
             answers.append(session.answer(photo, image_id))
         except session_lib.PhotoError as error:
@@ -212,7 +211,7 @@ def run(config: QueryConfig, beam_args: Sequence[str] = ()) -> dict:
     answers, maxima = session.finish(answers, config.local_max_top)
     pictures = []
     for answer in answers:
-        name = f"{PICTURES_DIRNAME}/{safe_name(answer.image_id)}.jpg"
+        name = f"{PICTURES_DIRNAME}/{answer.image_id}.jpg"  # ids are safe file names
         picture = render.evidence_picture(answer, session.reference_image)
         io_utils.write_bytes(io_utils.join(config.output_dir, name), _jpeg(picture))
         pictures.append(name)

@@ -33,6 +33,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import logging
+import re
 import time
 from typing import Optional, Sequence
 
@@ -141,10 +142,16 @@ class SessionSettings:
     max_side: int = normalise.NormaliseParams().max_side
 
 
-def photo_id(photo: str, position: int) -> str:
-    """A stable id for a photo given on the command line: its position and file stem."""
-    stem = photo.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0] or "photo"
-    return f"{position:03d}_{stem}"
+def photo_ids(photos: Sequence[str]) -> list[str]:
+    """Ids for the photos of one command line: each file's stem (``.../a1b2.jpg`` -> ``a1b2``,
+    as datasets name images by id), or ``<position>_<stem>`` for all of them when two stems
+    are equal. Only letters, digits, ``.``, ``_`` and ``-`` are kept (ids name files)."""
+    stems = [re.sub(r"[^A-Za-z0-9._-]", "_",
+                    photo.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0])[:100] or "photo"
+             for photo in photos]
+    if len(set(stems)) == len(stems):
+        return stems
+    return [f"{position:03d}_{stem}" for position, stem in enumerate(stems)]
 
 
 def is_cache_folder(path: str) -> bool:
@@ -331,17 +338,37 @@ class QuerySession:
         return PhotoAnswer(photo, image_id, decoded.image, scored, tuple(candidates),
                            int(len(locations)), time.monotonic() - start)
 
-    def _evidence(self, class_index: int, references: list, locations, descriptors) -> tuple:
+    def _matcher(self):
+        """``(count_inliers, matches)``: a drop-in for ``verification.count_inliers`` (same
+        arguments, same count) that keeps each reference's matches in ``matches``, keyed by
+        the reference's descriptor array."""
+        matches: dict = {}
+
+        def count_inliers(locations, descriptors, reference_locations, reference_descriptors,
+                          params):
+            found = verification.inlier_matches(locations, descriptors, reference_locations,
+                                                reference_descriptors, params)
+            matches[id(reference_descriptors)] = found
+            return int(len(found[0]))
+
+        return count_inliers, matches
+
+    def _evidence(self, class_index: int, references: list, locations, descriptors,
+                  matches: Optional[dict] = None) -> tuple:
         """Each reference's inlier count (most first); the matched points of the best
-        :data:`MAX_MATCHED_REFERENCES`."""
+        :data:`MAX_MATCHED_REFERENCES`. ``matches``: the ones already found (by
+        :meth:`_matcher`), else they are computed here."""
+        matches = {} if matches is None else matches
         counted = []
         for record in references:
+            found = matches.get(id(record.descriptors))
+            if found is None:
+                found = (verification.inlier_matches(
+                    locations, descriptors, record.locations, record.descriptors,
+                    self.verification) if len(locations) and record.num_features
+                    else (_NO_INDICES, _NO_INDICES))
             # Image 1 is the photo, image 2 the reference: the job's order (score_query).
-            index_photo, index_reference = verification.inlier_matches(
-                locations, descriptors, record.locations, record.descriptors,
-                self.verification) if len(locations) and record.num_features else ([], [])
-            counted.append((record, np.asarray(index_photo, np.int64),
-                            np.asarray(index_reference, np.int64)))
+            counted.append((record, found[0], found[1]))
         counted.sort(key=lambda item: (-len(item[1]), item[0].image_id))
         landmark_id = int(self.landmark_ids[class_index])
         evidence = []
@@ -359,8 +386,9 @@ class QuerySession:
         shares = voting.vote_shares(probabilities)
         query = TestQuery(decoded.image_id, Vote(int(class_index), float(confidence)),
                           locations, descriptors)
+        count_inliers, matches = self._matcher()
         scored = transforms.score_query(query, class_index, self.class_references(class_index),
-                                        self.verification)
+                                        self.verification, count_inliers)
         mean_probability = probabilities.mean(axis=0)
         order = sorted(range(len(mean_probability)), key=lambda c: (
             c != class_index, -shares.get(c, 0.0), -float(mean_probability[c]), c))
@@ -368,7 +396,7 @@ class QuerySession:
         for candidate in order[: self.settings.top]:
             share = float(confidence) if candidate == class_index else shares.get(candidate, 0.0)
             evidence = self._evidence(candidate, self.class_references(candidate), locations,
-                                      descriptors)
+                                      descriptors, matches)
             candidates.append(Candidate(
                 int(self.landmark_ids[candidate]), int(candidate), share, share,
                 float(mean_probability[candidate]),
@@ -398,6 +426,7 @@ class QuerySession:
         # a reference without a record or without features stays unverified.
         features: dict = {}
         inliers = []
+        count_inliers, matches = self._matcher()
         if len(locations):
             for reference_id, label in zip(neighbours.ids, neighbours.labels):
                 if label == retrieval.NON_LANDMARK_LABEL:
@@ -406,7 +435,7 @@ class QuerySession:
                 if record is None or record.num_features == 0:
                     continue
                 features[reference_id] = record
-                inliers.append((reference_id, verification.count_inliers(
+                inliers.append((reference_id, count_inliers(
                     locations, descriptors, record.locations, record.descriptors,
                     self.verification)))
         grouped = {"tests": [(knn_scores, int(len(locations)))], "inliers": inliers}
@@ -424,7 +453,7 @@ class QuerySession:
             records_ = [features[reference_id] for reference_id, label
                         in zip(neighbours.ids, neighbours.labels)
                         if label == candidate and reference_id in features]
-            evidence = self._evidence(candidate, records_, locations, descriptors)
+            evidence = self._evidence(candidate, records_, locations, descriptors, matches)
             share = (None if knn_scores.class_confidences is None
                      else float(knn_scores.class_confidences.get(candidate, 0.0)))
             candidates.append(Candidate(
@@ -448,9 +477,11 @@ class QuerySession:
         for answer in answers:
             row = transforms.blend_row(answer.scored, maxima, self.config.blend_weight,
                                        self.landmark_ids)
+            # A candidate other than the answer may have more inliers than the normaliser
+            # (the answers' largest): clipped to it, so its score stays in [0, 1].
             candidates = [dataclasses.replace(candidate, score=scores.final_score(
-                candidate.inliers, maxima[0], candidate.confidence, self.config.blend_weight))
-                for candidate in answer.candidates]
+                min(candidate.inliers, maxima[0]), maxima[0], candidate.confidence,
+                self.config.blend_weight)) for candidate in answer.candidates]
             if candidates and row.label == candidates[0].landmark_id:
                 # The job's answer: its score is the job's (the same numbers, so equal unless
                 # the photo had no features, where the job blends a local score of 0 too).
@@ -463,6 +494,7 @@ class QuerySession:
 
 
 _NO_POINTS = np.zeros((0, 2), np.float32)
+_NO_INDICES = np.zeros((0,), np.int64)
 
 
 def _load(action):

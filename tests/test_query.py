@@ -1,0 +1,260 @@
+"""landmarks-query on a demo run's outputs: the job's scores for the same photos, the pictures
+and index.html, bad photos, PNG/WebP and gs:// photos, reference records as --references.
+
+The demo run (toy data, ingest, training, three predict jobs) is shared with test_demo.py
+(fixture ``demo_run`` in conftest.py): every query here reads its model, its reference cache and
+the very photos its test records were ingested from.
+"""
+
+import csv
+import io
+import json
+import os
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from beam_pipelines.predict import config as predict_config
+from beam_pipelines.predict import model_handler
+from beam_pipelines.query import main as query
+from beam_pipelines.query import render, session as session_lib
+from rescoring import crops, retrieval
+from trainer.preprocessing import ImageContract
+
+import forward_effects
+
+FLOAT32_ULP = float(np.finfo(np.float32).eps)
+
+
+def read_scores(path):
+    with open(path) as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def demo_photos(run_dir, count):
+    """``count`` test photos of the demo: landmark views and distractors, sorted by id."""
+    with open(os.path.join(run_dir, "toy_data", "test_solution.csv")) as handle:
+        rows = sorted(csv.DictReader(handle), key=lambda row: row["id"])
+    landmarks = [row for row in rows if row["landmarks"]][: count - count // 3]
+    distractors = [row for row in rows if not row["landmarks"]][: count // 3]
+    folder = os.path.join(run_dir, "toy_data", "images", "test")
+    return [os.path.join(folder, row["id"] + ".jpg") for row in landmarks + distractors]
+
+
+def job_local_max_top(scores):
+    """The job's normaliser: the largest local_max of its test set."""
+    return max(float(row["local_max"]) for row in scores.values())
+
+
+def run_query(tmp_path, run_dir, photos, *flags, name="query"):
+    output = tmp_path / name
+    code = query.main(["--model_dir", os.path.join(run_dir, "model"),
+                       "--references", os.path.join(run_dir, "reference_features"),
+                       "--output_dir", str(output), *flags, *photos])
+    return code, output
+
+
+def views_of(photos, image_size, num_views, max_side):
+    """The scaled views the job forwards for each photo (the query's own preprocessing)."""
+    from beam_pipelines.ingest import normalise
+    from beam_pipelines.predict import transforms
+
+    params = normalise.NormaliseParams(max_side=max_side)
+    spec = crops.CropSpec.for_num_views(num_views)
+    views = {}
+    for photo in photos:
+        with open(photo, "rb") as handle:
+            pixels = transforms.decode_rgb(normalise.normalise_image(handle.read(), params)
+                                           .jpeg_bytes)
+        views[photo] = np.asarray(ImageContract(image_size).scale(
+            crops.make_views(pixels, image_size, spec, dtype=np.uint8)), np.float32)
+    return views
+
+
+def test_classifier_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path):
+    """The same photos give the job's scores.csv rows: labels and inlier columns exactly, the
+    confidences and final scores within the effect of batching on the network, measured
+    here for these photos (the job forwards several images' views at once)."""
+    run_dir = demo_run.run_dir
+    job = read_scores(os.path.join(run_dir, "predict", "scores.csv"))
+    photos = demo_photos(run_dir, 6)
+    code, output = run_query(tmp_path, run_dir, photos,
+                             "--local_max_top", repr(job_local_max_top(job)))
+    assert code == 0
+    answered = read_scores(output / "scores.csv")
+    ids = [os.path.basename(photo)[:-4] for photo in photos]
+    assert sorted(answered) == sorted(ids)
+
+    model = model_handler.load_keras_model(os.path.join(run_dir, "model", "model.keras"))
+    image_size = model_handler.model_geometry(model).image_size
+    spread = forward_effects.batching_spread(
+        model, views_of(photos, image_size, 22, 512), predict_config.DEFAULT_BATCH_IMAGES)
+    weight = predict_config.DEFAULT_BLEND_WEIGHT
+    for image_id in ids:
+        mine, theirs = answered[image_id], job[image_id]
+        for column in ("nn_label", "label", "local_max", "local_mean", "local_best_half"):
+            assert mine[column] == theirs[column], (image_id, column)
+        assert abs(float(mine["nn_confidence"]) - float(theirs["nn_confidence"])) <= (
+            spread + 2 * FLOAT32_ULP)
+        assert abs(float(mine["final_score"]) - float(theirs["final_score"])) <= (
+            weight * spread + 4 * FLOAT32_ULP)
+
+    # answers.json: the answer first, every candidate's numbers from its own evidence.
+    answers = json.loads((output / "answers.json").read_text())
+    assert answers["answered"] == len(photos) and answers["failed"] == 0
+    normaliser = answers["local_max_top"]
+    for answer in answers["answers"]:
+        row = answered[answer["id"]]
+        first = answer["candidates"][0]
+        assert str(first["landmark_id"]) == row["label"]
+        assert first["score"] == pytest.approx(float(row["final_score"]), abs=1e-12)
+        assert len(answer["candidates"]) == 5
+        assert len({c["landmark_id"] for c in answer["candidates"]}) == 5
+        for candidate in answer["candidates"]:
+            counts = [reference["inliers"] for reference in candidate["references"]]
+            assert candidate["inliers"] == max(counts)
+            assert counts == sorted(counts, reverse=True)
+            expected = (1 - weight) * min(candidate["inliers"], normaliser) / normaliser + (
+                weight * candidate["confidence"])
+            assert candidate["score"] == pytest.approx(expected, abs=1e-9)
+        others = [c["score"] for c in answer["candidates"][1:]]
+        assert others == sorted(others, reverse=True)
+
+    # One picture per photo, all of them on the page.
+    page = (output / "index.html").read_text()
+    for answer in answers["answers"]:
+        picture = Image.open(output / answer["picture"])
+        assert picture.format == "JPEG" and picture.height >= render.ROW_HEIGHT
+        assert answer["picture"] in page
+    assert (output / "_SUCCESS").exists()
+
+
+def test_knn_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path):
+    """--recognizer knn: the same neighbours, inliers and labels as the job's kNN run; the
+    similarities within the batching effect on the embeddings, measured here."""
+    run_dir = demo_run.run_dir
+    job = read_scores(os.path.join(run_dir, "predict_knn", "scores.csv"))
+    photos = demo_photos(run_dir, 6)
+    code, output = run_query(tmp_path, run_dir, photos, "--recognizer", "knn",
+                             "--local_max_top", repr(job_local_max_top(job)))
+    assert code == 0
+    answered = read_scores(output / "scores.csv")
+
+    embedding = model_handler.load_keras_model(os.path.join(run_dir, "model", "embedding.keras"))
+    image_size = model_handler.model_geometry(embedding).image_size
+    views = views_of(photos, image_size, 22, 512)
+    alone = {photo: retrieval.combine_view_embeddings(embedding.predict_on_batch(v))
+             for photo, v in views.items()}
+    together = np.asarray(embedding.predict_on_batch(np.concatenate(list(views.values()))))
+    spread = max(float(np.abs(alone[photo] - retrieval.combine_view_embeddings(
+        together[22 * i: 22 * (i + 1)])).sum()) for i, photo in enumerate(views))
+    # |cos(a, r) - cos(b, r)| <= |a - b|_1 for unit r: the similarity tolerance.
+    for photo in photos:
+        image_id = os.path.basename(photo)[:-4]
+        mine, theirs = answered[image_id], job[image_id]
+        for column in ("label", "knn_label", "neighbour_ids", "neighbour_labels",
+                       "neighbour_inliers", "local_max", "local_mean", "local_best_half"):
+            assert mine[column] == theirs[column], (image_id, column)
+        for a, b in zip(mine["neighbour_similarities"].split(),
+                        theirs["neighbour_similarities"].split()):
+            assert abs(float(a) - float(b)) <= spread + 4 * FLOAT32_ULP
+        assert abs(float(mine["final_score"]) - float(theirs["final_score"])) <= (
+            2 * spread + 8 * FLOAT32_ULP)
+
+
+def test_bad_photos_get_one_line_and_the_others_their_answers(demo_run, tmp_path, capsys):
+    run_dir = demo_run.run_dir
+    good = demo_photos(run_dir, 2)
+    not_an_image = tmp_path / "notes.jpg"
+    not_an_image.write_text("this is not a photo")
+    missing = tmp_path / "missing.jpg"
+    code, output = run_query(tmp_path, run_dir,
+                             [good[0], str(not_an_image), str(missing), good[1]],
+                             "--crops", "1")
+    assert code == query.EXIT_SOME_PHOTOS_FAILED
+    err = capsys.readouterr().err
+    bad_lines = [line for line in err.splitlines() if line.startswith("landmarks-query: error:")]
+    assert len(bad_lines) == 3  # one per bad photo, then the summary line
+    assert any("notes.jpg" in line and "not a usable image" in line for line in bad_lines)
+    assert any("missing.jpg" in line and "cannot read" in line for line in bad_lines)
+    answers = json.loads((output / "answers.json").read_text())
+    assert [a["photo"] for a in answers["answers"]] == good
+    assert {f["photo"] for f in answers["failures"]} == {str(not_an_image), str(missing)}
+    assert "notes.jpg" in (output / "index.html").read_text()
+    assert not (output / "_SUCCESS").exists()
+
+
+def test_png_webp_and_gs_photos_are_answered_like_the_jpeg(demo_run, tmp_path, gcs_emulator):
+    """Other formats and a gs:// URL: the same answer as the JPEG they were made from (the
+    pixels differ only by the JPEG decoder's reduced-size decoding of large photos)."""
+    run_dir = demo_run.run_dir
+    jpeg = demo_photos(run_dir, 3)[0]
+    pixels = Image.open(jpeg).convert("RGB")
+    png, webp = tmp_path / "p.png", tmp_path / "w.webp"
+    pixels.save(png)
+    pixels.save(webp, lossless=True)
+    buffer = io.BytesIO()
+    pixels.save(buffer, format="PNG")
+    remote = gcs_emulator.upload("photos/g.png", buffer.getvalue())
+    code, output = run_query(tmp_path, run_dir, [jpeg, str(png), str(webp), remote],
+                             "--crops", "1")
+    assert code == 0
+    answered = read_scores(output / "scores.csv")
+    labels = {row["label"] for row in answered.values()}
+    assert len(answered) == 4 and len(labels) == 1 and labels != {""}
+
+
+def test_reference_records_are_featurised_once_then_reused(demo_run, tmp_path, caplog):
+    run_dir = demo_run.run_dir
+    photos = demo_photos(run_dir, 2)
+    records = os.path.join(run_dir, "ingest_train", "train-*.tfrecord")
+    cache = tmp_path / "cache"
+    flags = ["--references", records, "--reference_features", str(cache),
+             "--references_per_class", "4", "--crops", "1", "--local_features", "orb"]
+    for name in ("first", "second"):
+        caplog.clear()
+        with caplog.at_level("INFO"):
+            code = query.main(["--model_dir", os.path.join(run_dir, "model"), "--output_dir",
+                               str(tmp_path / name), *flags, *photos])
+        assert code == 0
+        log = caplog.text
+        assert ("computing into" in log) == (name == "first"), name
+        assert ("reusing" in log) == (name == "second"), name
+    first = read_scores(tmp_path / "first" / "scores.csv")
+    assert first == read_scores(tmp_path / "second" / "scores.csv")
+    assert json.loads((cache / "metadata.json").read_text())["references_per_class"] == 4
+    assert (cache / session_lib.INDEX_FILENAME).exists()
+
+
+@pytest.mark.parametrize("argv, message", [
+    ([], "at least one PHOTO"),
+    (["--recognizer", "nearest", "x.jpg"], "invalid choice"),
+    (["--crops", "5", "x.jpg"], "--crops must be one of"),
+    (["--knn_k", "3", "x.jpg"], "--knn_k"),
+    (["--top", "0", "x.jpg"], "--top must be >= 1"),
+    (["--cropz", "1", "x.jpg"], "unknown flag --cropz"),
+])
+def test_bad_flags_are_one_line_errors(argv, message, tmp_path, capsys):
+    code = query.main(["--model_dir", str(tmp_path), "--references", str(tmp_path),
+                       "--output_dir", str(tmp_path / "out"), *argv])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0], err
+
+
+def test_a_missing_model_or_reference_cache_is_one_line(tmp_path, capsys):
+    photo = tmp_path / "p.png"
+    Image.fromarray(np.zeros((80, 80, 3), np.uint8)).save(photo)
+    code = query.main(["--model_dir", str(tmp_path / "nothing"), "--references",
+                       str(tmp_path / "nocache"), "--output_dir", str(tmp_path / "out"),
+                       str(photo)])
+    assert code == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "label map not found" in err[0], err
+
+
+def test_photo_ids_are_stems_unless_two_collide():
+    assert session_lib.photo_ids(["a/x1.jpg", "gs://b/y 2.png"]) == ["x1", "y_2"]
+    assert session_lib.photo_ids(["a/x.jpg", "b/x.png"]) == ["000_x", "001_x"]
+
