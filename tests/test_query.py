@@ -78,7 +78,7 @@ def test_classifier_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path)
     here for these photos (the job forwards several images' views at once)."""
     run_dir = demo_run.run_dir
     job = read_scores(os.path.join(run_dir, "predict", "scores.csv"))
-    photos = demo_photos(run_dir, 6)
+    photos = demo_photos(run_dir, 4)
     code, output = run_query(tmp_path, run_dir, photos,
                              "--local_max_top", repr(job_local_max_top(job)))
     assert code == 0

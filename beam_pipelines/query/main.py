@@ -58,23 +58,13 @@ class SomePhotosFailed(CommandFailure):
 
 
 @dataclasses.dataclass(frozen=True)
-class QueryConfig:
-    """The command line, resolved; written to ``config.json``."""
+class QueryConfig(session_lib.SessionSettings):
+    """The command line, resolved (written to ``config.json``): the session's settings plus
+    the photos and what only the command uses."""
 
-    photos: tuple
-    model_dir: str
-    references: str
     output_dir: str = "query"
-    recognizer: str = "classifier"
-    crops: int = 22
-    top: int = 5
+    photos: tuple = ()
     local_max_top: float = 0.0
-    reference_features: str = ""
-    local_features: str = "default"
-    references_per_class: int = config_lib.DEFAULT_REFERENCES_PER_CLASS
-    knn_k: int = 0
-    blend_weight: float = config_lib.DEFAULT_BLEND_WEIGHT
-    max_side: int = session_lib.SessionSettings.max_side
     overwrite: bool = False
 
     def __post_init__(self):
@@ -97,12 +87,9 @@ class QueryConfig:
             raise InputError(f"--max_side must be >= 32, got {self.max_side}")
 
     def settings(self) -> session_lib.SessionSettings:
-        return session_lib.SessionSettings(
-            model_dir=self.model_dir, references=self.references, output_dir=self.output_dir,
-            recognizer=self.recognizer, crops=self.crops, top=self.top,
-            reference_features=self.reference_features, local_features=self.local_features,
-            references_per_class=self.references_per_class, knn_k=self.knn_k,
-            blend_weight=self.blend_weight, max_side=self.max_side)
+        return session_lib.SessionSettings(**{
+            field.name: getattr(self, field.name)
+            for field in dataclasses.fields(session_lib.SessionSettings)})
 
 
 def build_parser() -> argparse.ArgumentParser:

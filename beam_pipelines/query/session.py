@@ -130,7 +130,7 @@ class SessionSettings:
 
     model_dir: str
     references: str
-    output_dir: str
+    output_dir: str = ""
     recognizer: str = "classifier"
     crops: int = 22
     top: int = 5
