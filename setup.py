@@ -56,6 +56,7 @@ setuptools.setup(
             "landmarks-evaluate=beam_pipelines.evaluate:main",
             "landmarks-revisited=beam_pipelines.revisited:main",
             "landmarks-demo=beam_pipelines.demo:main",
+            "landmarks-benchmark=beam_pipelines.benchmark:main",
             "landmarks-query=beam_pipelines.query.main:main",
         ]
     },

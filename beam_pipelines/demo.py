@@ -16,6 +16,8 @@ not recomputed): the classifier on one view (``--crops 1`` -> ``predict_1view/``
 ``evaluation_knn/``). The summary then compares five recognizers side by side: classifier on
 one view, with crop voting, with crop voting + rescoring, kNN, kNN + rescoring.
 
+The stage functions live in :mod:`beam_pipelines.stages`, shared with ``landmarks-benchmark``.
+
 The run folder holds one run only: a rerun into a folder that an earlier demo wrote replaces it
 (a folder that is not a demo run folder is refused, so nothing else is ever deleted). The
 summary (``demo.json``, and a table on stdout) gives GAP with and without rescoring, top-1
@@ -32,9 +34,9 @@ import os
 import shutil
 import sys
 import time
-from typing import Callable, Optional, Sequence
+from typing import Optional, Sequence
 
-from beam_pipelines import cli, toy_data
+from beam_pipelines import cli, stages as stage_lib, toy_data
 from tfrecords_schema import InputError
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
@@ -45,7 +47,8 @@ DEMO_MARKER = "demo.json"
 # On top of the quick preset (3 x 15 head steps, 1 finetune epoch): 3 more finetune epochs of
 # 15 steps cost ~10 s here and lift the toy dev GAP from ~0.5 to ~0.8, so that the demo shows
 # rescoring on top of a classifier that works. Flags given to landmarks-demo come later and win.
-DEMO_TRAIN_FLAGS = ("--finetune_epochs", "4")
+# (The demo adds them under either preset.)
+DEMO_TRAIN_FLAGS = stage_lib.QUICK_TRAIN_FLAGS
 
 
 _TOY_DEFAULTS = toy_data.ToyDataConfig(output_dir="unused")
@@ -140,21 +143,13 @@ def check_train_flags(
 ) -> None:
     """Checks flags meant for ``landmarks-train`` as its parser and config would, under the
     demo's ``preset`` and with placeholder paths (nothing is read): unknown flags (suggestion
-    from the demo's and the trainer's flags), bad values, values that do not fit together.
+    from the demo's and the trainer's flags), bad values, values that do not fit together
+    (:func:`beam_pipelines.stages.check_train_flags` after :data:`DEMO_TRAIN_FLAGS`).
 
     Raises:
       InputError: one line naming the problem.
     """
-    from trainer import config as train_config
-
-    train_parser = train_config.build_parser()
-    _, unknown = train_parser.parse_known_args(list(train_flags))
-    if unknown:
-        known = [*own_flags, *cli.option_strings(train_parser)]
-        raise InputError(cli.unknown_arguments_message(unknown, known))
-    placeholders = ["--train_data", "unused", "--label_map", "unused", "--model_dir", "unused",
-                    "--preset", preset]
-    train_config.config_from_args([*placeholders, *DEMO_TRAIN_FLAGS, *train_flags])
+    stage_lib.check_train_flags(train_flags, own_flags, preset, base_flags=DEMO_TRAIN_FLAGS)
 
 
 def _prepare_run_dir(run_dir: str) -> None:
@@ -170,22 +165,11 @@ def _prepare_run_dir(run_dir: str) -> None:
     os.makedirs(run_dir, exist_ok=True)
 
 
-@dataclasses.dataclass
-class _Stage:
-    name: str
-    seconds: float
-    detail: str
+_Stage = stage_lib.Stage
 
 
-def _run_stage(stages: list, number: int, name: str, action: Callable[[], tuple[object, str]],
-               total: int = 6):
-    _LOG.info("=== [%d/%d] %s ...", number, total, name)
-    start = time.perf_counter()
-    result, detail = action()
-    seconds = time.perf_counter() - start
-    stages.append(_Stage(name, seconds, detail))
-    _LOG.info("=== [%d/%d] %s done in %.1f s: %s", number, total, name, seconds, detail)
-    return result
+def _run_stage(stages: list, number: int, name: str, action, total: int = 6):
+    return stage_lib.run_stage(stages, f"[{number}/{total}]", name, action, logger=_LOG)
 
 
 def _check_exit(name: str, code: int) -> None:
@@ -195,12 +179,6 @@ def _check_exit(name: str, code: int) -> None:
 
 def run(config: DemoConfig) -> dict:
     """Runs the six stages (ten with ``compare``); returns the summary written to ``demo.json``."""
-    from beam_pipelines import evaluate
-    from beam_pipelines.ingest import pipeline as ingest
-    from beam_pipelines.predict import pipeline as predict
-    from trainer import config as train_config
-    from trainer import train
-
     _prepare_run_dir(config.run_dir)
     # Marks the folder as a demo folder from the start, so a crashed demo can be rerun in place.
     paths = {
@@ -211,89 +189,35 @@ def run(config: DemoConfig) -> dict:
     }
     with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
         json.dump({"status": "running", "config": dataclasses.asdict(config)}, handle, indent=2)
-    beam_flags = ["--runner=FnApiRunner"]
     stages: list[_Stage] = []
     total_start = time.perf_counter()
+    root = config.run_dir
 
     def make_toy_data():
-        toy = toy_data.parse_args([
-            "--output_dir", paths["toy_data"], "--seed", str(config.seed),
+        return stage_lib.make_toy_data(root, config.seed, [
             "--num_classes", str(config.num_classes),
             "--train_per_class", str(config.train_per_class),
             "--test_per_class", str(config.test_per_class),
             "--num_train_distractors", str(config.num_train_distractors),
             "--num_test_distractors", str(config.num_test_distractors),
         ])
-        summary = toy_data.generate(toy)
-        return summary, json.dumps(summary.get("counts", {}), sort_keys=True)
-
-    def ingest_train():
-        stats = ingest.run([
-            "--manifest", os.path.join(paths["toy_data"], "train.csv"),
-            "--distractor_dir", os.path.join(paths["toy_data"], "distractors"),
-            "--output_dir", paths["ingest_train"], "--dev_fraction", "0.2",
-            "--num_shards", "2", *beam_flags,
-        ])
-        return stats, _ingest_detail(stats)
-
-    def ingest_test():
-        stats = ingest.run([
-            "--manifest", os.path.join(paths["toy_data"], "test.csv"),
-            "--output_dir", paths["ingest_test"], "--num_shards", "2", *beam_flags,
-        ])
-        return stats, _ingest_detail(stats)
 
     def train_model():
-        argv = [
-            "--train_data", os.path.join(paths["ingest_train"], "train-*.tfrecord"),
-            "--dev_data", os.path.join(paths["ingest_train"], "dev-*.tfrecord"),
-            "--label_map", os.path.join(paths["ingest_train"], "label_map.csv"),
-            "--model_dir", paths["model"], "--preset", config.train_preset,
-            "--image_size", str(config.image_size), "--seed", str(config.seed),
-            "--verbose", "2", *DEMO_TRAIN_FLAGS, *config.extra_train_flags,
-        ]
-        summary = train.train(train_config.config_from_args(argv))
-        detail = (
-            f"dev GAP {_fmt(summary.get('dev_gap_initial'))} at init -> "
-            f"{_fmt(summary.get('dev_gap_final'))} after training"
-        )
-        return summary, detail
+        return stage_lib.train_model(
+            root, config.train_preset, config.image_size, config.seed,
+            [*DEMO_TRAIN_FLAGS, *config.extra_train_flags])
 
     def predict_test(output: str = "predict", extra: Sequence[str] = (), crops: int = 0):
-        # Every predict run shares one reference-feature cache: computed once, then reused.
-        summary = predict.run([
-            "--model", os.path.join(paths["model"], "model.keras"),
-            "--test_data", os.path.join(paths["ingest_test"], "test-*.tfrecord"),
-            "--reference_data", os.path.join(paths["ingest_train"], "train-*.tfrecord"),
-            "--output_dir", paths[output],
-            "--reference_features", paths["reference_features"],
-            "--local_features", config.local_features,
-            "--references_per_class", str(config.references_per_class),
-            "--crops", str(crops or config.crops), *extra, *beam_flags,
-        ])
-        seconds = summary.get("seconds", {}).get("total") or 0.0
-        detail = (
-            f"{summary.get('test_images')} test images, {summary.get('predicted')} predicted, "
-            f"{summary.get('unreadable')} unreadable"
-            + (f", {summary['test_images'] / seconds:.2f} images/s" if seconds else "")
-        )
-        return summary, detail
+        return stage_lib.predict_test(root, output, config.local_features,
+                                      config.references_per_class, crops or config.crops, extra)
 
     def evaluate_submission(predicted: str = "predict", output: str = "evaluation"):
-        report = evaluate.run([
-            "--submission", os.path.join(paths[predicted], "submission.csv"),
-            "--solution", os.path.join(paths["toy_data"], "test_solution.csv"),
-            "--scores", os.path.join(paths[predicted], "scores.csv"),
-            "--output_dir", paths[output],
-        ])
-        alone = ("knn alone", report.get("gap_knn_only")) if "gap_knn_only" in report else (
-            "classifier alone", report.get("gap_nn_only"))
-        return report, f"GAP {_fmt(report.get('gap'))}, {alone[0]} {_fmt(alone[1])}"
+        return stage_lib.evaluate_submission(root, predicted, output)
 
     total = 10 if config.compare else 6
     _run_stage(stages, 1, "toy data", make_toy_data, total)
-    _run_stage(stages, 2, "ingest train", ingest_train, total)
-    _run_stage(stages, 3, "ingest test", ingest_test, total)
+    _run_stage(stages, 2, "ingest train", lambda: stage_lib.ingest_train(root), total)
+    _run_stage(stages, 3, "ingest test", lambda: stage_lib.ingest_test(root), total)
     train_summary = _run_stage(stages, 4, "train", train_model, total)
     _run_stage(stages, 5, "predict", predict_test, total)
     report = _run_stage(stages, 6, "evaluate", evaluate_submission, total)
@@ -348,49 +272,13 @@ def run(config: DemoConfig) -> dict:
     return summary
 
 
-def _fmt(value) -> str:
-    return "n/a" if value is None else f"{value:.4f}"
-
-
-def _required(record: dict, key: str, source: str):
-    """``record[key]``; a missing key fails loudly instead of leaving a blank in the report."""
-    if key not in record or record[key] is None:
-        raise RuntimeError(f"{source} has no {key!r}; cannot report it")
-    return record[key]
-
-
-# What landmarks-ingest's stats.json holds (beam_pipelines.ingest.stats.summarise, plus the
-# launcher's timing) and the demo reports.
-INGEST_STATS_KEYS = ("rows_in", "written", "rejected", "written_per_split", "images_per_second")
-
-
-def _ingest_detail(stats: dict) -> str:
-    """One line about an ingest run from its ``stats.json`` (:data:`INGEST_STATS_KEYS`)."""
-    rows_in, written, rejected, per_split, rate = (
-        _required(stats, key, "ingest stats.json") for key in INGEST_STATS_KEYS)
-    splits = ", ".join(f"{name} {count}" for name, count in sorted(per_split.items()))
-    return (f"{rows_in} rows -> {written} written ({splits or 'none'}), {rejected} rejected, "
-            f"{rate:.1f} img/s")
-
-
-def _recorded_config(predict_dir: str, key: str):
-    """``key`` of the config that the predict run in ``predict_dir`` recorded in ``config.json``."""
-    path = os.path.join(predict_dir, "config.json")
-    with open(path) as handle:
-        recorded = json.load(handle)
-    return _required(_required(recorded, "config", path), key, f"{path} config")
-
-
-def predict_views_per_image(predict_dir: str) -> int:
-    """Views per test image of the predict run in ``predict_dir``, from its ``config.json``.
-
-    The job records its ``--crops``; the count is that of the crop spec it maps to
-    (``rescoring.crops.CropSpec.for_num_views``), so the report names what was really run.
-    """
-    from rescoring import crops
-
-    requested = _recorded_config(predict_dir, "crops")
-    return crops.CropSpec.for_num_views(int(requested)).num_views
+# Shared with landmarks-benchmark (beam_pipelines.stages); kept under their names here.
+INGEST_STATS_KEYS = stage_lib.INGEST_STATS_KEYS
+predict_views_per_image = stage_lib.predict_views_per_image
+_fmt = stage_lib.fmt
+_required = stage_lib.required
+_ingest_detail = stage_lib.ingest_detail
+_recorded_config = stage_lib.recorded_config
 
 
 def comparison_rows(report: dict, one_view: dict, knn: dict, views: int, knn_k: int) -> list:

@@ -16,7 +16,7 @@ import re
 
 import pytest
 
-from beam_pipelines import demo, evaluate, revisited, toy_data
+from beam_pipelines import benchmark, demo, evaluate, revisited, toy_data
 from beam_pipelines.ingest import config as ingest_config
 from beam_pipelines.predict import config as predict_config
 from beam_pipelines.query import main as query
@@ -34,6 +34,7 @@ PARSER_BUILDERS = {
     "landmarks-demo": demo.build_parser,
     "landmarks-revisited": revisited.build_parser,
     "landmarks-query": query.build_parser,
+    "landmarks-benchmark": benchmark.build_parser,
 }
 # A help text ends by saying what happens when the flag is not given.
 DEFAULT_STATEMENT = re.compile(r"\((default: .+|full: .+; quick: .+|required)\)$")
@@ -41,6 +42,12 @@ DEFAULT_STATEMENT = re.compile(r"\((default: .+|full: .+; quick: .+|required)\)$
 
 def _documented_actions(parser: argparse.ArgumentParser):
     return [action for action in parser._actions if not isinstance(action, argparse._HelpAction)]
+
+
+def test_every_console_script_is_checked_here():
+    setup = (REPO / "setup.py").read_text(encoding="utf-8")
+    scripts = set(re.findall(r'"(landmarks-[a-z-]+)=', setup))
+    assert scripts == set(PARSER_BUILDERS)
 
 
 @pytest.mark.parametrize("name", sorted(PARSER_BUILDERS))
