@@ -249,9 +249,14 @@ def test_table_formats_from_hand_made_numbers(tmp_path):
     assert rows[1]["top1_accuracy"]["mean"] is None
     lines = benchmark.markdown_table(rows)
     assert [cell.strip() for cell in lines[0].strip("|").split("|")] == [
-        "method", "GAP", "top-1 accuracy", "GAP landmarks only", "seeds"]
+        "method", "GAP", "top-1 accuracy", "GAP landmarks only",
+        "GAP - knn (no rescoring), paired (wins)", "seeds"]
+    assert [cell.strip() for cell in lines[2].strip("|").split("|")][4] == "(baseline)"
+    # Paired: every seed's rescored GAP is 0.1 above its own stage-1 GAP -> +0.1, sd 0, 3 wins,
+    # although the unpaired sd of either row is 0.2.
     assert [cell.strip() for cell in lines[3].strip("|").split("|")] == [
-        "knn + rescoring", "0.8000 ± 0.2000", "n/a", "0.7000 ± 0.2000", "3"]
+        "knn + rescoring", "0.8000 ± 0.2000", "n/a", "0.7000 ± 0.2000",
+        "+0.1000 ± 0.0000 (3/3)", "3"]
     assert len({len(line) for line in lines}) == 1  # aligned
 
     table = list(csv.DictReader(io.StringIO(benchmark.table_csv(rows))))
@@ -259,6 +264,10 @@ def test_table_formats_from_hand_made_numbers(tmp_path):
     assert float(table[1]["gap_mean"]) == pytest.approx(0.8)
     assert float(table[1]["gap_sd"]) == pytest.approx(0.2)
     assert table[1]["top1_accuracy_mean"] == table[1]["top1_accuracy_sd"] == "n/a"
+    assert table[1]["baseline"] == "knn (no rescoring)"
+    assert float(table[1]["gap_vs_baseline_mean"]) == pytest.approx(0.1)
+    assert table[1]["gap_vs_baseline_wins"] == "3"
+
 
     config = benchmark.parse_args(["--output_dir", str(tmp_path / "b"), "--seeds", "4"])
     one_seed = benchmark.aggregate(_per_seed([0.5]), methods)
@@ -268,6 +277,21 @@ def test_table_formats_from_hand_made_numbers(tmp_path):
 
     png = benchmark.plot_png(rows, 3)
     assert png[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_the_recipe_is_the_baseline_of_the_paired_column():
+    methods = benchmark.methods_for(["knn", "classifier"])
+    assert benchmark.baseline_method(methods) == benchmark.Method("classifier", True)
+    per_seed = [{method.name: {"gap": gap + offset, "top1_accuracy": 0.0,
+                               "gap_landmarks_only": 0.0}
+                 for method, offset in zip(methods, (0.0, 0.3, -0.1, 0.2))}
+                for gap in (0.2, 0.6)]
+    per_seed[1]["knn + rescoring"]["gap"] = 0.7  # 0.6 + 0.1: below the recipe's 0.8 there
+    rows = {row["method"]: row for row in benchmark.aggregate(per_seed, methods)}
+    paired = rows["knn + rescoring"]["gap_vs_baseline"]
+    assert paired["values"] == pytest.approx([0.1, -0.1]) and paired["wins"] == 1
+    assert paired["mean"] == pytest.approx(0.0)
+    assert paired["sd"] == pytest.approx(np.std([0.1, -0.1], ddof=1))
 
 
 # ---------------------------------------------------------------------------------------------
