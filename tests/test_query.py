@@ -7,6 +7,7 @@ the very photos its test records were ingested from.
 """
 
 import csv
+import dataclasses
 import io
 import json
 import os
@@ -258,3 +259,47 @@ def test_photo_ids_are_stems_unless_two_collide():
     assert session_lib.photo_ids(["a/x1.jpg", "gs://b/y 2.png"]) == ["x1", "y_2"]
     assert session_lib.photo_ids(["a/x.jpg", "b/x.png"]) == ["000_x", "001_x"]
 
+
+
+def _candidate(landmark_id, inliers_per_reference, with_points=True):
+    evidence = tuple(
+        session_lib.Evidence(f"r{landmark_id}_{i}", landmark_id, inliers,
+                             np.array([[10.0, 10.0]] * inliers, np.float32) if with_points
+                             else np.zeros((0, 2), np.float32),
+                             np.array([[40.0, 60.0]] * inliers, np.float32) if with_points
+                             else np.zeros((0, 2), np.float32))
+        for i, inliers in enumerate(inliers_per_reference))
+    return session_lib.Candidate(landmark_id, 0, 0.5, 0.5, 0.5,
+                                 max(inliers_per_reference, default=0), evidence, score=0.5)
+
+
+def test_pictures_show_the_answers_references_and_a_stronger_rival():
+    photo = np.zeros((100, 100, 3), np.uint8)
+    from beam_pipelines.predict.elements import FinalRow
+
+    row = FinalRow("p", "scored", 1, 0.5, 5.0, 4.0, 4.5, 0.5, 1, 100, 3)
+    answer = session_lib.PhotoAnswer("p.jpg", "p", photo, None, (
+        _candidate(1, [5, 4, 3]), _candidate(2, [30, 2]), _candidate(3, [1])), 100, 0.1, row)
+    shown = render.shown_references(answer)
+    assert [e.reference_id for e in shown] == ["r1_0", "r1_1", "r2_0"]  # rival has 30 > 5
+    weaker = dataclasses.replace(answer, candidates=(_candidate(1, [5, 4, 3]),
+                                                     _candidate(2, [4])))
+    assert [e.reference_id for e in render.shown_references(weaker)] == ["r1_0", "r1_1", "r1_2"]
+    unverified = dataclasses.replace(answer, candidates=(_candidate(1, [0, 0], False),))
+    assert [e.reference_id for e in render.shown_references(unverified)] == ["r1_0"]
+
+    # The match (10, 10) -> (40, 60) of the first row is drawn in that row's colour, from the
+    # photo's point to the reference's, both scaled to ROW_HEIGHT.
+    alone = dataclasses.replace(answer, candidates=answer.candidates[:1])
+    picture = render.evidence_picture(
+        alone, lambda reference_id: np.full((50, 100, 3), 90, np.uint8), row_height=200)
+    scale_photo, scale_reference = 200 / 100, 200 / 50
+    caption = len(render.caption_lines(alone)) * render.CAPTION_LINE + 8
+    top = caption + render.CAPTION_LINE + 4
+    start = np.array([10 * scale_photo, top + 10 * scale_photo])
+    end = np.array([200 + render.GAP + 60 * scale_reference, top + 40 * scale_reference])
+    middle = np.round((start + end) / 2).astype(int)
+    colour = np.array(render._LINE_COLOURS[0])
+    window = picture[middle[1] - 1: middle[1] + 2, middle[0] - 1: middle[0] + 2].reshape(-1, 3)
+    assert (np.abs(window.astype(int) - colour).sum(axis=1) < 60).any()
+    assert picture.shape[0] == caption + 3 * (200 + render.CAPTION_LINE + 4)

@@ -2,11 +2,12 @@
 
 A picture (:func:`evidence_picture`) is a caption band, then one row per shown reference: the
 photo on the left, the reference on the right, both scaled to :data:`ROW_HEIGHT` pixels, and a
-line between the two ends of every verified inlier match (the points RANSAC kept). The caption
+line between the two ends of each verified inlier match (the points RANSAC kept; at most
+:data:`MAX_LINES` per reference, so a strong match stays readable). The caption
 gives the answer (landmark id, score, classifier confidence, inliers); each row's label gives
-the reference's id, its landmark and its inlier count. A photo without any verified reference
-is shown alone, with the reason in the caption. Pure functions: arrays and answers in, RGB
-arrays or text out.
+the reference's id, its landmark and its inlier count. A photo without any verified match is
+shown beside its answer's first reference (the nearest one for kNN), without lines. Pure
+functions: arrays and answers in, RGB arrays or text out.
 """
 
 from __future__ import annotations
@@ -64,7 +65,8 @@ def caption_lines(answer) -> list[str]:
 def shown_references(answer, max_rows: int = MAX_ROWS) -> list:
     """The references to draw (those with kept matches): the answer's best ones, and the
     strongest reference of any other candidate when it has more inliers than the answer's
-    best (the evidence against the answer is shown too), in at most ``max_rows`` rows."""
+    best (the evidence against the answer is shown too), in at most ``max_rows`` rows; with
+    no match at all, the answer's first reference."""
     with_matches = [[e for e in candidate.evidence if len(e.photo_points)]
                     for candidate in answer.candidates]
     if not with_matches:
@@ -75,7 +77,11 @@ def shown_references(answer, max_rows: int = MAX_ROWS) -> list:
     challenger = [others[0]] if others and (
         not answer_best or others[0].inliers > answer_best[0].inliers) else []
     shown = answer_best[: max_rows - len(challenger)] + challenger
-    return shown if shown else [e for rows in with_matches for e in rows][:max_rows]
+    if not shown and answer.candidates and answer.candidates[0].evidence:
+        # Nothing verified: the answer's first reference (its nearest neighbour for kNN),
+        # without lines, so the reader still sees what the photo was taken for.
+        shown = [answer.candidates[0].evidence[0]]
+    return shown
 
 
 def evidence_picture(answer, reference_image: Callable[[str], Optional[np.ndarray]],
