@@ -509,3 +509,25 @@ def test_hard_dataset_records_its_settings_and_counts(tmp_path):
     assert "Difficulty hard" in (root / "README.txt").read_text()
     toy_data.generate(toy_data.ToyDataConfig(output_dir=str(tmp_path / "b"), **options))
     assert _tree_digest(root) == _tree_digest(tmp_path / "b")
+
+
+def test_method_doc_states_the_difficulty_presets_of_the_code():
+    """docs/METHOD.md's table of the two presets, row by row, equals DIFFICULTIES."""
+    import pathlib
+    import re
+
+    text = (pathlib.Path(__file__).resolve().parents[1] / "docs" / "METHOD.md").read_text()
+    section = text[text.index("## Comparing recognizers on harder data"):]
+    rows = [line for line in section.splitlines() if line.startswith("| ")][1:8]
+
+    def numbers(cell):
+        return [float(value) for value in re.findall(r"\d+(?:\.\d+)?", cell)]
+
+    order = ("train_per_class", "perspective", "rotation", "scale_range", "partial_fraction",
+             "occluder_fraction", "hard_distractor_fraction")
+    for name, row in zip(order, rows):
+        cells = [cell.strip() for cell in row.strip("|").split("|")]
+        for preset, cell in zip(("standard", "hard"), cells[1:3]):
+            value = getattr(toy_data.DIFFICULTIES[preset], name)
+            expected = list(value) if isinstance(value, tuple) else [value]
+            assert numbers(cell) == pytest.approx(expected), (name, preset, cell)
