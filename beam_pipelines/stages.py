@@ -141,15 +141,11 @@ def ingest_test(root: str) -> tuple[dict, str]:
     return stats, ingest_detail(stats)
 
 
-def train_model(root: str, preset: str, image_size: int, seed: int,
-                train_flags: Sequence[str] = ()) -> tuple[dict, str]:
-    """``landmarks-train`` on ``ingest_train`` (train + dev) into ``model/``; ``train_flags``
-    come last and win."""
-    from trainer import config as train_config
-    from trainer import train
-
+def train_argv(root: str, preset: str, image_size: int, seed: int,
+               train_flags: Sequence[str] = ()) -> list[str]:
+    """The ``landmarks-train`` command line of :func:`train_model`."""
     records = path(root, INGEST_TRAIN)
-    argv = [
+    return [
         "--train_data", os.path.join(records, "train-*.tfrecord"),
         "--dev_data", os.path.join(records, "dev-*.tfrecord"),
         "--label_map", os.path.join(records, "label_map.csv"),
@@ -157,6 +153,16 @@ def train_model(root: str, preset: str, image_size: int, seed: int,
         "--image_size", str(image_size), "--seed", str(seed),
         "--verbose", "2", *train_flags,
     ]
+
+
+def train_model(root: str, preset: str, image_size: int, seed: int,
+                train_flags: Sequence[str] = ()) -> tuple[dict, str]:
+    """``landmarks-train`` on ``ingest_train`` (train + dev) into ``model/``; ``train_flags``
+    come last and win."""
+    from trainer import config as train_config
+    from trainer import train
+
+    argv = train_argv(root, preset, image_size, seed, train_flags)
     summary = train.train(train_config.config_from_args(argv))
     detail = (
         f"dev GAP {fmt(summary.get('dev_gap_initial'))} at init -> "
