@@ -428,12 +428,26 @@ def test_history_csv_keeps_one_row_per_epoch(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def trained_model_dir(dataset_dir, tmp_path_factory):
-    """One quick-preset run with dev data (shared by the learning and the loading tests)."""
-    model_dir = tmp_path_factory.mktemp("trained") / "model"
-    result = run_cli(cli_args(dataset_dir, model_dir))
-    assert result.returncode == 0, result.stderr[-4000:]
-    return str(model_dir)
+def trained_model_dir(demo_run):
+    """A quick-preset run with dev data: the demo's model (fixture ``demo_run``, shared with
+    test_demo.py and test_query.py; training it again here would add ~40 s to the suite). The
+    CLI as a subprocess is exercised by the kill-and-rerun and NaN tests below."""
+    assert demo_run.exit_code == 0
+    return os.path.join(demo_run.run_dir, "model")
+
+
+def demo_train_args(demo_run):
+    """The landmarks-train command line the demo trained its model with."""
+    from beam_pipelines import demo, stages
+
+    defaults = demo.DemoConfig()
+    return stages.train_argv(demo_run.run_dir, defaults.train_preset, defaults.image_size,
+                             defaults.seed, demo.DEMO_TRAIN_FLAGS)
+
+
+def label_map_size(model_dir) -> int:
+    with open(os.path.join(model_dir, "label_map.csv")) as handle:
+        return label_map_lib.LabelMap.from_csv_text(handle.read()).num_classes
 
 
 @pytest.mark.slow
@@ -497,11 +511,12 @@ def test_saved_model_loads_in_a_fresh_process_with_the_same_predictions(trained_
         [os.path.join(trained_model_dir, name) for name in ("model.keras", "embedding.keras")],
         images, tmp_path)
     # Independent path: the architecture rebuilt here + the exported (best) checkpoint.
-    rebuilt = model_lib.build_model(NUM_CLASSES, image_size=size, backbone_weights="none")
+    classes = label_map_size(trained_model_dir)
+    rebuilt = model_lib.build_model(classes, image_size=size, backbone_weights="none")
     keras.saving.load_weights(rebuilt, os.path.join(trained_model_dir, "checkpoints",
                                                     "best.weights.h5"))
     expected = rebuilt.predict(images, verbose=0)
-    assert loaded.shape == (5, NUM_CLASSES)
+    assert loaded.shape == (5, classes)
     np.testing.assert_allclose(loaded, expected, rtol=1e-4, atol=1e-6)
     size_mb = os.path.getsize(os.path.join(trained_model_dir, "model.keras")) / 2**20
     checkpoint_mb = os.path.getsize(os.path.join(trained_model_dir, "checkpoints",
@@ -633,8 +648,9 @@ def test_nan_loss_stops_training_and_keeps_the_last_good_checkpoint(dataset_dir,
 
 @pytest.mark.slow
 def test_rerun_of_a_finished_run_is_a_no_op_and_another_config_is_refused(
-        trained_model_dir, dataset_dir, capsys):
-    args = cli_args(dataset_dir, trained_model_dir)
+        trained_model_dir, demo_run, capsys):
+    args = demo_train_args(demo_run)
+    assert args[args.index("--model_dir") + 1] == trained_model_dir
     before = os.path.getmtime(os.path.join(trained_model_dir, "model.keras"))
     assert train_lib.main(args) == 0  # returns before building anything
     assert os.path.getmtime(os.path.join(trained_model_dir, "model.keras")) == before
