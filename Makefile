@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test test-all bench venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -30,6 +30,9 @@ bench: $(STAMP)
 	$(PY) bench/bench_train_step.py
 	$(PY) bench/bench_knn_exact.py
 	$(PY) bench/bench_knn_approximate.py
+	@test -f $(RUN_DIR)/reference_features/_SUCCESS || $(MAKE) demo
+	$(PY) bench/bench_query.py --run_dir $(RUN_DIR)
+	$(PY) bench/bench_query.py --run_dir $(RUN_DIR) --image_size 299
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
