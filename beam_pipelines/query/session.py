@@ -45,7 +45,6 @@ from beam_pipelines.predict import config as config_lib
 from beam_pipelines.predict import knn as knn_lib
 from beam_pipelines.predict import model_handler, reference_cache, transforms
 from beam_pipelines.predict.elements import (
-    STATUS_SCORED,
     DecodedImage,
     FinalRow,
     IndexShard,
@@ -56,13 +55,13 @@ from beam_pipelines.predict.elements import (
 from beam_pipelines.query import records
 from rescoring import crops, retrieval, scores, verification, voting
 from tfrecords_schema import InputError, SchemaError, image_record
-from tfrecords_schema.label_map import LabelMap
 from tfrecords_schema.local_features import FeatureRecord, parse_features
 
 _LOG = logging.getLogger(__name__)
 
 INDEX_FILENAME = "query_index.json"
 MAX_MATCHED_REFERENCES = 3  # references per candidate whose inlier matches are kept
+MAX_ON_DEMAND_CACHED = 256  # retrieved references' features kept between photos (<= ~256 MB)
 
 
 class QueryInputError(InputError):
@@ -206,6 +205,7 @@ class QuerySession:
         self._images_by_id = records.cached_index(
             index_path, "reference_images_by_id", reference_data, _image_keys)
         self._class_references: dict = {}
+        self._on_demand: dict = {}  # reference id -> features extracted by this session
         self.embedding_model = None
         self.index: Optional[IndexShard] = None
         self.knn_params = None
@@ -287,12 +287,18 @@ class QuerySession:
         for record in self.class_references(class_index):
             if record.image_id == reference_id:
                 return record
+        if reference_id in self._on_demand:
+            return self._on_demand[reference_id]
         image = self.reference_image(reference_id)
-        if image is None:
-            return None
-        locations, descriptors = self._extract(image, f"reference {reference_id}")
-        return FeatureRecord(reference_id, int(class_index), self.extractor.spec, locations,
-                             descriptors)
+        record = None
+        if image is not None:
+            locations, descriptors = self._extract(image, f"reference {reference_id}")
+            record = FeatureRecord(reference_id, int(class_index), self.extractor.spec,
+                                   locations, descriptors)
+        if len(self._on_demand) >= MAX_ON_DEMAND_CACHED:
+            self._on_demand.pop(next(iter(self._on_demand)))  # the oldest
+        self._on_demand[reference_id] = record
+        return record
 
     # ---- one photo -------------------------------------------------------------------------
 
@@ -442,18 +448,19 @@ class QuerySession:
         scored = next(knn_lib.rerank((decoded.image_id, grouped), params,
                                      self.config.recognizer))
         counts = dict(inliers)
-        positions_, penalised, labels = knn_lib.split_neighbours(neighbours, knn_scores.penalty)
+        landmark_positions, penalised, labels = knn_lib.split_neighbours(
+            neighbours, knn_scores.penalty)
         reranked = retrieval.rerank_with_inliers(
-            penalised, labels, [counts.get(neighbours.ids[i], 0) for i in positions_], params,
-            class_confidences=knn_scores.class_confidences)
+            penalised, labels, [counts.get(neighbours.ids[i], 0) for i in landmark_positions],
+            params, class_confidences=knn_scores.class_confidences)
         order = sorted(reranked.per_class, key=lambda c: (
             c != scored.class_index, -reranked.per_class[c], c))
         candidates = []
         for candidate in order[: self.settings.top]:
-            records_ = [features[reference_id] for reference_id, label
+            verified = [features[reference_id] for reference_id, label
                         in zip(neighbours.ids, neighbours.labels)
                         if label == candidate and reference_id in features]
-            evidence = self._evidence(candidate, records_, locations, descriptors, matches)
+            evidence = self._evidence(candidate, verified, locations, descriptors, matches)
             share = (None if knn_scores.class_confidences is None
                      else float(knn_scores.class_confidences.get(candidate, 0.0)))
             candidates.append(Candidate(
