@@ -225,20 +225,17 @@ def build_parser() -> argparse.ArgumentParser:
             f"{name} {preset.train_per_class}" for name, preset in toy_data.DIFFICULTIES.items())
         + ")")
     helps = {
-        "test_per_class": "toy test views per class",
-        "num_train_distractors": "toy training non-landmark images",
-        "num_test_distractors": "toy test non-landmark images",
         "min_size": "smallest long side of a toy image, pixels",
         "max_size": "largest long side of a toy image, pixels",
-        "image_size": "network input side, pixels, >= 71 (landmarks-train --image_size)",
-        "crops": "views per test image in landmarks-predict: 22, 12, 2 or 1",
-        "references_per_class": "reference images per class in landmarks-predict (K)",
+        **{name: text for name, text in stage_lib.JOB_FLAG_HELP.items()
+           if name != "local_features"},
     }
-    for name, text in helps.items():
-        add(f"--{name}", type=int, default=getattr(defaults, name), help=text + default)
+    for name in ("test_per_class", "num_train_distractors", "num_test_distractors",
+                 "min_size", "max_size", "image_size", "crops", "references_per_class"):
+        add(f"--{name}", type=int, default=getattr(defaults, name),
+            help=helps[name] + default)
     add("--local_features", default=defaults.local_features,
-        help="local-feature extractor of landmarks-predict: default, orb, sift or delf:HANDLE"
-             + default)
+        help=stage_lib.JOB_FLAG_HELP["local_features"] + default)
     add("--train_preset", default=defaults.train_preset, choices=("quick", "full"),
         help="landmarks-train --preset; full is the recipe and takes hours on a CPU per seed"
              + default)

@@ -104,18 +104,13 @@ def build_parser() -> argparse.ArgumentParser:
     helps = {
         "num_classes": "toy landmark classes (landmarks-toy-data --num_classes)",
         "train_per_class": "toy training views per class",
-        "test_per_class": "toy test views per class",
-        "num_train_distractors": "toy training non-landmark images",
-        "num_test_distractors": "toy test non-landmark images",
-        "image_size": "network input side, pixels, >= 71 (landmarks-train --image_size)",
-        "crops": "views per test image in landmarks-predict: 22, 12, 2 or 1",
-        "references_per_class": "reference images per class in landmarks-predict (K)",
+        **stage_lib.JOB_FLAG_HELP,
     }
-    for name, text in helps.items():
-        add(f"--{name}", type=int, default=getattr(defaults, name), help=text + default)
+    for name in ("num_classes", "train_per_class", "test_per_class", "num_train_distractors",
+                 "num_test_distractors", "image_size", "crops", "references_per_class"):
+        add(f"--{name}", type=int, default=getattr(defaults, name), help=helps[name] + default)
     add("--local_features", default=defaults.local_features,
-        help="local-feature extractor of landmarks-predict: default, orb, sift or delf:HANDLE"
-             + default)
+        help=helps["local_features"] + default)
     add("--train_preset", default=defaults.train_preset, choices=("quick", "full"),
         help="landmarks-train --preset; full is the recipe and takes hours on a CPU" + default)
     add("--compare", type=cli.parse_bool, default=defaults.compare, metavar="true|false",

@@ -45,6 +45,19 @@ MODEL = "model"
 REFERENCE_FEATURES = "reference_features"
 
 
+# Help texts of the flags that landmarks-demo and landmarks-benchmark both hand to a job.
+JOB_FLAG_HELP = {
+    "test_per_class": "toy test views per class",
+    "num_train_distractors": "toy training non-landmark images",
+    "num_test_distractors": "toy test non-landmark images",
+    "image_size": "network input side, pixels, >= 71 (landmarks-train --image_size)",
+    "crops": "views per test image in landmarks-predict: 22, 12, 2 or 1",
+    "references_per_class": "reference images per class in landmarks-predict (K)",
+    "local_features": "local-feature extractor of landmarks-predict: default, orb, sift or "
+                      "delf:HANDLE",
+}
+
+
 def path(root: str, name: str) -> str:
     """The folder ``name`` of the run folder ``root``."""
     return os.path.join(root, name)
