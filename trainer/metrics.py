@@ -32,13 +32,7 @@ def _labels_as_indices(labels, num_classes):
         has_positive = tf.reduce_any(labels > 0, axis=-1)
         index = tf.argmax(labels, axis=-1, output_type=tf.int32)
         return tf.where(has_positive, index, NON_LANDMARK)
-    if labels.shape.rank == 2 and labels.shape[-1] == 1:
-        labels = tf.squeeze(labels, axis=-1)
-    if labels.shape.rank != 1:
-        raise ValueError(f"labels must be [B], [B, 1] or [B, {num_classes}], got {labels.shape}")
-    if not labels.dtype.is_integer:
-        labels = tf.round(labels)
-    return tf.cast(labels, tf.int32)
+    return losses.class_indices(labels)  # indices [B] or [B, 1], as the losses read them
 
 
 def gap_from_top1(labels, predicted_classes, scores):
