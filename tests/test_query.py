@@ -11,6 +11,7 @@ import dataclasses
 import io
 import json
 import os
+import types
 
 import numpy as np
 import pytest
@@ -303,3 +304,29 @@ def test_pictures_show_the_answers_references_and_a_stronger_rival():
     window = picture[middle[1] - 1: middle[1] + 2, middle[0] - 1: middle[0] + 2].reshape(-1, 3)
     assert (np.abs(window.astype(int) - colour).sum(axis=1) < 60).any()
     assert picture.shape[0] == caption + 3 * (200 + render.CAPTION_LINE + 4)
+
+
+def test_one_photo_is_normalised_by_the_strongest_evidence_compared_not_its_own_answer():
+    """A single photo's weak answer (5 inliers) must not get the top local score because it is
+    the only answer: the normaliser is the largest count compared (279, another candidate's);
+    a given --local_max_top replaces it, and counts above it are clipped."""
+    from beam_pipelines.predict.elements import ScoredImage
+
+    session = object.__new__(session_lib.QuerySession)
+    session.config = types.SimpleNamespace(blend_weight=0.15)
+    session.landmark_ids = (1, 2, 3)
+    scored = ScoredImage("p", "scored", 0, 0.4, 5.0, 3.0, 4.0, 100, 3)
+    weak, strong = _candidate(1, [5, 2]), _candidate(2, [279, 10])
+    weak = dataclasses.replace(weak, confidence=0.4)
+    strong = dataclasses.replace(strong, class_index=1, confidence=0.0)
+    answer = session_lib.PhotoAnswer("p.jpg", "p", np.zeros((8, 8, 3), np.uint8), scored,
+                                     (weak, strong), 100, 0.1)
+    (finished,), maxima = session.finish([answer])
+    assert maxima[0] == 279
+    assert finished.row.final_score == pytest.approx(0.85 * 5 / 279 + 0.15 * 0.4)
+    assert [c.score for c in finished.candidates] == pytest.approx(
+        [0.85 * 5 / 279 + 0.15 * 0.4, 0.85])
+    (fixed,), maxima = session.finish([answer], local_max_top=10.0)
+    assert maxima[0] == 10.0
+    assert fixed.row.final_score == pytest.approx(0.85 * 5 / 10 + 0.15 * 0.4)
+    assert fixed.candidates[1].score == pytest.approx(0.85)  # 279 clipped to 10

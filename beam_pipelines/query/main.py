@@ -21,10 +21,13 @@ confidence, the inlier count and the best-matching references, and writes to ``-
 * ``answers.json``: every candidate with its evidence, and seconds per photo;
 * ``config.json``; ``_SUCCESS`` last, only when every photo was answered.
 
-The scores are the prediction job's (:mod:`beam_pipelines.query.session`): the final score
-divides the max inlier count by the largest among the photos answered together, as the job
-divides by its test set's; ``--local_max_top N`` divides by N instead, e.g. the largest
-``local_max`` of a predict run's ``scores.csv``, to put single photos on that run's scale.
+The scores are the prediction job's (:mod:`beam_pipelines.query.session`). The final score
+blends the max inlier count divided by a normaliser with the classifier's confidence; the job
+divides by the largest max inlier count of its test set. ``--local_max_top N`` divides by N,
+e.g. the largest ``local_max`` of a predict run's ``scores.csv``: the scores are then that
+run's. Without it the query divides by the largest inlier count of any reference it compared
+for these photos (candidates included), so that one photo's weak answer does not score as if
+its few inliers were the best evidence there is.
 
 Exit codes: 0 every photo answered; 2 bad flags or inputs (model, label map, references,
 extractor), one line; 4 some photo could not be read (one line per photo; the others are still
@@ -119,8 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
         help=f"views per photo, one of {config_lib.CROP_CHOICES}" + default)
     add("--top", type=int, default=defaults.top, help="candidates listed per photo" + default)
     add("--local_max_top", type=float, default=defaults.local_max_top,
-        help="divide max inlier counts by this (0: by the largest among these photos)"
-             + default)
+        help="divide max inlier counts by this, e.g. the largest local_max of a predict run "
+             "(0: by the largest inlier count compared for these photos)" + default)
     add("--reference_features", default=defaults.reference_features,
         help="cache folder for reference records (default: reference_features beside "
              "--output_dir)")

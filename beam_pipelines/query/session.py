@@ -14,11 +14,13 @@ Every number comes from the functions the Beam job's steps call, in the same ord
   ``combine_view_embeddings`` -> ``exact_top_k`` over every reference embedding ->
   ``knn.score_neighbours`` -> inliers per landmark neighbour (cached features, else extracted
   from the reference's record) -> ``knn.rerank``;
-* final score: ``transforms.blend_row``, with the column maxima of the photos answered together
-  (the job uses its test set's) or a fixed ``local_max_top``.
+* final score: ``transforms.blend_row``, normalised by a given ``local_max_top`` (the job's,
+  for the job's scores) or by the largest inlier count among the photos' compared references
+  (:meth:`QuerySession.finish`).
 
-So the first candidate's row equals the job's ``scores.csv`` row for the same image (tested),
-up to float32 rounding of the network, which depends on how many views share a forward pass.
+So, with the job's normaliser, the first candidate's row equals the job's ``scores.csv`` row
+for the same image (tested), up to float32 rounding of the network, which depends on how many
+views share a forward pass.
 
 Beyond what the job computes, each answer lists the top candidates (chosen by the
 classifier's vote share, then mean probability; or by the kNN's re-ranked class score), each
@@ -474,18 +476,29 @@ class QuerySession:
 
     def finish(self, answers: Sequence[PhotoAnswer], local_max_top: float = 0.0) -> tuple:
         """The final scores: each answer's job row (:func:`transforms.blend_row`) and each
-        candidate's score, normalised by ``local_max_top`` or, when 0, by the column maxima of
-        these answers (as the job normalises by its test set's). Returns ``(answers, maxima)``.
+        candidate's score. Returns ``(answers, maxima)``.
+
+        The max inlier counts are divided by ``local_max_top`` when it is given (> 0; e.g. the
+        largest ``local_max`` of a predict run, for that run's scale), else by the largest
+        inlier count of any compared reference of these answers, candidates included. The job
+        divides by the largest of its test set's answers; a query is often one photo, and
+        normalising one photo by its own answer would give that answer the top local score
+        however few inliers it has (5 inliers scoring as much as 250), so the candidates'
+        counts set the scale too. With the job's normaliser the scores are the job's.
         """
         maxima = scores.maxima_of(transforms.local_scores(answer.scored) for answer in answers)
         if local_max_top > 0:
-            maxima = (float(local_max_top),) + tuple(maxima[1:])
+            top = float(local_max_top)
+        else:
+            top = max([maxima[0], *(candidate.inliers for answer in answers
+                                    for candidate in answer.candidates)])
+        maxima = (float(top),) + tuple(maxima[1:])
         finished = []
         for answer in answers:
             row = transforms.blend_row(answer.scored, maxima, self.config.blend_weight,
                                        self.landmark_ids)
-            # A candidate other than the answer may have more inliers than the normaliser
-            # (the answers' largest): clipped to it, so its score stays in [0, 1].
+            # With a given local_max_top a candidate may have more inliers than it: clipped,
+            # so that every score stays in [0, 1].
             candidates = [dataclasses.replace(candidate, score=scores.final_score(
                 min(candidate.inliers, maxima[0]), maxima[0], candidate.confidence,
                 self.config.blend_weight)) for candidate in answer.candidates]
