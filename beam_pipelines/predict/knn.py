@@ -508,8 +508,18 @@ def rerank(element, params: retrieval.AggregationParams, recognizer: str):
     if not tests:
         return
     knn, num_features = tests[0]
+    yield rerank_scored(test_id, knn, num_features, grouped["inliers"], params, recognizer)[0]
+
+
+def rerank_scored(test_id: str, knn: KnnScores, num_features: int, inlier_pairs,
+                  params: retrieval.AggregationParams, recognizer: str):
+    """:func:`rerank` of one test image: ``(ScoredImage, RerankedScores)``, the second with
+    every class's re-ranked score (``landmarks-query`` lists them as candidates).
+
+    ``inlier_pairs``: ``(reference_id, inlier count)`` of the verified neighbours.
+    """
     inliers = {}
-    for reference_id, count in grouped["inliers"]:
+    for reference_id, count in inlier_pairs:
         inliers[reference_id] = max(count, inliers.get(reference_id, 0))
     neighbours = knn.neighbours
     positions, penalised, labels = split_neighbours(neighbours, knn.penalty)
@@ -545,7 +555,7 @@ def rerank(element, params: retrieval.AggregationParams, recognizer: str):
         nn_label=None if knn.vote is None else int(knn.vote.class_index),
         nn_confidence=None if knn.vote is None else float(knn.vote.confidence),
     )
-    yield ScoredImage(
+    return ScoredImage(
         image_id=test_id,
         status=status,
         class_index=None if final_class is None else int(final_class),
@@ -556,7 +566,7 @@ def rerank(element, params: retrieval.AggregationParams, recognizer: str):
         num_features=int(num_features),
         num_references=int(verified),
         knn=details,
-    )
+    ), reranked
 
 
 def details_with_landmark_ids(details: KnnDetails, landmark_ids) -> KnnDetails:

@@ -81,8 +81,11 @@ class RecordIndex:
         self._entries = entries  # key string -> [[file position, offset], ...]
 
     @classmethod
-    def build(cls, pattern: str, keys_of: Callable[[bytes], list]) -> "RecordIndex":
-        files = _fingerprint(pattern)
+    def build(cls, pattern: str, keys_of: Callable[[bytes], list],
+              files: Optional[list] = None) -> "RecordIndex":
+        """Reads every record of ``pattern``'s files (``files``: their fingerprint, when the
+        caller already listed them)."""
+        files = files if files is not None else _fingerprint(pattern)
         entries: dict = {}
         for position, (path, _) in enumerate(files):
             for offset, payload in iter_records(path):
@@ -118,11 +121,13 @@ def _fingerprint(pattern: str) -> list:
     return files
 
 
-def cached_index(index_path: str, name: str, pattern: str,
-                 keys_of: Callable[[bytes], list]) -> RecordIndex:
-    """The index ``name`` of ``pattern``'s files: read from ``index_path`` (a JSON file holding
-    several named indexes) when it was built from the same files (names and sizes), else built
-    now and saved there (when the folder cannot be written, it is kept in memory only)."""
+def cached_indexes(index_path: str, wanted: dict) -> dict:
+    """Named indexes, ``wanted``: ``{name: (pattern, keys_of)}`` -> ``{name: RecordIndex}``.
+
+    ``index_path`` is a JSON file holding the named indexes; it is read once, an index whose
+    files (names and sizes) are unchanged is reused, the others are built now and the file is
+    written once (when its folder cannot be written, they are kept in memory only).
+    """
     stored: dict = {}
     if io_utils.exists(index_path):
         try:
@@ -132,17 +137,21 @@ def cached_index(index_path: str, name: str, pattern: str,
             stored = {}
     if stored.get("version") != INDEX_VERSION:
         stored = {"version": INDEX_VERSION}
-    entry: Optional[dict] = stored.get(name)
-    files = _fingerprint(pattern)
-    if entry is not None and entry.get("files") == files:
-        return RecordIndex(entry["files"], entry["entries"])
-    _LOG.info("indexing the records of %s (%d files; once, saved to %s)", pattern, len(files),
-              index_path)
-    index = RecordIndex.build(pattern, keys_of)
-    stored[name] = index.to_json()
-    try:
-        io_utils.write_text(index_path, json.dumps(stored))
-    except OSError as error:  # a read-only cache still answers queries
-        _LOG.warning("cannot save the record index to %s (%s); it is rebuilt next time",
-                     index_path, error)
-    return index
+    indexes, built = {}, False
+    for name, (pattern, keys_of) in wanted.items():
+        entry: Optional[dict] = stored.get(name)
+        files = _fingerprint(pattern)
+        if entry is not None and entry.get("files") == files:
+            indexes[name] = RecordIndex(entry["files"], entry["entries"])
+            continue
+        _LOG.info("indexing the records of %s (once, saved to %s)", pattern, index_path)
+        indexes[name] = RecordIndex.build(pattern, keys_of, files)
+        stored[name] = indexes[name].to_json()
+        built = True
+    if built:
+        try:
+            io_utils.write_text(index_path, json.dumps(stored))
+        except OSError as error:  # a read-only cache still answers queries
+            _LOG.warning("cannot save the record index to %s (%s); it is rebuilt next time",
+                         index_path, error)
+    return indexes

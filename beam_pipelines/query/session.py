@@ -200,12 +200,11 @@ class QuerySession:
         problem = predict.reference_problem(references, self.config)
         if problem is not None:
             raise QueryInputError(problem)
-        index_path = io_utils.join(cache_dir, INDEX_FILENAME)
-        self._features_by_class = records.cached_index(
-            index_path, "features_by_class", reference_cache.features_pattern(cache_dir),
-            _feature_keys)
-        self._images_by_id = records.cached_index(
-            index_path, "reference_images_by_id", reference_data, _image_keys)
+        indexes = records.cached_indexes(io_utils.join(cache_dir, INDEX_FILENAME), {
+            "features_by_class": (reference_cache.features_pattern(cache_dir), _feature_keys),
+            "reference_images_by_id": (reference_data, _image_keys)})
+        self._features_by_class = indexes["features_by_class"]
+        self._images_by_id = indexes["reference_images_by_id"]
         self._class_references: dict = {}
         self._on_demand: dict = {}  # reference id -> features extracted by this session
         self.embedding_model = None
@@ -446,15 +445,9 @@ class QuerySession:
                 inliers.append((reference_id, count_inliers(
                     locations, descriptors, record.locations, record.descriptors,
                     self.verification)))
-        grouped = {"tests": [(knn_scores, int(len(locations)))], "inliers": inliers}
-        scored = next(knn_lib.rerank((decoded.image_id, grouped), params,
-                                     self.config.recognizer))
-        counts = dict(inliers)
-        landmark_positions, penalised, labels = knn_lib.split_neighbours(
-            neighbours, knn_scores.penalty)
-        reranked = retrieval.rerank_with_inliers(
-            penalised, labels, [counts.get(neighbours.ids[i], 0) for i in landmark_positions],
-            params, class_confidences=knn_scores.class_confidences)
+        scored, reranked = knn_lib.rerank_scored(decoded.image_id, knn_scores,
+                                                 int(len(locations)), inliers, params,
+                                                 self.config.recognizer)
         order = sorted(reranked.per_class, key=lambda c: (
             c != scored.class_index, -reranked.per_class[c], c))
         candidates = []
