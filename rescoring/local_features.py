@@ -4,7 +4,9 @@ Every extractor made by :func:`make_extractor` has
 
 * ``extract(image)``: ``image`` uint8 ``[H, W, 3]`` RGB -> ``(locations, descriptors)``:
   ``locations`` float32 ``[N, 2]``, (y, x) in pixels of the *input* image (whatever resizing
-  happens inside); ``descriptors`` float32 ``[N, D]``, each row L2-normalised; ``N`` may be 0.
+  happens inside); ``descriptors`` float32 ``[N, D]``, each row L2-normalised, or for a binary
+  extractor (ORB) uint8 ``[N, D / 8]``, the bits packed (:mod:`rescoring.descriptors`: matching
+  unpacks them to unit rows); ``N`` may be 0.
 * ``spec``: the spec string it was made from (stored with the features, see
   ``tfrecords_schema.local_features``), and
 * ``max_descriptor_distance``: the putative-match threshold to use for its descriptors in
@@ -25,9 +27,11 @@ Specs:
   descriptors (L1-normalise, square root: unit L2 rows, Hellinger-kernel matching, better
   than raw SIFT for retrieval). 128 dims. Match distance 0.5 (chosen below).
 ``"orb"``
-  OpenCV ORB. Its 256-bit binary descriptors become float rows ``(2 * bit - 1) / 16`` (unit
-  length); then ``|a - b|^2 = hamming(a, b) / 64``, so a Euclidean bound ``d`` is a Hamming
-  bound ``64 d^2``. Match distance 0.8 (at most 40 of 256 bits differ).
+  OpenCV ORB. Its 256-bit binary descriptors are kept packed (uint8 ``[N, 32]``, 32 bytes a
+  keypoint); matching compares them as float rows ``(2 * bit - 1) / 16`` (unit length,
+  :func:`rescoring.descriptors.unit_descriptors`); then ``|a - b|^2 = hamming(a, b) / 64``, so a
+  Euclidean bound ``d`` is a Hamming bound ``64 d^2``. Match distance 0.8 (at most 40 of 256
+  bits differ).
 ``"default"``
   The offline extractor the demo uses: ``"orb"`` (the made extractor's ``spec`` is ``"orb"``:
   stored features name what actually made them).
@@ -131,12 +135,14 @@ def l2_normalise(descriptors: np.ndarray) -> np.ndarray:
     return descriptors / np.maximum(norms, 1e-12)
 
 
-def _empty(dim: int) -> tuple[np.ndarray, np.ndarray]:
+def _empty(dim: int, packed: bool = False) -> tuple[np.ndarray, np.ndarray]:
+    if packed:
+        return np.zeros([0, 2], np.float32), np.zeros([0, dim // 8], np.uint8)
     return np.zeros([0, 2], np.float32), np.zeros([0, dim], np.float32)
 
 
 class OpenCVExtractor:
-    """SIFT (RootSIFT descriptors) or ORB (binary -> unit float) from OpenCV, no download."""
+    """SIFT (RootSIFT descriptors) or ORB (packed binary descriptors) from OpenCV, no download."""
 
     _DIMS = {"sift": 128, "orb": 256}
 
@@ -191,7 +197,7 @@ class OpenCVExtractor:
         scale_x = width / grey.shape[1]
         keypoints, descriptors = self._get_detector().detectAndCompute(grey, None)
         if descriptors is None or len(keypoints) == 0:
-            return _empty(self.descriptor_dim)
+            return _empty(self.descriptor_dim, packed=self.kind == "orb")
         # SIFT may return a few more than nfeatures (ties in response): keep the strongest.
         order = np.argsort([-keypoint.response for keypoint in keypoints], kind="stable")
         order = order[: self.params.max_features]
@@ -201,16 +207,16 @@ class OpenCVExtractor:
         locations = np.stack(
             [(points_xy[:, 1] + 0.5) * scale_y - 0.5, (points_xy[:, 0] + 0.5) * scale_x - 0.5], axis=1
         ).astype(np.float32)
-        return locations, self._to_unit_float(descriptors)
+        return locations, self._stored_form(descriptors)
 
-    def _to_unit_float(self, descriptors: np.ndarray) -> np.ndarray:
+    def _stored_form(self, descriptors: np.ndarray) -> np.ndarray:
         if self.kind == "sift":
             # RootSIFT: L1-normalise then square root; the result has unit L2 norm.
             descriptors = descriptors.astype(np.float32)
             descriptors /= np.maximum(descriptors.sum(axis=1, keepdims=True), 1e-12)
             return l2_normalise(np.sqrt(descriptors))
-        bits = np.unpackbits(descriptors, axis=1).astype(np.float32)  # [N, 256] of 0/1
-        return (2.0 * bits - 1.0) / np.float32(16.0)  # +-1/16: |row| = 1 exactly
+        # ORB: OpenCV's packed bits, uint8 [N, 32], as they are (rescoring.descriptors).
+        return np.ascontiguousarray(descriptors, np.uint8)
 
 
 class DelfExtractor:

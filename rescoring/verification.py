@@ -41,6 +41,8 @@ import dataclasses
 
 import numpy as np
 
+from rescoring.descriptors import unit_descriptors
+
 # A 3-point sample whose points are (nearly) collinear has no unique affine map: twice its
 # triangle's area, in squared pixels, is below this and the trial is skipped (scikit-image's
 # estimator fails on such samples too).
@@ -85,7 +87,7 @@ class VerificationParams:
 
 def _check_features(locations, descriptors, name: str) -> tuple[np.ndarray, np.ndarray]:
     locations = np.asarray(locations, np.float32)
-    descriptors = np.asarray(descriptors, np.float32)
+    descriptors = unit_descriptors(descriptors)
     if locations.ndim != 2 or locations.shape[1] != 2:
         raise ValueError(f"{name} locations must be [N, 2], got {locations.shape}")
     if descriptors.ndim != 2 or descriptors.shape[0] != locations.shape[0]:
@@ -110,8 +112,8 @@ def putative_matches(
       ``desc2[index2[k]]``, ordered by ``index2``. Several rows of ``desc2`` may share a
       neighbour, as in the KD-tree version.
     """
-    desc1 = np.asarray(desc1, np.float32)
-    desc2 = np.asarray(desc2, np.float32)
+    desc1 = unit_descriptors(desc1)
+    desc2 = unit_descriptors(desc2)
     if desc1.shape[0] == 0 or desc2.shape[0] == 0:
         empty = np.zeros([0], np.int64)
         return empty, empty

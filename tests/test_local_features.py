@@ -7,6 +7,7 @@ import skimage.data
 import tensorflow as tf
 import tensorflow_hub as hub
 
+from rescoring import descriptors as rescoring_descriptors
 from rescoring import local_features
 from tests.delf_standin import save_delf_standin
 
@@ -98,7 +99,8 @@ def test_locations_are_in_input_pixels_for_large_images(spec, astronaut):
     distances = np.linalg.norm(large_locations[:, None] - expected[None], axis=2).min(axis=1)
     assert np.mean(distances < 2.0) > 0.8
     for descriptors in (small_descriptors, large_descriptors):
-        np.testing.assert_allclose(np.linalg.norm(descriptors, axis=1), 1.0, atol=1e-5)
+        unit = rescoring_descriptors.unit_descriptors(descriptors)
+        np.testing.assert_allclose(np.linalg.norm(unit, axis=1), 1.0, atol=1e-5)
 
 
 def test_small_images_are_enlarged_and_still_get_features(astronaut):
@@ -109,22 +111,27 @@ def test_small_images_are_enlarged_and_still_get_features(astronaut):
     assert locations[:, 1].min() >= -0.5 and locations[:, 1].max() <= 63.5
 
 
-def test_orb_float_descriptors_encode_hamming_distance(astronaut):
-    _, descriptors = local_features.make_extractor("orb").extract(astronaut)
-    assert descriptors.shape == (1000, 256)
+def test_orb_descriptors_are_packed_and_unpack_to_hamming_distance(astronaut):
+    """ORB keeps OpenCV's packed bits (32 bytes a keypoint, not 1 KB of floats); unpacked to
+    unit rows, squared distances are Hamming distances / 64, counted here bit by bit."""
+    _, packed = local_features.make_extractor("orb").extract(astronaut)
+    assert packed.shape == (1000, 32) and packed.dtype == np.uint8
+    assert rescoring_descriptors.descriptor_dim(packed) == 256
+    descriptors = rescoring_descriptors.unit_descriptors(packed)
+    assert descriptors.shape == (1000, 256) and descriptors.dtype == np.float32
     np.testing.assert_allclose(np.abs(descriptors), 1.0 / 16.0)
-    bits = descriptors[:50] > 0
-    hamming = (bits[:, None, :] != bits[None, :, :]).sum(axis=2)
+    hamming = np.array([[bin(int.from_bytes(a.tobytes(), "big") ^ int.from_bytes(
+        b.tobytes(), "big")).count("1") for b in packed[:50]] for a in packed[:50]])
     squared = ((descriptors[:50, None, :] - descriptors[None, :50, :]) ** 2).sum(axis=2)
     np.testing.assert_allclose(squared, hamming / 64.0, atol=1e-5)
 
 
 def test_featureless_image_gives_empty_arrays():
     grey = np.full((120, 160, 3), 128, np.uint8)
-    for spec, dim in (("orb", 256), ("sift", 128)):
+    for spec, shape, dtype in (("orb", (0, 32), np.uint8), ("sift", (0, 128), np.float32)):
         locations, descriptors = local_features.make_extractor(spec).extract(grey)
-        assert locations.shape == (0, 2) and descriptors.shape == (0, dim)
-        assert locations.dtype == np.float32 and descriptors.dtype == np.float32
+        assert locations.shape == (0, 2) and descriptors.shape == shape
+        assert locations.dtype == np.float32 and descriptors.dtype == dtype
 
 
 def test_bad_images_raise():

@@ -99,7 +99,11 @@ def test_feature_record_round_trip_including_empty():
     descriptors = rng.normal(size=(5, 40)).astype(np.float32)
     full = local_features.FeatureRecord("a", 3, "orb", rng.uniform(0, 99, (5, 2)), descriptors)
     empty = local_features.FeatureRecord("b", -1, "orb", np.zeros((0, 2)), np.zeros((0, 40)))
-    for record in (full, empty):
+    bits = rng.integers(0, 256, (7, 32), dtype=np.uint8)  # ORB: 256 bits packed in 32 bytes
+    packed = local_features.FeatureRecord("c", 0, "orb", rng.uniform(0, 99, (7, 2)), bits)
+    empty_packed = local_features.FeatureRecord("d", 0, "orb", np.zeros((0, 2)),
+                                                np.zeros((0, 32), np.uint8))
+    for record in (full, empty, packed, empty_packed):
         back = local_features.parse_features(local_features.serialize_features(record))
         assert (back.image_id, back.label, back.extractor) == (
             record.image_id,
@@ -109,3 +113,17 @@ def test_feature_record_round_trip_including_empty():
         np.testing.assert_array_equal(back.locations, record.locations)
         np.testing.assert_array_equal(back.descriptors, record.descriptors)
         assert back.descriptors.shape == record.descriptors.shape
+        assert back.descriptors.dtype == record.descriptors.dtype
+        assert back.descriptor_dim == record.descriptor_dim
+
+
+def test_packed_descriptors_are_stored_at_their_real_size():
+    """A 1000-keypoint ORB record holds 32 KB of descriptors, not 1 MB of floats (the record
+    is at most the packed bytes + the locations + a small overhead)."""
+    rng = np.random.default_rng(2)
+    record = local_features.FeatureRecord(
+        "a", 0, "orb", rng.uniform(0, 99, (1000, 2)),
+        rng.integers(0, 256, (1000, 32), dtype=np.uint8))
+    size = len(local_features.serialize_features(record))
+    assert size < 1000 * 32 + 1000 * 2 * 4 + 1024
+    assert local_features.parse_features(local_features.serialize_features(record)).packed

@@ -28,12 +28,13 @@ import dataclasses
 import hashlib
 import logging
 import math
-from typing import Optional
+from typing import NamedTuple, Optional
 
 import apache_beam as beam
 import numpy as np
 from apache_beam.metrics import Metrics
 
+from beam_pipelines import grouping
 from beam_pipelines.predict.elements import (
     RECOGNIZER_KNN,
     RECOGNIZER_KNN_CLASSIFIER,
@@ -68,7 +69,6 @@ REFERENCE_VIEWS = 1
 
 TAG_SHARD = "shard"
 TAG_QUERIES = "queries"
-TAG_PAIRS = "pairs"
 
 
 # ---- embeddings ---------------------------------------------------------------------------------
@@ -335,32 +335,75 @@ def score_joined(element, params, with_classifier: bool):
 
 
 # ---- verification of each (test image, neighbour) pair -------------------------------------------
+#
+# The pairs are verified in buckets of test images (VerifyNeighbours): a test image's features
+# travel once, to its bucket; each retrieved reference's features travel once per bucket that
+# needs them (never more than once per test image, far fewer for a popular reference); a
+# bucket holds its references and streams its test images. A popular reference is thereby
+# spread over every bucket that retrieved it instead of one worker.
+
+TESTS_PER_BUCKET = 64
+"""Test images per verification bucket (on average): the bucket holds the features of at
+most ``64 x k`` references (k = 5: 320 records, ~13 MB of packed ORB, ~54 MB of DELF)."""
+
+TAG_TEST = "test"
+TAG_REFERENCE = "reference"
+TAG_MISSING = "missing"
+TAG_WANTED = "wanted"
 
 
-def neighbour_pairs(element):
-    """``(test_id, {"knn": [KnnScores], "features": [FeatureRecord]})`` ->
-    ``(test_id, (KnnScores, num_features))`` and, tagged :data:`TAG_PAIRS`, one
-    ``(reference_id, (test_id, locations, descriptors))`` per landmark neighbour (none when the
-    test image has no local features).
+class BucketTest(NamedTuple):
+    """A test image in its verification bucket: its kNN scores and its local features."""
+
+    test_id: str
+    knn: KnnScores
+    num_features: int
+    locations: np.ndarray
+    descriptors: np.ndarray
+
+
+def num_test_buckets(num_test_images: int, tests_per_bucket: int = TESTS_PER_BUCKET) -> int:
+    """``ceil(n / tests_per_bucket)``, at least 1."""
+    return max(1, math.ceil(int(num_test_images) / int(tests_per_bucket)))
+
+
+def landmark_neighbour_ids(neighbours: Neighbours) -> list:
+    """The distinct ids of the landmark neighbours (label != -1), in list order."""
+    seen: dict = {}
+    for reference_id, label in zip(neighbours.ids, neighbours.labels):
+        if label != retrieval.NON_LANDMARK_LABEL:
+            seen.setdefault(reference_id, None)
+    return list(seen)
+
+
+def bucket_test(element, num_test_images: int, tests_per_bucket: int = TESTS_PER_BUCKET):
+    """``(test_id, {"knn": [KnnScores], "features": [FeatureRecord]})`` -> ``(bucket,
+    BucketTest)`` and, tagged :data:`TAG_WANTED`, one ``(reference_id, bucket)`` per distinct
+    landmark neighbour (none when the test image has no local features).
 
     A duplicated test id keeps its record with most features. A readable test image without
     neighbours (none retrieved) gets empty :class:`KnnScores`, so it still gets its row.
+    ``num_test_images`` (a side input: the number of joined test ids) sets the bucket count
+    (:func:`num_test_buckets`).
     """
     test_id, grouped = element
-    knn = list(grouped["knn"])
-    records = sorted(grouped["features"], key=lambda record: -record.num_features)
-    if not knn and not records:
+    knn = next(iter(grouped["knn"]), None)
+    record = None
+    for candidate in grouped["features"]:
+        if record is None or candidate.num_features > record.num_features:
+            record = candidate
+    if knn is None and record is None:
         return
-    scored = knn[0] if knn else KnnScores(Neighbours(), 0.0, None, None, 0.0, {})
-    record = records[0] if records else None
-    num_features = record.num_features if record is not None else 0
-    yield test_id, (scored, num_features)
-    if num_features == 0:
+    scored = knn if knn is not None else KnnScores(Neighbours(), 0.0, None, None, 0.0, {})
+    bucket = bucket_of(test_id, num_test_buckets(num_test_images, tests_per_bucket))
+    if record is None or record.num_features == 0:
+        yield bucket, BucketTest(test_id, scored, 0, np.zeros((0, 2), np.float32),
+                                 np.zeros((0, 1), np.float32))
         return
-    for reference_id, label in zip(scored.neighbours.ids, scored.neighbours.labels):
-        if label != retrieval.NON_LANDMARK_LABEL:
-            yield beam.pvalue.TaggedOutput(
-                TAG_PAIRS, (reference_id, (test_id, record.locations, record.descriptors)))
+    yield bucket, BucketTest(test_id, scored, record.num_features, record.locations,
+                             record.descriptors)
+    for reference_id in landmark_neighbour_ids(scored.neighbours):
+        yield beam.pvalue.TaggedOutput(TAG_WANTED, (reference_id, bucket))
 
 
 def key_reference_by_id(keyed_record):
@@ -375,11 +418,21 @@ def reference_id_only(keyed):
 
 
 def uncached_ids(element):
-    """``(reference_id, {"wanted": [...], "cached": [...]})`` -> ``(reference_id, None)`` for a
-    retrieved reference (wanted) whose features are not in the cache."""
-    reference_id, grouped = element
-    if any(True for _ in grouped["wanted"]) and not any(True for _ in grouped["cached"]):
-        yield reference_id, None
+    """``(reference_id, iterable of (tag, None))`` with tags ``wanted`` / ``cached`` (a
+    :class:`beam_pipelines.grouping.TaggedJoin` of ids only) -> ``reference_id`` of a wanted
+    reference whose features are not in the cache."""
+    reference_id, tagged = element
+    wanted = cached = False
+    for tag, _ in tagged:
+        wanted = wanted or tag == "wanted"
+        cached = cached or tag == "cached"
+    if wanted and not cached:
+        yield reference_id
+
+
+def id_with_none(image_id: str):
+    """``image_id`` -> ``(image_id, None)``: an id as a key with nothing to carry."""
+    return image_id, None
 
 
 def key_image_record(record):
@@ -387,10 +440,28 @@ def key_image_record(record):
     return record.image_id, record
 
 
+class KeepWantedImages(beam.DoFn):
+    """``(image_id, ImageRecord)`` -> the same, only for ids in the side input ``wanted`` (an
+    iterable of ids, turned into a set once per worker): reference images nobody retrieved are
+    dropped before any shuffle. Counter ``knn_reference_images_kept``."""
+
+    def __init__(self):
+        self._wanted_source = None
+        self._wanted: frozenset = frozenset()
+        self._kept = Metrics.counter(NAMESPACE, "knn_reference_images_kept")
+
+    def process(self, keyed_record, wanted):
+        if wanted is not self._wanted_source:
+            self._wanted_source, self._wanted = wanted, frozenset(wanted)
+        if keyed_record[0] in self._wanted:
+            self._kept.inc()
+            yield keyed_record
+
+
 class DecodeRetrievedImage(beam.DoFn):
-    """``(reference_id, {"wanted": [...], "images": [ImageRecord]})`` -> ``DecodedImage`` of a
-    wanted reference, once per distinct id (the image with the smallest JPEG bytes when the id
-    is in the reference data twice); images nobody wanted are dropped undecoded.
+    """``(reference_id, iterable of (tag, value))`` with tags ``wanted`` (None) and ``images``
+    (ImageRecord) -> ``DecodedImage`` of a wanted reference, once per distinct id (the image
+    with the smallest JPEG bytes when the id is in the reference data twice).
 
     Counters: ``knn_references_featurised_on_demand`` (decoded, handed to the extractor),
     ``knn_references_missing`` (wanted, but no such id in the reference data),
@@ -405,15 +476,20 @@ class DecodeRetrievedImage(beam.DoFn):
     def process(self, element):
         from beam_pipelines.predict import transforms
 
-        reference_id, grouped = element
-        if not any(True for _ in grouped["wanted"]):
+        reference_id, tagged = element
+        wanted = False
+        record = None
+        for tag, value in tagged:
+            if tag == "wanted":
+                wanted = True
+            elif record is None or value.jpeg_bytes < record.jpeg_bytes:
+                record = value
+        if not wanted:
             return
-        records = sorted(grouped["images"], key=lambda record: record.jpeg_bytes)
-        if not records:
+        if record is None:
             self._missing.inc()
             _LOG.warning("retrieved reference %s is not in the reference data", reference_id)
             return
-        record = records[0]
         try:
             image = transforms.decode_rgb(record.jpeg_bytes)
         except ValueError as error:
@@ -433,49 +509,82 @@ image, or the extractor failed on it)."""
 UNVERIFIED_REASONS = (UNVERIFIED_NOT_FEATURISED, UNVERIFIED_NO_FEATURES)
 
 
-class CountNeighbourInliers(beam.DoFn):
-    """``(reference_id, {"pairs": [(test_id, locations, descriptors)], "references":
-    [FeatureRecord], "on_demand": [FeatureRecord]})`` -> ``(test_id, (reference_id, inliers))``
-    for each pair.
+class RouteReferenceToBuckets(beam.DoFn):
+    """``(reference_id, iterable of (tag, value))`` with tags ``buckets`` (the buckets that
+    retrieved it), ``cached`` and ``on_demand`` (its ``FeatureRecord`` s) -> for each bucket,
+    ``(bucket, (TAG_REFERENCE, FeatureRecord))``, or ``(bucket, (TAG_MISSING, (reference_id,
+    reason)))`` when it has no usable record (reasons: :data:`UNVERIFIED_REASONS`).
 
-    Holds one reference's features and the test images that retrieved it. The cached record
-    takes precedence over one extracted on demand (``on_demand``, optional). A reference
-    without a record, or whose record has no features, gives nothing: its pairs are not
-    verified (counter ``knn_pairs_unverified`` and, by reason, ``knn_pairs_unverified_<reason>``
-    of :data:`UNVERIFIED_REASONS`; ``knn_pairs_verified`` otherwise).
+    The cached record takes precedence over one extracted on demand; among several, the one with
+    most features. Holds the reference's records (a few) and streams its buckets.
     """
 
-    def __init__(self, verification_params):
-        self._params = verification_params
+    def process(self, element):
+        reference_id, tagged = element
+        small, buckets = grouping.split_tagged(tagged, ("cached", "on_demand"), "buckets")
+        records = small["cached"] or small["on_demand"]
+        best = max(records, key=lambda record: record.num_features, default=None)
+        if best is None:
+            value = (TAG_MISSING, (reference_id, UNVERIFIED_NOT_FEATURISED))
+        elif best.num_features == 0:
+            value = (TAG_MISSING, (reference_id, UNVERIFIED_NO_FEATURES))
+        else:
+            value = (TAG_REFERENCE, best)
+        for bucket in buckets:
+            yield bucket, value
+
+
+class VerifyBucket(beam.DoFn):
+    """``(bucket, iterable of (tag, value))`` (:data:`TAG_TEST` ``BucketTest`` s,
+    :data:`TAG_REFERENCE` ``FeatureRecord`` s, :data:`TAG_MISSING` ``(reference_id, reason)``)
+    -> one ``ScoredImage`` per test image (:func:`rerank_scored`).
+
+    Holds the bucket's references (those its test images retrieved) and streams its test
+    images: each is compared with each of its landmark neighbours
+    (:func:`rescoring.verification.count_inliers`), then re-ranked. A neighbour without usable
+    features is not verified (counter ``knn_pairs_unverified`` and, by reason,
+    ``knn_pairs_unverified_<reason>``; ``knn_pairs_verified`` otherwise).
+    """
+
+    def __init__(self, verification_params, params: retrieval.AggregationParams,
+                 recognizer: str):
+        self._verification = verification_params
+        self._params = params
+        self._recognizer = recognizer
         self._verified = Metrics.counter(NAMESPACE, "knn_pairs_verified")
         self._unverified = Metrics.counter(NAMESPACE, "knn_pairs_unverified")
         self._reasons = {reason: Metrics.counter(NAMESPACE, f"knn_pairs_unverified_{reason}")
                          for reason in UNVERIFIED_REASONS}
+        self._group_sizes = Metrics.distribution(NAMESPACE, "knn_tests_per_bucket")
 
     def process(self, element):
-        reference_id, grouped = element
-        pairs = list(grouped["pairs"])
-        if not pairs:
-            return
-        records = list(grouped["references"]) or list(grouped.get("on_demand", ()))
-        records.sort(key=lambda record: -record.num_features)
-        reason = None
-        if not records:
-            reason = UNVERIFIED_NOT_FEATURISED
-        elif records[0].num_features == 0:
-            reason = UNVERIFIED_NO_FEATURES
-        if reason is not None:
-            self._unverified.inc(len(pairs))
-            self._reasons[reason].inc(len(pairs))
-            _LOG.info("%d pairs with reference %s unverified: %s", len(pairs), reference_id,
-                      reason)
-            return
-        reference = records[0]
-        for test_id, locations, descriptors in pairs:
-            inliers = verification.count_inliers(
-                locations, descriptors, reference.locations, reference.descriptors, self._params)
-            self._verified.inc()
-            yield test_id, (reference_id, int(inliers))
+        _, tagged = element
+        small, tests = grouping.split_tagged(tagged, (TAG_REFERENCE, TAG_MISSING), TAG_TEST)
+        references = {}
+        for record in small[TAG_REFERENCE]:
+            references.setdefault(record.image_id, record)
+        missing = dict(small[TAG_MISSING])
+        count = 0
+        for test in tests:
+            count += 1
+            pairs = []
+            if test.num_features > 0:
+                for reference_id in landmark_neighbour_ids(test.knn.neighbours):
+                    reference = references.get(reference_id)
+                    if reference is None:
+                        reason = missing.get(reference_id, UNVERIFIED_NOT_FEATURISED)
+                        self._unverified.inc()
+                        self._reasons[reason].inc()
+                        continue
+                    inliers = verification.count_inliers(
+                        test.locations, test.descriptors, reference.locations,
+                        reference.descriptors, self._verification)
+                    self._verified.inc()
+                    pairs.append((reference_id, int(inliers)))
+            yield rerank_scored(test.test_id, test.knn, test.num_features, pairs,
+                                self._params, self._recognizer)[0]
+        if count:
+            self._group_sizes.update(count)
 
 
 def blend_confidence(knn: KnnScores, final_class, params: retrieval.AggregationParams) -> float:
@@ -493,28 +602,17 @@ def blend_confidence(knn: KnnScores, final_class, params: retrieval.AggregationP
     return float(min(max(knn.per_class.get(final_class, 0.0) / params.k, 0.0), 1.0))
 
 
-def rerank(element, params: retrieval.AggregationParams, recognizer: str):
-    """``(test_id, {"tests": [(KnnScores, num_features)], "inliers": [(reference_id, n)]})`` ->
-    ``ScoredImage`` with :class:`KnnDetails` (labels still class indices).
+def rerank_scored(test_id: str, knn: KnnScores, num_features: int, inlier_pairs,
+                  params: retrieval.AggregationParams, recognizer: str):
+    """One test image's final answer: ``(ScoredImage with KnnDetails, RerankedScores)``, the
+    second with every class's re-ranked score (``landmarks-query`` lists them as candidates).
 
     :func:`rescoring.retrieval.rerank_with_inliers` on the penalised landmark neighbours with
     their inlier counts (0 when not verified) gives the final class; its voting neighbours'
     inliers give the local columns (:func:`rescoring.scores.aggregate`). Status: no landmark
     neighbour -> ``no_landmark_neighbours`` (no prediction); featureless test image ->
-    ``no_features``; no neighbour verified -> ``no_references``; else ``scored``.
-    """
-    test_id, grouped = element
-    tests = list(grouped["tests"])
-    if not tests:
-        return
-    knn, num_features = tests[0]
-    yield rerank_scored(test_id, knn, num_features, grouped["inliers"], params, recognizer)[0]
-
-
-def rerank_scored(test_id: str, knn: KnnScores, num_features: int, inlier_pairs,
-                  params: retrieval.AggregationParams, recognizer: str):
-    """:func:`rerank` of one test image: ``(ScoredImage, RerankedScores)``, the second with
-    every class's re-ranked score (``landmarks-query`` lists them as candidates).
+    ``no_features``; no neighbour verified -> ``no_references``; else ``scored``. Labels are
+    still class indices.
 
     ``inlier_pairs``: ``(reference_id, inlier count)`` of the verified neighbours.
     """

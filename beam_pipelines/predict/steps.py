@@ -13,7 +13,7 @@ import logging
 import apache_beam as beam
 from apache_beam.ml.inference.base import KeyedModelHandler, RunInference
 
-from beam_pipelines import io_utils
+from beam_pipelines import grouping, io_utils
 from beam_pipelines.predict import knn, model_handler, outputs, transforms
 from rescoring import scores
 
@@ -124,21 +124,34 @@ class Verify(beam.PTransform):
     compared with every reference of that class (:class:`.transforms.ScoreAgainstReferences`:
     inlier counts aggregated by :func:`rescoring.scores.aggregate`). An id without a vote gives
     nothing.
+
+    GLDv2's test set is ~98 % non-landmarks, and a few classes attract thousands of them: a
+    class predicted by more than ``max_tests_per_group`` test images is split into sub-keys
+    (:class:`beam_pipelines.grouping.SpreadHotKeys`), each with a copy of the class's
+    references, so several workers verify it; each group streams its test images.
     """
 
-    def __init__(self, verification_params):
+    def __init__(self, verification_params,
+                 max_tests_per_group: int = transforms.HOT_CLASS_TESTS):
         super().__init__()
         self._params = verification_params
+        self._max_tests_per_group = max_tests_per_group
 
     def expand(self, inputs):
         queries = (
             {"votes": inputs["votes"], "features": inputs["features"]}
-            | "JoinVoteFeatures" >> beam.CoGroupByKey()
+            | "JoinVoteFeatures" >> beam.CoGroupByKey()  # one test id per key: small groups
             | "KeyByPredictedClass" >> beam.FlatMap(transforms.join_vote_and_features)
         )
+        spread = (
+            {"large": queries, "small": inputs["references"]}
+            | "SpreadHotClasses" >> grouping.SpreadHotKeys(
+                self._max_tests_per_group, transforms.test_query_id)
+        )
         return (
-            {"tests": queries, "references": inputs["references"]}
-            | "JoinClassReferences" >> beam.CoGroupByKey()
+            {transforms.TAG_TESTS: spread["large"],
+             transforms.TAG_REFERENCES: spread["small"]}
+            | "JoinClassReferences" >> grouping.TaggedJoin()
             | "CountInliers" >> beam.ParDo(transforms.ScoreAgainstReferences(self._params))
         )
 
@@ -311,12 +324,13 @@ class FeaturiseRetrievedReferences(beam.PTransform):
     ``{"features": (reference_id, FeatureRecord), "errors": summary}``: the local features of
     the wanted reference images, extracted in this job (on demand).
 
-    ``ids`` (duplicates allowed) and the reference images keyed by id are joined
-    (``CoGroupByKey``: no side input holds the references); only the wanted ones are decoded
-    (:class:`.knn.DecodeRetrievedImage`, once per distinct id), then
-    :class:`ExtractLocalFeatures` with the extractor spec of the reference cache and role
-    ``reference`` (its failures count as reference extraction failures). The features are
-    written nowhere: the cache is not modified.
+    Ids move, not images: the distinct wanted ids are a side input (tens of MB at GLDv2 size:
+    ~600k ids), by which the reference images are filtered where they are read
+    (:class:`.knn.KeepWantedImages`), so only the wanted few percent are ever shuffled. They are
+    joined with the ids (to count ids found in no image) and decoded once per distinct id
+    (:class:`.knn.DecodeRetrievedImage`), then :class:`ExtractLocalFeatures` with the extractor
+    spec of the reference cache and role ``reference`` (its failures count as reference
+    extraction failures). The features are written nowhere: the cache is not modified.
     """
 
     def __init__(self, extractor_spec: str):
@@ -324,9 +338,17 @@ class FeaturiseRetrievedReferences(beam.PTransform):
         self._spec = extractor_spec
 
     def expand(self, inputs):
+        wanted = (
+            inputs["ids"]
+            | "WantedIds" >> beam.Keys()
+            | "DistinctIds" >> beam.Distinct()
+        )
+        kept = inputs["images"] | "KeepWanted" >> beam.ParDo(
+            knn.KeepWantedImages(), beam.pvalue.AsList(wanted))
         return (
-            {"wanted": inputs["ids"], "images": inputs["images"]}
-            | "JoinIdsImages" >> beam.CoGroupByKey()
+            {"wanted": wanted | "KeyWanted" >> beam.Map(knn.id_with_none),
+             "images": kept}
+            | "JoinIdsImages" >> grouping.TaggedJoin()
             | "DecodeWanted" >> beam.ParDo(knn.DecodeRetrievedImage())
             | "Extract" >> ExtractLocalFeatures(self._spec, "reference")
         )
@@ -338,46 +360,51 @@ class VerifyNeighbours(beam.PTransform):
     ScoredImage (with ``knn`` details), "errors": summary of on-demand extraction failures}``.
 
     Verification by neighbours: each test image is compared with its retrieved landmark
-    references, not with a sample of a predicted class. The (test id, reference id) pairs
-    (:func:`.knn.neighbour_pairs`) are keyed by reference id. With ``reference_images`` (and
-    ``extractor_spec``), the retrieved references whose features are not in the cache (the
-    per-class sample) are featurised on demand (:class:`FeaturiseRetrievedReferences`; their
-    ids are found by a join of ids only). The pairs are joined (``CoGroupByKey``) with the
-    cached reference features re-keyed by id and the on-demand ones, so a worker holds one
-    reference's features at a time (:class:`.knn.CountNeighbourInliers`; the cached record
-    takes precedence); the inlier counts return to their test image by a second join on test
-    id, where :func:`.knn.rerank` (:func:`rescoring.retrieval.rerank_with_inliers`) gives the
-    final class and local columns. Every readable test image (one with a feature record) gets
-    one ``ScoredImage``.
+    references, not with a sample of a predicted class. The test images are put in buckets of
+    about :data:`.knn.TESTS_PER_BUCKET` (:func:`.knn.bucket_test`; the bucket count comes from
+    the number of test images, a global count fed back as a side input); each bucket asks for
+    the references its test images retrieved (``(reference_id, bucket)``, distinct). Each
+    wanted reference's record, the cached one or, with ``reference_images`` (and
+    ``extractor_spec``), one featurised on demand when the cache does not hold it
+    (:class:`FeaturiseRetrievedReferences`), is sent once to every bucket that wants it
+    (:class:`.knn.RouteReferenceToBuckets`). A bucket holds its references and streams its
+    test images (:class:`.knn.VerifyBucket`), which gives each one's final class and local
+    columns (:func:`.knn.rerank_scored`). So a test image's features travel once, a popular
+    reference is verified in many buckets by many workers, and no group is ever a list.
+    Every readable test image (one with a feature record) gets one ``ScoredImage``.
     """
 
     def __init__(self, verification_params, params, recognizer: str,
-                 extractor_spec: str = ""):
+                 extractor_spec: str = "", tests_per_bucket: int = knn.TESTS_PER_BUCKET):
         super().__init__()
         self._verification = verification_params
         self._params = params
         self._recognizer = recognizer
         self._spec = extractor_spec
+        self._tests_per_bucket = tests_per_bucket
 
     def expand(self, inputs):
-        tests = (
+        joined_tests = (
             {"knn": inputs["knn"], "features": inputs["features"]}
-            | "JoinTestFeatures" >> beam.CoGroupByKey()
-            | "MakePairs" >> beam.FlatMap(knn.neighbour_pairs).with_outputs(
-                knn.TAG_PAIRS, main="tests")
+            | "JoinTestFeatures" >> beam.CoGroupByKey()  # one test id per key: small groups
         )
-        pairs = tests[knn.TAG_PAIRS]
+        num_tests = joined_tests | "CountTests" >> beam.combiners.Count.Globally()
+        tests = joined_tests | "BucketTests" >> beam.FlatMap(
+            knn.bucket_test, beam.pvalue.AsSingleton(num_tests), self._tests_per_bucket
+        ).with_outputs(knn.TAG_WANTED, main="tests")
+        wanted = tests[knn.TAG_WANTED] | "DistinctWanted" >> beam.Distinct()
         references = inputs["references"] | "KeyReferencesById" >> beam.Map(
             knn.key_reference_by_id)
-        joined = {"pairs": pairs, "references": references}
+        routed = {"buckets": wanted, "cached": references}
         if "reference_images" in inputs:
             if not self._spec:
                 raise ValueError("VerifyNeighbours: reference_images need an extractor_spec")
             missing = (
-                {"wanted": pairs | "WantedIds" >> beam.Map(knn.reference_id_only),
+                {"wanted": wanted | "WantedIds" >> beam.Map(knn.reference_id_only),
                  "cached": references | "CachedIds" >> beam.Map(knn.reference_id_only)}
-                | "JoinWantedCached" >> beam.CoGroupByKey()
+                | "JoinWantedCached" >> grouping.TaggedJoin()
                 | "UncachedIds" >> beam.FlatMap(knn.uncached_ids)
+                | "KeyUncached" >> beam.Map(knn.id_with_none)
             )
             on_demand = (
                 {"ids": missing,
@@ -385,20 +412,23 @@ class VerifyNeighbours(beam.PTransform):
                      knn.key_image_record)}
                 | "FeaturiseOnDemand" >> FeaturiseRetrievedReferences(self._spec)
             )
-            joined["on_demand"] = on_demand["features"]
+            routed["on_demand"] = on_demand["features"]
             errors = on_demand["errors"]
         else:
             errors = inputs["knn"].pipeline | "NoOnDemandErrors" >> beam.Create(
                 [{"count": 0, "causes": []}])
-        inliers = (
-            joined
-            | "JoinPairsReferences" >> beam.CoGroupByKey()
-            | "CountInliers" >> beam.ParDo(knn.CountNeighbourInliers(self._verification))
+        bucket_references = (
+            routed
+            | "JoinReferencesBuckets" >> grouping.TaggedJoin()
+            | "RouteToBuckets" >> beam.ParDo(knn.RouteReferenceToBuckets())
         )
         scored = (
-            {"tests": tests.tests, "inliers": inliers}
-            | "JoinInliers" >> beam.CoGroupByKey()
-            | "Rerank" >> beam.FlatMap(knn.rerank, self._params, self._recognizer)
+            [tests.tests | "TagTests" >> beam.Map(grouping.tag_values, knn.TAG_TEST),
+             bucket_references]
+            | "TestsAndReferences" >> beam.Flatten()
+            | "GroupByBucket" >> beam.GroupByKey()
+            | "VerifyBucket" >> beam.ParDo(knn.VerifyBucket(
+                self._verification, self._params, self._recognizer))
         )
         return {"scored": scored, "errors": errors}
 

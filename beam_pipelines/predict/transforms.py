@@ -20,6 +20,7 @@ import tensorflow as tf
 from apache_beam.metrics import Metrics
 from PIL import Image, UnidentifiedImageError
 
+from beam_pipelines import grouping
 from beam_pipelines.predict.elements import (
     STATUS_NO_FEATURES,
     STATUS_NO_REFERENCES,
@@ -84,7 +85,8 @@ def error_summary(error: BaseException) -> str:
 
 
 def check_features(output) -> tuple[np.ndarray, np.ndarray]:
-    """An extractor's output as ``(locations [N, 2], descriptors [N, D])`` float32, or
+    """An extractor's output as ``(locations [N, 2] float32, descriptors [N, D] float32 or packed
+    uint8 [N, D / 8])`` (:mod:`rescoring.descriptors`), or
     ``ValueError`` saying why it is not usable (not a pair, wrong shapes, N differs, D = 0,
     values not finite). ``N`` may be 0."""
     if not isinstance(output, (tuple, list)) or len(output) != 2:
@@ -92,7 +94,9 @@ def check_features(output) -> tuple[np.ndarray, np.ndarray]:
             f"extractor returned {type(output).__name__}, not (locations, descriptors)")
     try:
         locations = np.asarray(output[0], np.float32)
-        descriptors = np.asarray(output[1], np.float32)
+        descriptors = np.asarray(output[1])
+        if descriptors.dtype != np.uint8:  # packed binary descriptors stay packed
+            descriptors = descriptors.astype(np.float32)
     except (TypeError, ValueError) as error:
         raise ValueError(f"extractor output is not numeric arrays: {error}") from error
     if locations.ndim != 2 or locations.shape[1] != 2:
@@ -312,12 +316,31 @@ def join_vote_and_features(element):
     yield votes[0].class_index, TestQuery(image_id, votes[0], locations, descriptors)
 
 
-class ScoreAgainstReferences(beam.DoFn):
-    """``(class, {"tests": [TestQuery], "references": [FeatureRecord]})`` -> ``ScoredImage``s.
+TAG_TESTS = "tests"
+TAG_REFERENCES = "references"
 
-    Holds one class's references at a time (the CoGroupByKey's group), never all of them. Each
-    test image is compared with every reference of its predicted class; the counts are
-    aggregated (max, mean, mean of the best half) by :mod:`rescoring.scores`.
+HOT_CLASS_TESTS = 64
+"""At most this many test images per worker group of one predicted class (``Verify``): a class
+that more test images predict is split into ``ceil(n / 64)`` sub-keys, each with a copy of the
+class's references. 64 test images x 32 references is ~2,000 comparisons, a few seconds."""
+
+
+def test_query_id(query: TestQuery) -> str:
+    """The id by which a test image picks its sub-key of a hot class."""
+    return query.image_id
+
+
+class ScoreAgainstReferences(beam.DoFn):
+    """``((class, sub), iterable of (tag, value))`` (:class:`beam_pipelines.grouping.TaggedJoin`
+    of :data:`TAG_TESTS` ``TestQuery`` s and :data:`TAG_REFERENCES` ``FeatureRecord`` s) ->
+    ``ScoredImage`` s.
+
+    Holds one class's references (at most K) and streams the test images of the group: they are
+    never gathered (a class that thousands of test images predict is spread over sub-keys
+    upstream, :class:`beam_pipelines.grouping.SpreadHotKeys`). Each test image is compared with
+    every reference of its predicted class; the counts are aggregated (max, mean, mean of the
+    best half) by :mod:`rescoring.scores`. Distribution ``tests_per_group``: test images per
+    group (its max is bounded by the fan-out).
     """
 
     def __init__(self, verification_params):
@@ -327,17 +350,24 @@ class ScoreAgainstReferences(beam.DoFn):
             for status in (STATUS_SCORED, STATUS_NO_REFERENCES, STATUS_NO_FEATURES)
         }
         self._comparisons = Metrics.counter(NAMESPACE, "comparisons")
+        self._group_sizes = Metrics.distribution(NAMESPACE, "tests_per_group")
 
     def process(self, element):
-        class_index, grouped = element
-        references = unique_references(grouped["references"])
+        key, tagged_values = element
+        class_index = key[0] if isinstance(key, tuple) else key
+        small, tests = grouping.split_tagged(tagged_values, (TAG_REFERENCES,), TAG_TESTS)
+        references = unique_references(small[TAG_REFERENCES])
         _LOG.debug("class %s: %d references", class_index, len(references))
-        for query in grouped["tests"]:
+        count = 0
+        for query in tests:
+            count += 1
             scored = score_query(query, int(class_index), references, self._params)
             if scored.status == STATUS_SCORED:
                 self._comparisons.inc(len(references))
             self._outcomes[scored.status].inc()
             yield scored
+        if count:
+            self._group_sizes.update(count)
 
 
 def score_query(query: TestQuery, class_index: int, references, params,
