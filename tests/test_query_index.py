@@ -63,21 +63,24 @@ def test_streamed_build_sorts_by_id_keeps_each_id_once_and_searches_as_before(tm
     # Streamed: numpy's allocations (traced) stay well below the [N, D] float32 matrix.
     assert peak < vectors.nbytes / 4, (peak, vectors.nbytes)
     assert info["rows"] == 600 and info["dims"] == dims and info["duplicate_ids"] == 2
-    index = embedding_index.EmbeddingIndex(os.path.join(embeddings, "index"), block_rows=50)
+    index = embedding_index.EmbeddingIndex(os.path.join(embeddings, "index"))
     assert [bytes(i).decode() for i in index.ids] == [f"r{i:05d}" for i in range(600)]
-    stored = np.fromfile(os.path.join(embeddings, "index", "vectors.f16"), np.float16)
-    np.testing.assert_array_equal(stored.reshape(600, dims), vectors.astype(np.float16))
+    stored = np.fromfile(os.path.join(embeddings, "index", "vectors.f32"), np.float32)
+    np.testing.assert_array_equal(stored.reshape(600, dims), vectors)
     np.testing.assert_array_equal(index.labels, np.arange(600) % 7 - 1)
-    np.testing.assert_array_equal(index.exact_rows([5, 0, 599]), vectors[[5, 0, 599]])
+    small_blocks = embedding_index.EmbeddingIndex(os.path.join(embeddings, "index"), 50)
     for query in [vectors[7], *retrieval.l2_normalise(rng.standard_normal((5, dims),
                                                                            dtype=np.float32))]:
         for k in (1, 10, 700):
-            sims, ids, labels = index.search(query, k)
             want_sims, want_ids, want_labels = old_search(references, query, k)
+            sims, ids, labels = index.search(query, k)
             assert list(ids) == list(want_ids)
             np.testing.assert_array_equal(labels, want_labels)
-            # Both are float32 products of the same rows; BLAS may sum them in a
-            # shape-dependent order: within the float32 summation bound of a unit dot product.
+            np.testing.assert_array_equal(sims, want_sims)  # the same products, same bits
+            sims, ids, labels = small_blocks.search(query, k)
+            assert list(ids) == list(want_ids)
+            # Other products (50-row blocks): BLAS may sum in a shape-dependent order, within
+            # float32 summation's bound for unit rows, gamma_D = D u / (1 - D u).
             gamma = dims * 2.0 ** -24 / (1 - dims * 2.0 ** -24)
             np.testing.assert_allclose(sims, want_sims, rtol=0, atol=2 * gamma)
 
@@ -116,10 +119,10 @@ def test_stale_or_partial_indexes_are_rebuilt(tmp_path, caplog):
     assert open_and_count_builds()[1] == 0  # fresh: reused
     os.remove(os.path.join(index_dir, "_SUCCESS"))  # a build that stopped before its marker
     assert open_and_count_builds()[1] == 1
-    with open(os.path.join(index_dir, "vectors.f16"), "r+b") as handle:
+    with open(os.path.join(index_dir, "vectors.f32"), "r+b") as handle:
         handle.truncate(100)  # a damaged matrix
     index, builds = open_and_count_builds()
-    assert builds == 1 and os.path.getsize(os.path.join(index_dir, "vectors.f16")) == 50 * 8 * 2
+    assert builds == 1 and os.path.getsize(os.path.join(index_dir, "vectors.f32")) == 50 * 8 * 4
     # New records (the embeddings were recomputed with more references): rebuilt, searched.
     write_records(embeddings, references_of(vectors), files=2)
     index, builds = open_and_count_builds()

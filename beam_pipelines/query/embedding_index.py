@@ -4,34 +4,38 @@ embedding records, searched a block at a time, so the query never holds every em
 
 Layout (``<cache>/embeddings/index/``, beside the records it is made from)::
 
-    vectors.f16    float16 [N, D], row-major, little-endian, no header: the embeddings, rows
+    vectors.f32    float32 [N, D], row-major, little-endian, no header: the embeddings, rows
                    sorted by reference id, each id once (as the prediction job's shards)
-    ids.npy        bytes [N] (UTF-8 ids), labels.npy int64 [N] (class indices, -1 non-landmark)
-    sources.npy    int32 [N], offsets.npy int64 [N]: each row's record (file number in
-                   index.json's source_files, byte offset), to read its exact float32 values
+    ids.npy        bytes [N] (UTF-8 ids); labels.npy int64 [N] (class indices, -1 non-landmark)
     index.json     version, rows, dims, dtype, embedding_sha256, source_files (paths and
-                   sizes of the embedding records), max_row_norm, duplicate_ids
+                   sizes of the embedding records), duplicate_ids
     _SUCCESS       written last
 
 The index is rebuilt when ``_SUCCESS`` or ``index.json`` is missing, when the recorded model
-SHA-256 or the record files (paths, sizes) differ, or when ``vectors.f16`` does not hold
+SHA-256 or the record files (paths, sizes) differ, or when ``vectors.f32`` does not hold
 ``N x D`` values. It is built in ``index.tmp-<pid>/`` and renamed into place, so a crash leaves
 no ``index/`` that looks complete. A cache folder the query cannot write to (or one on an
 object store) gets its index in a local temporary folder for the session, deleted at exit.
 
 Building streams the records: embeddings are written ``chunk_rows`` at a time to an unsorted
-file, then copied in id order; what is held besides one chunk is ``N x (id bytes + 28)``
-bytes (ids, labels, record positions, the sort order): ~190 MB at 4.1M references with 16-byte
-ids; the [N, D] matrix is never in memory.
+file, then copied in id order; what is held besides one chunk is ``N x (id bytes + 16)``
+bytes (ids, labels, the sort order): ~130 MB at 4.1M references with 16-byte ids; the
+[N, D] matrix is never in memory.
 
-Searching (:meth:`EmbeddingIndex.search`) reads ``vectors.f16`` in blocks of ``block_rows``
+Searching (:meth:`EmbeddingIndex.search`) reads ``vectors.f32`` in blocks of ``block_rows``
 rows into one reused buffer (plain reads, not a memory map: the pages the kernel caches are
 its page cache, shared and reclaimable, not this process's memory) and runs
-:func:`rescoring.blocked_search.two_stage_top_k`: the float16 scan finds the candidates, whose
-exact float32 embeddings are then read back from their records (a few dozen reads) and ranked.
-So the similarities and their order are the float32 ones the prediction job computes, not
-float16 approximations. Memory per search: ``block_rows x D x 6`` bytes (the float16 block and
-its float32 copy: 48 MB at 16,384 x 512), independent of N.
+:func:`rescoring.blocked_search.blocked_top_k`. Memory per search: one block,
+``block_rows x D x 4`` bytes (32 MB at 16,384 x 512), independent of N. The blocks start at
+multiples of ``rescoring.retrieval.DEFAULT_BLOCK_ROWS``, so the matrix products, hence the
+similarities, are bit for bit those of ``exact_top_k`` over the whole matrix in memory.
+
+Why float32 on disk and not float16 (half the bytes): numpy converts float16 to float32 at
+4.6-6.5 ns per value on this machine (TensorFlow's cast: 4.1), three to four times the float32
+product itself (1.5 ns per value), so a float16 scan would be about 4x slower per photo; and
+its similarities would differ from the job's by up to ``2**-11`` (measured on Gaussian unit
+512-d rows: 5.6e-5; rows built to add the errors up: 1.8e-4), reordering near ties, so its
+candidates would need re-scoring in float32 anyway (``bench/bench_query_index.py`` measures both).
 """
 
 from __future__ import annotations
@@ -50,25 +54,25 @@ import numpy as np
 from beam_pipelines import io_utils
 from beam_pipelines.predict import reference_cache
 from beam_pipelines.query import records
-from rescoring import blocked_search
+from rescoring import blocked_search, retrieval
 
 _LOG = logging.getLogger(__name__)
 
 INDEX_DIRNAME = "index"
-VECTORS_FILENAME = "vectors.f16"
+VECTORS_FILENAME = "vectors.f32"
 INFO_FILENAME = "index.json"
-ARRAY_FILENAMES = {"ids": "ids.npy", "labels": "labels.npy", "sources": "sources.npy",
-                   "offsets": "offsets.npy"}
+ARRAY_FILENAMES = {"ids": "ids.npy", "labels": "labels.npy"}
 INDEX_VERSION = 1
-STORED_DTYPE = np.dtype("<f2")
+STORED_DTYPE = np.dtype("<f4")
 DEFAULT_CHUNK_ROWS = 8192
-"""Rows per write while building (8192 x 512 float16: 8 MB)."""
-DEFAULT_BLOCK_ROWS = 16384
-"""Rows per read while searching: 16 MB of float16 and 32 MB of float32 at D = 512."""
+"""Rows per write while building (8192 x 512 float32: 16 MB)."""
+DEFAULT_BLOCK_ROWS = 2 * retrieval.DEFAULT_BLOCK_ROWS
+"""Rows per read while searching: 16,384 (32 MB at D = 512); a multiple of exact_top_k's
+block, so the products are those of a search of the whole matrix."""
 
 
 class EmbeddingIndexError(ValueError):
-    """The embedding records cannot be indexed (mixed lengths, values beyond float16)."""
+    """The embedding records cannot be indexed (mixed lengths, non-finite values)."""
 
 
 def wanted_info(embedding_dir: str, embedding_sha256: str) -> dict:
@@ -129,44 +133,33 @@ class _Columns:
 
     ids: list = dataclasses.field(default_factory=list)
     labels: list = dataclasses.field(default_factory=list)
-    sources: list = dataclasses.field(default_factory=list)
-    offsets: list = dataclasses.field(default_factory=list)
 
-    def add(self, ids, labels, sources, offsets) -> None:
+    def add(self, ids, labels) -> None:
         self.ids.append(np.array(ids, dtype=bytes))
         self.labels.append(np.array(labels, np.int64))
-        self.sources.append(np.array(sources, np.int32))
-        self.offsets.append(np.array(offsets, np.int64))
 
     def arrays(self) -> dict:
         return {name: np.concatenate(chunks) if chunks else np.zeros([0], dtype)
                 for name, chunks, dtype in (("ids", self.ids, "S1"),
-                                            ("labels", self.labels, np.int64),
-                                            ("sources", self.sources, np.int32),
-                                            ("offsets", self.offsets, np.int64))}
+                                            ("labels", self.labels, np.int64))}
 
 
 def _write(wanted: dict, directory: str, embedding_sha256: str, chunk_rows: int) -> dict:
-    unsorted_path = os.path.join(directory, "unsorted.f16")
+    unsorted_path = os.path.join(directory, "unsorted.f32")
     columns = _Columns()
-    pending: list = []  # (id, label, source, offset, embedding) of the current chunk
-    dims, rows, max_norm = None, 0, 0.0
+    pending: list = []  # (id, label, embedding) of the current chunk
+    dims, rows = None, 0
     with open(unsorted_path, "wb") as unsorted:
         def flush():
-            nonlocal max_norm
-            matrix = np.stack([item[4] for item in pending])
-            max_norm = max(max_norm, float(np.linalg.norm(matrix, axis=1).max()))
-            stored = matrix.astype(STORED_DTYPE)
+            stored = np.stack([item[2] for item in pending]).astype(STORED_DTYPE)
             if not np.all(np.isfinite(stored)):
-                raise EmbeddingIndexError("reference embeddings hold values beyond float16's range "
-                                  "(65504); they are meant to be unit vectors")
+                raise EmbeddingIndexError("reference embeddings hold NaN or infinity")
             unsorted.write(stored.tobytes())
-            columns.add(*zip(*[(item[0].encode("utf-8"), item[1], item[2], item[3])
-                               for item in pending]))
+            columns.add(*zip(*[(item[0].encode("utf-8"), item[1]) for item in pending]))
             pending.clear()
 
-        for source, (path, _) in enumerate(wanted["source_files"]):
-            for offset, payload in records.iter_records(path):
+        for path, _ in wanted["source_files"]:
+            for _, payload in records.iter_records(path):
                 reference = reference_cache.parse_embedding(payload, embedding_sha256)
                 values = np.asarray(reference.embedding, np.float32).reshape(-1)
                 if dims is None:
@@ -174,7 +167,7 @@ def _write(wanted: dict, directory: str, embedding_sha256: str, chunk_rows: int)
                 if values.size != dims:
                     raise EmbeddingIndexError(f"reference embedding {reference.image_id!r} has "
                                       f"{values.size} values, the others {dims}")
-                pending.append((reference.image_id, reference.label, source, offset, values))
+                pending.append((reference.image_id, reference.label, values))
                 rows += 1
                 if len(pending) == chunk_rows:
                     flush()
@@ -198,7 +191,7 @@ def _write(wanted: dict, directory: str, embedding_sha256: str, chunk_rows: int)
     for name, filename in ARRAY_FILENAMES.items():
         np.save(os.path.join(directory, filename), arrays[name][order], allow_pickle=False)
     info = dict(wanted, rows=int(len(order)), dims=int(dims or 0),
-                max_row_norm=max_norm, duplicate_ids=int(rows - len(order)))
+                duplicate_ids=int(rows - len(order)))
     with open(os.path.join(directory, INFO_FILENAME), "w") as handle:
         json.dump(info, handle)
     io_utils.write_success_marker(directory)
@@ -206,11 +199,8 @@ def _write(wanted: dict, directory: str, embedding_sha256: str, chunk_rows: int)
 
 
 class EmbeddingIndex:
-    """An index folder opened for search (see the module docstring).
-
-    ``ids`` (bytes), ``labels``, ``sources`` and ``offsets`` are memory-mapped ``[N]`` arrays:
-    a search reads k of them.
-    """
+    """An index folder opened for search (see the module docstring); ``ids`` (bytes) and
+    ``labels`` are memory-mapped ``[N]`` arrays, of which a search reads k entries."""
 
     def __init__(self, directory: str, block_rows: int = DEFAULT_BLOCK_ROWS):
         self.directory = directory
@@ -218,16 +208,14 @@ class EmbeddingIndex:
             self.info = json.load(handle)
         self.rows, self.dims = int(self.info["rows"]), int(self.info["dims"])
         self.block_rows = int(block_rows)
-        arrays = {name: np.load(os.path.join(directory, filename), mmap_mode="r",
-                                allow_pickle=False)
-                  for name, filename in ARRAY_FILENAMES.items()}
-        self.ids, self.labels = arrays["ids"], arrays["labels"]
-        self.sources, self.offsets = arrays["sources"], arrays["offsets"]
+        self.ids, self.labels = (np.load(os.path.join(directory, ARRAY_FILENAMES[name]),
+                                         mmap_mode="r", allow_pickle=False)
+                                 for name in ("ids", "labels"))
 
     @property
     def search_bytes(self) -> int:
-        """Memory of one search's block: the float16 buffer and its float32 copy."""
-        return min(self.block_rows, self.rows) * self.dims * (STORED_DTYPE.itemsize + 4)
+        """Memory of one search's block buffer."""
+        return min(self.block_rows, self.rows) * self.dims * STORED_DTYPE.itemsize
 
     @property
     def disk_bytes(self) -> int:
@@ -235,7 +223,7 @@ class EmbeddingIndex:
                    for name in [VECTORS_FILENAME, *ARRAY_FILENAMES.values()])
 
     def blocks(self):
-        """``(start, float16 [b, D])`` of the stored rows, in order; the array is one buffer,
+        """``(start, float32 [b, D])`` of the stored rows, in order; the array is one buffer,
         overwritten by the next block."""
         buffer = np.empty([min(self.block_rows, self.rows), self.dims], STORED_DTYPE)
         with open(os.path.join(self.directory, VECTORS_FILENAME), "rb") as handle:
@@ -246,25 +234,9 @@ class EmbeddingIndex:
                         f"{self.directory}/{VECTORS_FILENAME} ends before row {start + len(block)}")
                 yield start, block
 
-    def exact_rows(self, positions) -> np.ndarray:
-        """float32 ``[m, D]``: the embeddings of rows ``positions`` as their records hold them."""
-        sha256 = self.info["embedding_sha256"]
-        rows = np.zeros([len(positions), self.dims], np.float32)
-        for row, position in enumerate(np.asarray(positions, np.int64)):
-            path = self.info["source_files"][int(self.sources[position])][0]
-            reference = reference_cache.parse_embedding(
-                records.read_record_at(path, int(self.offsets[position])), sha256)
-            if reference.image_id.encode("utf-8") != bytes(self.ids[position]):
-                raise records.RecordFileError(
-                    f"{path} at byte {int(self.offsets[position])} holds "
-                    f"{reference.image_id!r}, the index expected {self.ids[position]!r}: the "
-                    f"records changed since {self.directory} was built; delete it")
-            rows[row] = reference.embedding
-        return rows
-
     def search(self, query, k: int) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-        """The k most similar references of one unit query ``[D]``, as the job's exact search
-        ranks them (float32 similarity descending, then id ascending).
+        """The k most similar references of one query ``[D]``, ranked as the job's exact
+        search: similarity descending, then id ascending.
 
         Returns:
           ``(similarities float32 [k'], ids str [k'], labels int64 [k'])``, ``k' = min(k, N)``.
@@ -272,10 +244,7 @@ class EmbeddingIndex:
         query = np.asarray(query, np.float32).reshape(-1)
         if query.size != self.dims:
             raise ValueError(f"the query has {query.size} values, the index {self.dims}")
-        bound = blocked_search.float16_error_bound(query, self.dims, self.info["max_row_norm"])
-        similarities, positions = blocked_search.two_stage_top_k(
-            query, lambda width: blocked_search.blocked_top_k(query, self.blocks(), width),
-            self.exact_rows, k, self.rows, bound)
+        similarities, positions = blocked_search.blocked_top_k(query, self.blocks(), k)
         ids = np.array([bytes(self.ids[p]).decode("utf-8") for p in positions], dtype=str)
         return similarities, ids, np.asarray(self.labels[positions], np.int64)
 
@@ -311,7 +280,7 @@ def open_index(embedding_dir: str, embedding_sha256: str,
 
 
 def _log_built(info: dict, index_dir: str) -> None:
-    _LOG.info("query: reference index %s: %d rows x %d float16 (%.1f MB), %d duplicate ids "
+    _LOG.info("query: reference index %s: %d rows x %d float32 (%.1f MB), %d duplicate ids "
               "kept once", index_dir, info["rows"], info["dims"],
               info["rows"] * info["dims"] * STORED_DTYPE.itemsize / 1e6, info["duplicate_ids"])
 
