@@ -14,8 +14,8 @@ written as the reference cache's embedding TFRecords (``reference_cache.serializ
 Reported per mode: RSS after the imports (TensorFlow loaded: the baseline), peak RSS, peak
 minus baseline (what the index costs), wall seconds, and for the searches the CPU time per
 query (user + system: reading the mapped pages is kernel work; CPU time, as the machine is
-shared) and whether the answers (ids, similarities) equal the in-memory ones. The process is pinned to
-one core with one BLAS thread.
+shared) and whether the answers (ids, similarities) equal the in-memory ones. Each mode's
+process is pinned to one core with one BLAS thread.
 
 Then the float16 alternative (half the disk), on one 16,384-row block of the same rows: the
 time per value of converting float16 to float32 (numpy, TensorFlow) against the float32

@@ -18,9 +18,10 @@ no ``index/`` that looks complete. A cache folder the query cannot write to (or 
 object store) gets its index in a local temporary folder for the session, deleted at exit.
 
 Building streams the records: embeddings are written ``chunk_rows`` at a time to an unsorted
-file, then copied in id order; what is held besides one chunk is ``N x (id bytes + 16)``
-bytes (ids, labels, the sort order): ~130 MB at 4.1M references with 16-byte ids; the
-[N, D] matrix is never in memory.
+file, then copied in id order; what is held besides two chunks (32 MB at 8192 x 512) is per
+row: the id (twice while sorting), the label and the sort order, about 60 bytes with 16-byte
+ids, ~250 MB at 4.1M references; the [N, D] matrix is never in memory (200k x 512: 38 MB above
+the process's baseline, ``bench/bench_query_index.py``).
 
 Searching (:meth:`EmbeddingIndex.search`) memory-maps ``vectors.f32`` and runs
 :func:`rescoring.blocked_search.blocked_top_k` over blocks of ``block_rows`` rows, releasing
@@ -28,9 +29,10 @@ each block's pages from the process (``MADV_DONTNEED``) before the next: they st
 kernel's page cache (shared, reclaimable; the next photo's search reads them from there when
 they fit), but the process holds one block, ``block_rows x D x 4`` bytes (32 MB at
 16,384 x 512), independent of N. (Reading each block into a buffer instead costs a copy:
-2.3x the in-memory search's CPU time at 200k rows, against 1.15x for the mapped blocks.) The blocks start at
-multiples of ``rescoring.retrieval.DEFAULT_BLOCK_ROWS``, so the matrix products, hence the
-similarities, are bit for bit those of ``exact_top_k`` over the whole matrix in memory.
+2.3x the in-memory search's CPU time at 200k rows, against 1.15x for the mapped blocks.) The
+blocks start at multiples of ``rescoring.retrieval.DEFAULT_BLOCK_ROWS``, so the matrix
+products, hence the similarities, are bit for bit those of ``exact_top_k`` over the whole
+matrix in memory.
 
 Why float32 on disk and not float16 (half the bytes): numpy converts float16 to float32 at
 4.6-6.5 ns per value on this machine (TensorFlow's cast: 4.1), three to four times the float32
@@ -168,8 +170,9 @@ def _write(wanted: dict, directory: str, embedding_sha256: str, chunk_rows: int)
                 if dims is None:
                     dims = values.size
                 if values.size != dims:
-                    raise EmbeddingIndexError(f"reference embedding {reference.image_id!r} has "
-                                      f"{values.size} values, the others {dims}")
+                    raise EmbeddingIndexError(
+                        f"reference embedding {reference.image_id!r} has {values.size} "
+                        f"values, the others {dims}")
                 pending.append((reference.image_id, reference.label, values))
                 rows += 1
                 if len(pending) == chunk_rows:
@@ -211,10 +214,10 @@ def _copy_rows(source_path: str, target_path: str, order: np.ndarray, row_bytes:
             for start in range(0, len(order), chunk_rows):
                 chunk = order[start: start + chunk_rows]
                 for slot, row in enumerate(chunk.tolist()):
-                    got = os.preadv(source, [view[slot * row_bytes: (slot + 1) * row_bytes]],
-                                    row * row_bytes)
-                    if got != row_bytes:
+                    data = os.pread(source, row_bytes, row * row_bytes)
+                    if len(data) != row_bytes:
                         raise OSError(f"{source_path} ends before row {row}")
+                    view[slot * row_bytes: (slot + 1) * row_bytes] = data
                 target.write(view[: len(chunk) * row_bytes])
     finally:
         os.close(source)
