@@ -11,7 +11,8 @@ Every number comes from the functions the Beam job's steps call, in the same ord
   ``rescoring.voting``; local features: the extractor -> ``check_features``; verification
   against the class's cached references: ``transforms.score_query`` (what ``Verify`` runs);
 * kNN recognizers: the same views through ``embedding.keras`` ->
-  ``combine_view_embeddings`` -> ``exact_top_k`` over every reference embedding ->
+  ``combine_view_embeddings`` -> the exact top-k over every reference embedding (read from
+  disk a block at a time, :mod:`.embedding_index`) ->
   ``knn.score_neighbours`` -> inliers per landmark neighbour (cached features, else extracted
   from the reference's record) -> ``knn.rerank``;
 * final score: ``transforms.blend_row``, normalised by a given ``local_max_top`` (the job's,
@@ -49,12 +50,11 @@ from beam_pipelines.predict import model_handler, reference_cache, transforms
 from beam_pipelines.predict.elements import (
     DecodedImage,
     FinalRow,
-    IndexShard,
     ScoredImage,
     TestQuery,
     Vote,
 )
-from beam_pipelines.query import records
+from beam_pipelines.query import embedding_index, records
 from rescoring import crops, retrieval, scores, verification, voting
 from tfrecords_schema import InputError, SchemaError, image_record
 from tfrecords_schema.local_features import FeatureRecord, parse_features
@@ -208,7 +208,7 @@ class QuerySession:
         self._class_references: dict = {}
         self._on_demand: dict = {}  # reference id -> features extracted by this session
         self.embedding_model = None
-        self.index: Optional[IndexShard] = None
+        self.index: Optional[embedding_index.EmbeddingIndex] = None
         self.knn_params = None
         if self.config.uses_knn:
             self._load_knn(beam_args)
@@ -253,12 +253,8 @@ class QuerySession:
         problem = predict.embedding_problem(embeddings, self.config)
         if problem is not None:
             raise QueryInputError(problem)
-        rows = {}
-        for path in io_utils.match(reference_cache.embeddings_pattern(embeddings["dir"])):
-            for _, payload in records.iter_records(path):
-                reference = reference_cache.parse_embedding(payload, sha256)
-                rows.setdefault(reference.image_id, reference)  # an id once, as MakeShards
-        self.index = knn_lib.make_shard(list(rows.values()))
+        # On disk, searched a block at a time (embedding_index: memory independent of N).
+        self.index = _load(lambda: embedding_index.open_index(embeddings["dir"], sha256))
         self.embedding_model = model_handler.load_keras_model(self.config.embedding)
         self.knn_params = knn_lib.aggregation_params(self.config.recognizer, self.config.knn_k)
 
@@ -414,13 +410,9 @@ class QuerySession:
         params = self.knn_params
         embedding = retrieval.combine_view_embeddings(
             self._forward(self.embedding_model, decoded.image))
-        similarities, positions = retrieval.exact_top_k(
-            embedding[None], self.index.vectors, self.config.knn_k)
         merge = knn_lib.MergeNeighboursFn(self.config.knn_k)
-        found = positions[0] >= 0
-        neighbours = merge.extract_output(merge.add_input(merge.create_accumulator(), (
-            np.asarray(similarities[0][found], np.float32), self.index.ids[positions[0][found]],
-            self.index.labels[positions[0][found]])))
+        neighbours = merge.extract_output(merge.add_input(
+            merge.create_accumulator(), self.index.search(embedding, self.config.knn_k)))
         vote = None
         with_classifier = self.config.recognizer == "knn+classifier"
         if with_classifier:
