@@ -117,12 +117,12 @@ def _job(stats_path: str, module: str, argv: Sequence[str]) -> list[str]:
 
 @dataclasses.dataclass
 class StageSpec:
-    """A stage to run: its name, images handled, command, output folder, and what it needs."""
+    """A stage to run: its name, images handled, command, output folder(s), what it needs."""
 
     name: str
     images: int
     command: list[str]
-    output: str
+    output: str | tuple[str, ...]
     needs: tuple[str, ...] = ()
     beam: bool = False
     stats_path: Optional[str] = None
@@ -187,7 +187,8 @@ def rung_stages(config: ScaleConfig, n: int, root: str, hot: bool, suffix: str =
                 "--reference_features", os.path.join(root, f"reference_features_{slug}"),
                 "--recognizer", recognizer, "--crops", "1", "--local_features", "default",
                 *beam_flags(config)]),
-            predicted, ("train", ingest_test_name), beam=True, stats_path=stats))
+            (predicted, os.path.join(root, f"reference_features_{slug}")),
+            ("train", ingest_test_name), beam=True, stats_path=stats))
         if not suffix:
             evaluated = os.path.join(root, f"evaluate_{slug}")
             stats = os.path.join(logs, f"evaluate_{slug}.bytes.json")
@@ -217,7 +218,8 @@ def run_stage(spec: StageSpec, n: int, logs: str, env: dict, config: ScaleConfig
         "seconds": round(measured.seconds, 3),
         "seconds_per_image": measured.seconds / spec.images,
         "peak_rss_bytes": measured.peak_rss_bytes,
-        "output_bytes": scale_measure.folder_bytes(spec.output),
+        "output_bytes": sum(scale_measure.folder_bytes(folder) for folder in (
+            (spec.output,) if isinstance(spec.output, str) else spec.output)),
         "shuffle_bytes": None, "side_input_bytes": None,
         "returncode": measured.returncode, "stopped": measured.stopped,
         "status": "ok" if measured.returncode == 0 and not measured.stopped else "failed",
@@ -392,8 +394,8 @@ def table_md(rows: list[dict], summary: dict) -> str:
         lines.append(
             f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
             f"| {row['seconds']:.1f} | {1000 * row['seconds_per_image']:.1f} "
-            f"| {row['peak_rss_bytes'] / MB:,.0f} | {_mb(row['output_bytes'])} "
-            f"| {_mb(row['shuffle_bytes'])} | {_mb(row['side_input_bytes'])} |")
+            f"| {row['peak_rss_bytes'] / MB:,.0f} | {_mb(row.get('output_bytes'))} "
+            f"| {_mb(row.get('shuffle_bytes'))} | {_mb(row.get('side_input_bytes'))} |")
     lines += ["", "## Growth exponents (slope of log y on log N)", "",
               "| stage | time | peak memory | rungs |", "|---|---:|---:|---|"]
     for stage, fit in summary["exponents"].items():
@@ -440,6 +442,13 @@ def plot(rows: list[dict], path: str) -> bool:
         time_axis.plot(ns, [r["seconds"] for r in ok], style, marker="o", label=stage)
         memory_axis.plot(ns, [r["peak_rss_bytes"] / MB for r in ok], style, marker="o",
                          label=stage)
+    ns = sorted({r["n"] for r in rows if r.get("status") == "ok"})
+    if len(ns) > 1:  # a guide of slope 1 (cost proportional to N) through the median first point
+        for axis in (time_axis, memory_axis):
+            lowest = sorted(line.get_ydata()[0] for line in axis.get_lines())
+            anchor = lowest[len(lowest) // 2]
+            axis.plot(ns, [anchor * n / ns[0] for n in ns], ":", color="grey",
+                      label="proportional to N")
     for axis, label in ((time_axis, "wall time, s"), (memory_axis, "peak RSS of the tree, MB")):
         axis.set_xscale("log")
         axis.set_yscale("log")
