@@ -217,6 +217,8 @@ def run_stage(spec: StageSpec, n: int, logs: str, env: dict, config: ScaleConfig
         "n": n, "stage": spec.name, "images": spec.images,
         "seconds": round(measured.seconds, 3),
         "seconds_per_image": measured.seconds / spec.images,
+        "cpu_seconds": round(measured.cpu_seconds, 3),
+        "load_average": round(measured.load_average, 2),
         "peak_rss_bytes": measured.peak_rss_bytes,
         "output_bytes": sum(scale_measure.folder_bytes(folder) for folder in (
             (spec.output,) if isinstance(spec.output, str) else spec.output)),
@@ -291,6 +293,8 @@ def exponents(rows: list[dict]) -> dict:
         ok = _ok(rows, stage)
         result[stage] = {
             "time": scale_measure.fit_exponent([r["n"] for r in ok], [r["seconds"] for r in ok]),
+            "cpu": scale_measure.fit_exponent([r["n"] for r in ok],
+                                              [r.get("cpu_seconds") for r in ok]),
             "memory": scale_measure.fit_exponent([r["n"] for r in ok],
                                                  [r["peak_rss_bytes"] for r in ok]),
             "rungs": [r["n"] for r in ok],
@@ -325,8 +329,11 @@ def time_per_image_ratios(rows: list[dict], reference: int = REFERENCE_RUNG) -> 
         top = ok[-1]
         below = [r for r in ok if r["n"] == reference and r is not top] or [ok[-2]]
         base = below[0]
+        cpu = (top["cpu_seconds"] / top["images"]) / (base["cpu_seconds"] / base["images"]) if (
+            top.get("cpu_seconds") and base.get("cpu_seconds")) else None
         result[stage] = {"rungs": [base["n"], top["n"]],
-                         "ratio": top["seconds_per_image"] / base["seconds_per_image"]}
+                         "ratio": top["seconds_per_image"] / base["seconds_per_image"],
+                         "cpu_ratio": cpu}
     return result
 
 
@@ -352,8 +359,8 @@ def hot_comparison(rows: list[dict]) -> list[dict]:
 # ---------------------------------------------------------------------------------------------
 # Writing the table, the plot and the json.
 
-CSV_FIELDS = ("n", "stage", "status", "images", "seconds", "seconds_per_image",
-              "peak_rss_bytes", "output_bytes", "shuffle_bytes", "side_input_bytes")
+CSV_FIELDS = ("n", "stage", "status", "images", "seconds", "seconds_per_image", "cpu_seconds",
+              "load_average", "peak_rss_bytes", "output_bytes", "shuffle_bytes", "side_input_bytes")
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -382,24 +389,29 @@ def table_md(rows: list[dict], summary: dict) -> str:
         f"{summary['config']['image_size']} px. Commit {summary['commit']}.", "",
         "Shuffle / side input: bytes through the local runner's GroupByKey / side-input "
         "buffers; n/a = no Beam pipeline in the stage.", "",
-        "| N | stage | status | images | wall s | ms / image | peak RSS MB | written MB "
-        "| shuffle MB | side input MB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|",
+        "CPU s: user + system seconds of the whole process tree (robust to a shared machine, "
+        "unlike wall time); load: the machine's 1-minute load average when the stage ended.", "",
+        "| N | stage | status | images | wall s | ms / image | CPU s | load | peak RSS MB "
+        "| written MB | shuffle MB | side input MB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row.get("status") != "ok" and "seconds" not in row:
             lines.append(f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
-                         "| | | | | | |")
+                         "| | | | | | | | |")
             continue
         lines.append(
             f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
             f"| {row['seconds']:.1f} | {1000 * row['seconds_per_image']:.1f} "
+            f"| {_num(row.get('cpu_seconds'), '{:.1f}')} "
+            f"| {_num(row.get('load_average'), '{:.1f}')} "
             f"| {row['peak_rss_bytes'] / MB:,.0f} | {_mb(row.get('output_bytes'))} "
             f"| {_mb(row.get('shuffle_bytes'))} | {_mb(row.get('side_input_bytes'))} |")
     lines += ["", "## Growth exponents (slope of log y on log N)", "",
-              "| stage | time | peak memory | rungs |", "|---|---:|---:|---|"]
+              "| stage | wall time | CPU time | peak memory | rungs |", "|---|---:|---:|---:|---|"]
     for stage, fit in summary["exponents"].items():
-        lines.append(f"| {stage} | {_num(fit['time'])} | {_num(fit['memory'])} "
+        lines.append(f"| {stage} | {_num(fit['time'])} | {_num(fit.get('cpu'))} "
+                     f"| {_num(fit['memory'])} "
                      f"| {', '.join(str(n) for n in fit['rungs'])} |")
     lines += ["", "## Predict: peak memory growth per test image (two largest rungs)", "",
               "| stage | rungs | test images | MB per test image |", "|---|---|---|---:|"]
@@ -408,10 +420,10 @@ def table_md(rows: list[dict], summary: dict) -> str:
                      f"| {growth['test_images'][0]} -> {growth['test_images'][1]} "
                      f"| {_num(growth['mb_per_test_image'])} |")
     lines += ["", "## Time per image, top rung over the reference rung", "",
-              "| stage | rungs | ratio |", "|---|---|---:|"]
+              "| stage | rungs | wall time ratio | CPU time ratio |", "|---|---|---:|---:|"]
     for stage, ratio in summary["time_per_image_ratios"].items():
         lines.append(f"| {stage} | {ratio['rungs'][1]} / {ratio['rungs'][0]} "
-                     f"| {ratio['ratio']:.2f} |")
+                     f"| {ratio['ratio']:.2f} | {_num(ratio.get('cpu_ratio'))} |")
     if summary["hot_comparison"]:
         lines += ["", "## Hot class: predict with and without it, same rung", "",
                   "| N | stage | peak MB with | peak MB without | difference MB | s with "

@@ -84,7 +84,8 @@ def scene(seed: int, number: int) -> np.ndarray:
         if kind == 0:
             cv2.circle(image, (x, y), size, colour, -1)
         elif kind == 1:
-            cv2.rectangle(image, (x, y), (x + size, y + int(rng.integers(4, 2 * size))), colour, -1)
+            corner = (x + size, y + int(rng.integers(4, 2 * size)))
+            cv2.rectangle(image, (x, y), corner, colour, -1)
         elif kind == 2:
             points = rng.integers(-size, size, (3, 2)) + np.array([x, y])
             cv2.fillPoly(image, [points.astype(np.int32)], colour)

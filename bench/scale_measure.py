@@ -11,6 +11,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import resource
 import subprocess
 import time
 from typing import Optional, Sequence
@@ -20,13 +21,23 @@ import psutil
 
 @dataclasses.dataclass
 class Measured:
-    """One command as it ran: wall seconds, peak RSS of the tree in bytes, exit code, and why
-    it was stopped (``None``: it ended by itself)."""
+    """One command as it ran: wall seconds, CPU seconds (user + system) of the tree, peak RSS
+    of the tree in bytes, exit code, why it was stopped (``None``: it ended by itself), and the
+    machine's 1-minute load average at the end (the machine may be shared)."""
 
     seconds: float
+    cpu_seconds: float
     peak_rss_bytes: int
     returncode: int
     stopped: Optional[str] = None
+    load_average: float = 0.0
+
+
+def _children_cpu_seconds() -> float:
+    """User + system CPU seconds of this process's reaped descendants (each level of the tree
+    waits for its own children, so a finished job's workers are included)."""
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
 
 
 def tree_rss(process: psutil.Process) -> int:
@@ -67,6 +78,7 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
     below ``min_available_bytes`` (a guard for a shared machine) or after ``timeout_seconds``.
     """
     with open(log_path, "wb") as log:
+        cpu_before = _children_cpu_seconds()
         start = time.perf_counter()
         process = psutil.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)
         peak, stopped = 0, None
@@ -83,7 +95,8 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
             time.sleep(interval)
         returncode = process.wait()
         seconds = time.perf_counter() - start
-    return Measured(seconds, peak, returncode, stopped)
+    return Measured(seconds, _children_cpu_seconds() - cpu_before, peak, returncode, stopped,
+                    os.getloadavg()[0])
 
 
 def folder_bytes(path: str) -> int:

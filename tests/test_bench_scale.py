@@ -47,7 +47,8 @@ def test_fit_exponent_is_the_least_squares_slope_of_the_logs():
 
 def _row(n, stage, seconds, rss_mb, images):
     return {"n": n, "stage": stage, "status": "ok", "images": images, "seconds": seconds,
-            "seconds_per_image": seconds / images, "peak_rss_bytes": int(rss_mb * MB)}
+            "seconds_per_image": seconds / images, "cpu_seconds": 1.5 * seconds,
+            "peak_rss_bytes": int(rss_mb * MB)}
 
 
 def test_growth_figures_from_rows():
@@ -69,7 +70,9 @@ def test_growth_figures_from_rows():
     assert growth["mb_per_test_image"] == pytest.approx(3.0, rel=1e-6)
     ratios = bench_scale.time_per_image_ratios(rows)
     # n^2 total time over n/8 images: time per image grows as n, 16000 / 4000 = 4
-    assert ratios["predict classifier"] == {"rungs": [4000, 16000], "ratio": pytest.approx(4.0)}
+    assert ratios["predict classifier"] == {"rungs": [4000, 16000], "ratio": pytest.approx(4.0),
+                                            "cpu_ratio": pytest.approx(4.0)}
+    assert fits["predict classifier"]["cpu"] == pytest.approx(2.0)
     (hot,) = bench_scale.hot_comparison(rows)
     assert hot["stage"] == "predict classifier" and hot["difference_mb"] == pytest.approx(150)
     text = bench_scale.table_md(rows, {
