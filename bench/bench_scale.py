@@ -220,6 +220,7 @@ def run_stage(spec: StageSpec, n: int, logs: str, env: dict, config: ScaleConfig
         "cpu_seconds": round(measured.cpu_seconds, 3),
         "load_average": round(measured.load_average, 2),
         "peak_rss_bytes": measured.peak_rss_bytes,
+        "peak_process_rss_bytes": measured.peak_process_rss_bytes,
         "output_bytes": sum(scale_measure.folder_bytes(folder) for folder in (
             (spec.output,) if isinstance(spec.output, str) else spec.output)),
         "shuffle_bytes": None, "side_input_bytes": None,
@@ -360,7 +361,7 @@ def hot_comparison(rows: list[dict]) -> list[dict]:
 # Writing the table, the plot and the json.
 
 CSV_FIELDS = ("n", "stage", "status", "images", "seconds", "seconds_per_image", "cpu_seconds",
-              "load_average", "peak_rss_bytes", "output_bytes", "shuffle_bytes", "side_input_bytes")
+              "load_average", "peak_rss_bytes", "peak_process_rss_bytes", "output_bytes", "shuffle_bytes", "side_input_bytes")
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -391,21 +392,24 @@ def table_md(rows: list[dict], summary: dict) -> str:
         "buffers; n/a = no Beam pipeline in the stage.", "",
         "CPU s: user + system seconds of the whole process tree (robust to a shared machine, "
         "unlike wall time); load: the machine's 1-minute load average when the stage ended.", "",
+        "Peak RSS: of the whole process tree (job + Beam workers); largest: the largest single "
+        "process of the tree at its own peak.", "",
         "| N | stage | status | images | wall s | ms / image | CPU s | load | peak RSS MB "
-        "| written MB | shuffle MB | side input MB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| largest MB | written MB | shuffle MB | side input MB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row.get("status") != "ok" and "seconds" not in row:
             lines.append(f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
-                         "| | | | | | | | |")
+                         "| | | | | | | | | |")
             continue
         lines.append(
             f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
             f"| {row['seconds']:.1f} | {1000 * row['seconds_per_image']:.1f} "
             f"| {_num(row.get('cpu_seconds'), '{:.1f}')} "
             f"| {_num(row.get('load_average'), '{:.1f}')} "
-            f"| {row['peak_rss_bytes'] / MB:,.0f} | {_mb(row.get('output_bytes'))} "
+            f"| {row['peak_rss_bytes'] / MB:,.0f} "
+            f"| {_mb(row.get('peak_process_rss_bytes'), '')} | {_mb(row.get('output_bytes'))} "
             f"| {_mb(row.get('shuffle_bytes'))} | {_mb(row.get('side_input_bytes'))} |")
     lines += ["", "## Growth exponents (slope of log y on log N)", "",
               "| stage | wall time | CPU time | peak memory | rungs |", "|---|---:|---:|---:|---|"]

@@ -31,6 +31,7 @@ class Measured:
     returncode: int
     stopped: Optional[str] = None
     load_average: float = 0.0
+    peak_process_rss_bytes: int = 0  # the largest single process of the tree, at its peak
 
 
 def _children_cpu_seconds() -> float:
@@ -40,20 +41,20 @@ def _children_cpu_seconds() -> float:
     return usage.ru_utime + usage.ru_stime
 
 
-def tree_rss(process: psutil.Process) -> int:
-    """Resident bytes of ``process`` and all its descendants (processes that vanish while
-    being read count 0). Shared pages are counted once per process that maps them."""
-    total = 0
+def tree_rss(process: psutil.Process) -> tuple[int, int]:
+    """(sum, largest) resident bytes over ``process`` and all its descendants (processes that
+    vanish while being read count 0). Shared pages count once per process that maps them."""
+    sizes = []
     try:
         members = [process, *process.children(recursive=True)]
     except psutil.NoSuchProcess:
-        return 0
+        return 0, 0
     for member in members:
         try:
-            total += member.memory_info().rss
+            sizes.append(member.memory_info().rss)
         except (psutil.NoSuchProcess, psutil.AccessDenied, psutil.ZombieProcess):
             continue
-    return total
+    return sum(sizes), max(sizes, default=0)
 
 
 def _stop_tree(process: psutil.Process) -> None:
@@ -81,9 +82,11 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
         cpu_before = _children_cpu_seconds()
         start = time.perf_counter()
         process = psutil.Popen(list(command), stdout=log, stderr=subprocess.STDOUT, env=env)
-        peak, stopped = 0, None
+        peak = peak_process = 0
+        stopped = None
         while process.poll() is None:
-            peak = max(peak, tree_rss(process))
+            total, largest = tree_rss(process)
+            peak, peak_process = max(peak, total), max(peak_process, largest)
             if min_available_bytes and psutil.virtual_memory().available < min_available_bytes:
                 stopped = (f"killed: available memory below {min_available_bytes / 2**30:.1f} GB "
                            f"(tree at {peak / 2**30:.2f} GB)")
@@ -96,7 +99,7 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
         returncode = process.wait()
         seconds = time.perf_counter() - start
     return Measured(seconds, _children_cpu_seconds() - cpu_before, peak, returncode, stopped,
-                    os.getloadavg()[0])
+                    os.getloadavg()[0], peak_process)
 
 
 def folder_bytes(path: str) -> int:
