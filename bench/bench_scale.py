@@ -33,7 +33,8 @@ images for the others), peak resident memory of the whole process tree sampled e
 written (the stage's output folder), and the bytes that went through the local runner's
 GroupByKey buffers ("shuffle") and side-input buffers (``bench/scale_job.py``); stages without
 a Beam pipeline say "n/a". A job is killed when the machine's available memory drops below
-``--min_available_gb`` (recorded in the table; larger rungs are then skipped).
+``--min_available_gb`` while it holds a quarter of the memory in use (recorded in the table;
+larger rungs are then skipped).
 
 Outputs in ``--output_dir``: ``table.md``, ``table.csv`` (one row per rung and stage),
 ``scale.png`` (log-log time and memory against N per stage), ``scale.json`` (everything,
@@ -88,7 +89,7 @@ class ScaleConfig:
     image_size: int = 71
     workers: int = 2
     running_mode: str = "multi_processing"
-    min_available_gb: float = 2.0
+    min_available_gb: float = 1.5
     overwrite: bool = True
 
     def __post_init__(self):
@@ -471,7 +472,8 @@ def plot(rows: list[dict], path: str) -> bool:
         axis.set_xlabel("N, training images (classes N/8, test images N/8)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    memory_axis.legend(fontsize=7, loc="best")
+    if memory_axis.get_lines():
+        memory_axis.legend(fontsize=7, loc="best")
     figure.tight_layout()
     figure.savefig(path, dpi=110)
     plt.close(figure)
@@ -546,7 +548,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> ScaleConfig:
     parser.add_argument("--running_mode", default=defaults.running_mode,
                         choices=("in_memory", "multi_threading", "multi_processing"))
     parser.add_argument("--min_available_gb", type=float, default=defaults.min_available_gb,
-                        help="kill a job when available memory falls below this (default: 2)")
+                        help="kill a job whose tree holds >= 1/4 of the memory in use when the "
+                             "available memory falls below this, GB (default: 1.5)")
     args = parser.parse_args(argv)
     hot_compare = (args.rungs[-1:] if args.hot_compare == "top" and args.rungs
                    else _ints(args.hot_compare))

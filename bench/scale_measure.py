@@ -76,7 +76,8 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
     """Runs ``command`` (stdout and stderr to ``log_path``) and samples its tree's RSS.
 
     The tree is killed, and ``stopped`` says why, when the machine's available memory falls
-    below ``min_available_bytes`` (a guard for a shared machine) or after ``timeout_seconds``.
+    below ``min_available_bytes`` while the tree holds at least a quarter of the memory in use
+    (a guard for a shared machine), or after ``timeout_seconds``.
     """
     with open(log_path, "wb") as log:
         cpu_before = _children_cpu_seconds()
@@ -87,9 +88,13 @@ def run_measured(command: Sequence[str], log_path: str, env: Optional[dict] = No
         while process.poll() is None:
             total, largest = tree_rss(process)
             peak, peak_process = max(peak, total), max(peak_process, largest)
-            if min_available_bytes and psutil.virtual_memory().available < min_available_bytes:
+            memory = psutil.virtual_memory()
+            # Only a tree that holds a quarter of the memory in use is stopped: on a shared
+            # machine another user's spike is not this job's doing.
+            if (min_available_bytes and memory.available < min_available_bytes
+                    and total >= 0.25 * (memory.total - memory.available)):
                 stopped = (f"killed: available memory below {min_available_bytes / 2**30:.1f} GB "
-                           f"(tree at {peak / 2**30:.2f} GB)")
+                           f"(tree at {total / 2**30:.2f} GB)")
             elif timeout_seconds and time.perf_counter() - start > timeout_seconds:
                 stopped = f"killed: over {timeout_seconds:.0f} s"
             if stopped:
