@@ -90,7 +90,7 @@ class ScaleConfig:
     workers: int = 2
     running_mode: str = "multi_processing"
     min_available_gb: float = 1.5
-    overwrite: bool = True
+    recognizers: tuple[str, ...] = RECOGNIZERS
 
     def __post_init__(self):
         if not self.rungs or any(n < 16 for n in self.rungs):
@@ -99,6 +99,8 @@ class ScaleConfig:
             raise ValueError(f"rungs must be increasing and distinct, got {self.rungs}")
         if not set(self.hot_compare) <= set(self.rungs):
             raise ValueError(f"--hot_compare {self.hot_compare} must be among the rungs")
+        if not self.recognizers or not set(self.recognizers) <= set(RECOGNIZERS):
+            raise ValueError(f"recognizers must be among {RECOGNIZERS}, got {self.recognizers}")
         if self.train_steps < 1 or self.workers < 1 or self.image_size < 71:
             raise ValueError("train_steps and workers must be >= 1, image_size >= 71")
 
@@ -174,7 +176,7 @@ def rung_stages(config: ScaleConfig, n: int, root: str, hot: bool, suffix: str =
                 str(config.train_steps), "--head_epochs", "1", "--finetune_epochs", "1",
                 "--verbose", "2"]),
             model, ("ingest train",), stats_path=stats))
-    for recognizer in RECOGNIZERS:
+    for recognizer in config.recognizers:
         slug = recognizer.replace("+", "_") + suffix
         predicted = os.path.join(root, f"predict_{slug}")
         stats = os.path.join(logs, f"predict_{slug}.bytes.json")
@@ -547,6 +549,9 @@ def parse_args(argv: Optional[Sequence[str]]) -> ScaleConfig:
                         help="Beam --direct_num_workers (default: 2)")
     parser.add_argument("--running_mode", default=defaults.running_mode,
                         choices=("in_memory", "multi_threading", "multi_processing"))
+    parser.add_argument("--recognizers", default=",".join(RECOGNIZERS),
+                        help="landmarks-predict --recognizer values to run (default: "
+                             "classifier,knn+classifier)")
     parser.add_argument("--min_available_gb", type=float, default=defaults.min_available_gb,
                         help="kill a job whose tree holds >= 1/4 of the memory in use when the "
                              "available memory falls below this, GB (default: 1.5)")
@@ -558,7 +563,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> ScaleConfig:
                            hot_class=args.hot_class, hot_compare=hot_compare,
                            train_steps=args.train_steps, image_size=args.image_size,
                            workers=args.workers, running_mode=args.running_mode,
-                           min_available_gb=args.min_available_gb)
+                           min_available_gb=args.min_available_gb,
+                           recognizers=tuple(args.recognizers.split(",")))
     except ValueError as error:
         parser.error(str(error))
 
