@@ -1,9 +1,16 @@
 """The scale ladder: the real jobs on synthetic data of growing size, and how their cost grows.
 
-Run: ``make bench-scale`` (rungs 1000,4000,16000), ``make bench-scale RUNGS=1000,4000``, or
+Run: ``make bench-scale`` (rungs 1000,4000,16000), ``make bench-scale RUNGS=1000,4000``
+(more flags: ``SCALE_ARGS="--hot_compare none"``, folder: ``SCALE_DIR=runs/scale``), or
 ``.venv/bin/python bench/bench_scale.py --rungs 1000,4000 [--output_dir runs/scale]``. Every
 job runs as its own process (so its memory is measured alone), with ``PYTHONPATH`` set to this
-repository. Run it on a machine with nothing else to do, or under ``nice``.
+repository. Run it on a machine with nothing else to do, or under ``nice``. Other flags:
+``--hot_compare top|none|N,N``, ``--hot_class true|false``, ``--train_steps 10``,
+``--recognizers classifier,knn+classifier``, ``--workers 2``, ``--running_mode
+multi_processing|multi_threading|in_memory``, ``--min_available_gb 1.5``, ``--seed 0``
+(``--help`` for all). Time here (2 shared cores): N = 1000 about 13 minutes, N = 4000 about
+15 minutes plus 10 for its no-hot-class runs; a job's start-up (TensorFlow and Beam imports,
+worker processes) is 20-60 s of every stage, so small rungs measure mostly start-up.
 
 A rung of N training images (``bench/scale_data.py``): N/8 classes, N/8 training distractors,
 N/8 test images of which half are non-landmarks and, by default, 20 % show one "hot" class;
