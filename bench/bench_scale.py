@@ -44,8 +44,8 @@ a Beam pipeline say "n/a". A job is killed when the machine's available memory d
 larger rungs are then skipped).
 
 Outputs in ``--output_dir``: ``table.md``, ``table.csv`` (one row per rung and stage),
-``scale.png`` (log-log time and memory against N per stage), ``scale.json`` (everything,
-including the growth exponent per stage = least-squares slope of log y on log N, predict's
+``scale.png`` (log-log wall time, CPU time and memory against N per stage), ``scale.json``
+(everything, including the growth exponent per stage = least-squares slope of log y on log N, predict's
 memory growth per test image between the two largest rungs, time per image at the top rung over
 the 4000 rung, the hot-class comparison, and the exact commands), and ``n<N>/`` per rung (data,
 outputs, ``logs/<stage>.log``).
@@ -371,7 +371,8 @@ def hot_comparison(rows: list[dict]) -> list[dict]:
 # Writing the table, the plot and the json.
 
 CSV_FIELDS = ("n", "stage", "status", "images", "seconds", "seconds_per_image", "cpu_seconds",
-              "load_average", "peak_rss_bytes", "peak_process_rss_bytes", "output_bytes", "shuffle_bytes", "side_input_bytes")
+              "load_average", "peak_rss_bytes", "peak_process_rss_bytes", "output_bytes",
+              "shuffle_bytes", "side_input_bytes")
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -439,7 +440,7 @@ def table_md(rows: list[dict], summary: dict) -> str:
         lines.append(f"| {stage} | {ratio['rungs'][1]} / {ratio['rungs'][0]} "
                      f"| {ratio['ratio']:.2f} | {_num(ratio.get('cpu_ratio'))} |")
     if summary["hot_comparison"]:
-        lines += ["", "## Hot class: predict with and without it, same rung", "",
+        lines += ["", "## Hot class: each stage run with and without it, same rung and model", "",
                   "| N | stage | peak MB with | peak MB without | difference MB | s with "
                   "| s without |", "|---:|---|---:|---:|---:|---:|---:|"]
         for item in summary["hot_comparison"]:
@@ -450,7 +451,8 @@ def table_md(rows: list[dict], summary: dict) -> str:
 
 
 def plot(rows: list[dict], path: str) -> bool:
-    """Log-log time and peak memory against N, one line per stage; False without matplotlib."""
+    """Log-log wall time, CPU time and peak memory against N, one line per stage (squares: the
+    runs without the hot class); False without matplotlib."""
     try:
         import matplotlib
         matplotlib.use("Agg")
@@ -458,43 +460,53 @@ def plot(rows: list[dict], path: str) -> bool:
     except ImportError:
         _LOG.warning("matplotlib not installed: no plot")
         return False
-    figure, (time_axis, memory_axis) = plt.subplots(1, 2, figsize=(13, 5))
-    for stage in stage_names(rows):
-        ok = _ok(rows, stage)
+    panels = (("seconds", 1, "wall time, s"), ("cpu_seconds", 1, "CPU time of the tree, s"),
+              ("peak_rss_bytes", MB, "peak RSS of the tree, MB"))
+    figure, axes = plt.subplots(1, len(panels), figsize=(18, 5.5))
+    colours = plt.get_cmap("tab20").colors
+    for number, stage in enumerate(stage_names(rows)):
+        ok = [r for r in _ok(rows, stage) if all(r.get(key) for key, _, _ in panels)]
         if not ok:
             continue
-        ns = [r["n"] for r in ok]
-        style = "--" if stage.endswith(NO_HOT) else "-"
-        time_axis.plot(ns, [r["seconds"] for r in ok], style, marker="o", label=stage)
-        memory_axis.plot(ns, [r["peak_rss_bytes"] / MB for r in ok], style, marker="o",
-                         label=stage)
+        no_hot = stage.endswith(NO_HOT)
+        for axis, (key, unit, _) in zip(axes, panels):
+            axis.plot([r["n"] for r in ok], [r[key] / unit for r in ok], "--" if no_hot else "-",
+                      marker="s" if no_hot else "o", color=colours[number % len(colours)],
+                      label=stage)
     ns = sorted({r["n"] for r in rows if r.get("status") == "ok"})
-    if len(ns) > 1:  # a guide of slope 1 (cost proportional to N) through the median first point
-        for axis in (time_axis, memory_axis):
+    for axis, (_, _, label) in zip(axes, panels):
+        if len(ns) > 1 and axis.get_lines():  # slope 1 (proportional to N), median first point
             lowest = sorted(line.get_ydata()[0] for line in axis.get_lines())
             anchor = lowest[len(lowest) // 2]
             axis.plot(ns, [anchor * n / ns[0] for n in ns], ":", color="grey",
                       label="proportional to N")
-    for axis, label in ((time_axis, "wall time, s"), (memory_axis, "peak RSS of the tree, MB")):
         axis.set_xscale("log")
         axis.set_yscale("log")
         axis.set_xlabel("N, training images (classes N/8, test images N/8)")
         axis.set_ylabel(label)
         axis.grid(True, which="both", alpha=0.3)
-    if memory_axis.get_lines():
-        memory_axis.legend(fontsize=7, loc="best")
+    if axes[-1].get_lines():
+        axes[-1].legend(fontsize=7, loc="best")
     figure.tight_layout()
-    figure.savefig(path, dpi=110)
+    figure.savefig(path, dpi=100)
     plt.close(figure)
     return True
 
 
-def summarise(rows: list[dict], config: ScaleConfig) -> dict:
+def git_commit() -> str:
+    """The repository's HEAD commit (short), ``-dirty`` with uncommitted changes."""
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=REPO, text=True,
-                                capture_output=True, timeout=30).stdout.strip() or "unknown"
+                                capture_output=True, timeout=30).stdout.strip()
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"],
+                               cwd=REPO, text=True, capture_output=True, timeout=30).stdout
     except (OSError, subprocess.SubprocessError):
-        commit = "unknown"
+        return "unknown"
+    return (commit or "unknown") + ("-dirty" if dirty.strip() else "")
+
+
+def summarise(rows: list[dict], config: ScaleConfig, commit: str) -> dict:
+    """Everything ``scale.json`` holds; ``commit``: the code that ran (taken at the start)."""
     return {
         "config": dataclasses.asdict(config),
         "commit": commit,
@@ -510,8 +522,8 @@ def summarise(rows: list[dict], config: ScaleConfig) -> dict:
     }
 
 
-def write_outputs(rows: list[dict], config: ScaleConfig) -> dict:
-    summary = summarise(rows, config)
+def write_outputs(rows: list[dict], config: ScaleConfig, commit: str) -> dict:
+    summary = summarise(rows, config, commit)
     out = config.output_dir
     with open(os.path.join(out, "table.csv"), "w") as handle:
         handle.write(table_csv(rows))
@@ -593,15 +605,16 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     env = {**os.environ, "PYTHONPATH": REPO + os.pathsep + os.environ.get("PYTHONPATH", ""),
            "TF_CPP_MIN_LOG_LEVEL": "2"}
     rows: list[dict] = []
+    commit = git_commit()
     start = time.monotonic()
     for n in config.rungs:
         rung_rows = run_rung(config, n, env)
         rows += rung_rows
-        write_outputs(rows, config)  # after every rung: a stopped ladder keeps its figures
+        write_outputs(rows, config, commit)  # after every rung: a stopped ladder keeps its figures
         if any(str(r.get("status", "")).startswith("killed") for r in rung_rows):
             _LOG.warning("N=%d: a job was killed for memory; larger rungs skipped", n)
             break
-    summary = write_outputs(rows, config)
+    summary = write_outputs(rows, config, commit)
     _LOG.info("ladder done in %.0f s; table in %s", time.monotonic() - start,
               os.path.join(config.output_dir, "table.md"))
     print(table_md(rows, summary))

@@ -72,7 +72,8 @@ def scene(seed: int, number: int) -> np.ndarray:
     rng = np.random.default_rng([seed, _SCENE, number])
     side = SCENE_SIDE
     image = np.zeros((side, side, 3), np.float32)
-    for cells, weight in ((3, 0.45), (6, 0.25), (12, 0.15), (32, 0.15)):  # value noise, coarse to fine
+    # value noise, coarse to fine
+    for cells, weight in ((3, 0.45), (6, 0.25), (12, 0.15), (32, 0.15)):
         grid = rng.random((cells, cells, 3), dtype=np.float32)
         image += weight * cv2.resize(grid, (side, side), interpolation=cv2.INTER_CUBIC)
     image = np.clip(image * 255.0, 0, 255).astype(np.uint8)

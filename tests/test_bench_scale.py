@@ -76,8 +76,8 @@ def test_growth_figures_from_rows():
     (hot,) = bench_scale.hot_comparison(rows)
     assert hot["stage"] == "predict classifier" and hot["difference_mb"] == pytest.approx(150)
     text = bench_scale.table_md(rows, {
-        **bench_scale.summarise(rows, bench_scale.ScaleConfig(rungs=(1000, 4000, 16000))),
-        "commit": "test"})
+        **bench_scale.summarise(rows, bench_scale.ScaleConfig(rungs=(1000, 4000, 16000)),
+                                "test")})
     assert "| predict classifier | 4000 -> 16000 | 500 -> 2000 | 3.00 |" in text
 
 
