@@ -45,9 +45,9 @@ larger rungs are then skipped).
 
 Outputs in ``--output_dir``: ``table.md``, ``table.csv`` (one row per rung and stage),
 ``scale.png`` (log-log wall time, CPU time and memory against N per stage), ``scale.json``
-(everything, including the growth exponent per stage = least-squares slope of log y on log N, predict's
-memory growth per test image between the two largest rungs, time per image at the top rung over
-the 4000 rung, the hot-class comparison, and the exact commands), and ``n<N>/`` per rung (data,
+(everything, including the growth exponent per stage = least-squares slope of log y on log N,
+predict's memory growth per test image between the two largest rungs, time per image at the top
+rung over the 4000 rung, the hot-class comparison, and the exact commands), and ``n<N>/`` per rung (data,
 outputs, ``logs/<stage>.log``).
 """
 
