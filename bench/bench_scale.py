@@ -47,8 +47,8 @@ Outputs in ``--output_dir``: ``table.md``, ``table.csv`` (one row per rung and s
 ``scale.png`` (log-log wall time, CPU time and memory against N per stage), ``scale.json``
 (everything, including the growth exponent per stage = least-squares slope of log y on log N,
 predict's memory growth per test image between the two largest rungs, time per image at the top
-rung over the 4000 rung, the hot-class comparison, and the exact commands), and ``n<N>/`` per rung (data,
-outputs, ``logs/<stage>.log``).
+rung over the 4000 rung, the hot-class comparison, and the exact commands), and ``n<N>/`` per
+rung (data, outputs, ``logs/<stage>.log``).
 """
 
 from __future__ import annotations
