@@ -36,12 +36,13 @@ Beam jobs run on the local FnApiRunner with ``--direct_num_workers=2
 it). Measured per stage (``bench/scale_measure.py``): wall seconds, seconds per image (images =
 the rows the stage handles: training images + distractors for ingest train and train, test
 images for the others), peak resident memory of the whole process tree sampled every 0.2 s
-(RSS summed over the job and its workers; shared library pages count once per process), bytes
-written (the stage's output folder), and the bytes that went through the local runner's
-GroupByKey buffers ("shuffle") and side-input buffers (``bench/scale_job.py``); stages without
-a Beam pipeline say "n/a". A job is killed when the machine's available memory drops below
-``--min_available_gb`` while it holds a quarter of the memory in use (recorded in the table;
-larger rungs are then skipped).
+(RSS summed over the job and its workers; shared library pages count once per process; and
+the largest single process), CPU seconds of the tree, bytes written (the stage's output folder;
+predict: with its reference-feature cache), and the bytes that went through the local runner's
+GroupByKey buffers ("shuffle"), side-input buffers and its other inter-stage buffers
+(``bench/scale_job.py``); stages without a Beam pipeline say "n/a". A job is killed when the
+machine's available memory drops below ``--min_available_gb`` while it holds a quarter of the
+memory in use (recorded in the table; larger rungs are then skipped).
 
 Outputs in ``--output_dir``: ``table.md``, ``table.csv`` (one row per rung and stage),
 ``scale.png`` (log-log wall time, CPU time and memory against N per stage), ``scale.json``
@@ -233,7 +234,7 @@ def run_stage(spec: StageSpec, n: int, logs: str, env: dict, config: ScaleConfig
         "peak_process_rss_bytes": measured.peak_process_rss_bytes,
         "output_bytes": sum(scale_measure.folder_bytes(folder) for folder in (
             (spec.output,) if isinstance(spec.output, str) else spec.output)),
-        "shuffle_bytes": None, "side_input_bytes": None,
+        "shuffle_bytes": None, "side_input_bytes": None, "runner_list_bytes": None,
         "returncode": measured.returncode, "stopped": measured.stopped,
         "status": "ok" if measured.returncode == 0 and not measured.stopped else "failed",
         "command": shlex.join(spec.command), "log": log_path,
@@ -244,6 +245,7 @@ def run_stage(spec: StageSpec, n: int, logs: str, env: dict, config: ScaleConfig
         if moved.get("pipelines"):
             row["shuffle_bytes"] = moved["shuffle_bytes"]
             row["side_input_bytes"] = moved["side_input_bytes"]
+            row["runner_list_bytes"] = moved["runner_list_bytes"]
     if row["status"] != "ok":
         row["status"] = measured.stopped or f"exit code {measured.returncode}"
     _LOG.info("N=%d %s: %s in %.1f s, peak %.0f MB, wrote %.1f MB", n, spec.name, row["status"],
@@ -372,7 +374,7 @@ def hot_comparison(rows: list[dict]) -> list[dict]:
 
 CSV_FIELDS = ("n", "stage", "status", "images", "seconds", "seconds_per_image", "cpu_seconds",
               "load_average", "peak_rss_bytes", "peak_process_rss_bytes", "output_bytes",
-              "shuffle_bytes", "side_input_bytes")
+              "shuffle_bytes", "side_input_bytes", "runner_list_bytes")
 
 
 def table_csv(rows: list[dict]) -> str:
@@ -399,20 +401,21 @@ def table_md(rows: list[dict], summary: dict) -> str:
         f"{summary['machine']['memory_gb']:.1f} GB; Beam: {' '.join(summary['beam_flags'])}; "
         f"train: {summary['config']['train_steps']} steps x 2 epochs at "
         f"{summary['config']['image_size']} px. Commit {summary['commit']}.", "",
-        "Shuffle / side input: bytes through the local runner's GroupByKey / side-input "
-        "buffers; n/a = no Beam pipeline in the stage.", "",
+        "Shuffle / side input / runner lists: bytes through the local runner's GroupByKey, "
+        "side-input and other inter-stage buffers (all held in the launcher process until "
+        "consumed); n/a = no Beam pipeline in the stage.", "",
         "CPU s: user + system seconds of the whole process tree (robust to a shared machine, "
         "unlike wall time); load: the machine's 1-minute load average when the stage ended.", "",
         "Peak RSS: of the whole process tree (job + Beam workers); largest: the largest single "
         "process of the tree at its own peak.", "",
         "| N | stage | status | images | wall s | ms / image | CPU s | load | peak RSS MB "
-        "| largest MB | written MB | shuffle MB | side input MB |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
+        "| largest MB | written MB | shuffle MB | side input MB | runner lists MB |",
+        "|---:|---|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|",
     ]
     for row in rows:
         if row.get("status") != "ok" and "seconds" not in row:
             lines.append(f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
-                         "| | | | | | | | | |")
+                         "| | | | | | | | | | |")
             continue
         lines.append(
             f"| {row['n']} | {row['stage']} | {row['status']} | {row['images']} "
@@ -421,7 +424,8 @@ def table_md(rows: list[dict], summary: dict) -> str:
             f"| {_num(row.get('load_average'), '{:.1f}')} "
             f"| {row['peak_rss_bytes'] / MB:,.0f} "
             f"| {_mb(row.get('peak_process_rss_bytes'), '')} | {_mb(row.get('output_bytes'))} "
-            f"| {_mb(row.get('shuffle_bytes'))} | {_mb(row.get('side_input_bytes'))} |")
+            f"| {_mb(row.get('shuffle_bytes'))} | {_mb(row.get('side_input_bytes'))} "
+            f"| {_mb(row.get('runner_list_bytes'))} |")
     lines += ["", "## Growth exponents (slope of log y on log N)", "",
               "| stage | wall time | CPU time | peak memory | rungs |", "|---|---:|---:|---:|---|"]
     for stage, fit in summary["exponents"].items():
