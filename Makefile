@@ -5,8 +5,11 @@ STAMP := $(VENV)/.installed
 PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
+RUNGS ?= 1000,4000,16000
+SCALE_DIR ?= runs/scale
+SCALE_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-scale venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +36,10 @@ bench: $(STAMP)
 	@test -f $(RUN_DIR)/reference_features/_SUCCESS || $(MAKE) demo
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR)
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR) --image_size 299
+
+# The scale ladder (bench/bench_scale.py): real jobs at growing N; results in $(SCALE_DIR).
+bench-scale: $(STAMP)
+	$(PY) bench/bench_scale.py --rungs $(RUNGS) --output_dir $(SCALE_DIR) $(SCALE_ARGS)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
