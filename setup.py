@@ -33,8 +33,9 @@ TEST_REQUIRES = [
 # needs numpy only. `make test` / `make bench` install it.
 ANN_REQUIRES = ["faiss-cpu>=1.9"]
 
-# Benchmarks only: BLAS thread limits for per-core figures (bench/bench_knn_*.py).
-BENCH_REQUIRES = ["threadpoolctl>=3.5"]
+# Benchmarks only: BLAS thread limits for per-core figures (bench/bench_knn_*.py); process-tree
+# memory of the scale ladder (bench/bench_scale.py).
+BENCH_REQUIRES = ["threadpoolctl>=3.5", "psutil>=5.9"]
 
 setuptools.setup(
     name="landmarks",
