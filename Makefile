@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench venv clean
+.PHONY: demo test bench bench-many-classes venv clean
 
 venv: $(STAMP)
 
@@ -33,6 +33,13 @@ bench: $(STAMP)
 	@test -f $(RUN_DIR)/reference_features/_SUCCESS || $(MAKE) demo
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR)
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR) --image_size 299
+
+# The trainer at 1k, 20k and 203,094 classes for the sigmoid and sub-center ArcFace heads:
+# parameters, checkpoint sizes, peak memory, step time, all-reduce bytes (runs/scale/many_classes.*).
+# Needs ~12 GB free for the 203k rungs; CLASSES=1000,20000 for a smaller run.
+CLASSES ?= 1000,20000,203094
+bench-many-classes: $(STAMP)
+	$(PY) bench/bench_many_classes.py --classes $(CLASSES) --output_dir runs/scale
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
