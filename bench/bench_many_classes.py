@@ -162,6 +162,7 @@ def measure_one(head_name: str, num_classes: int, image_size: int, batch: int, s
     training_model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0,
                        callbacks=[Timer()], shuffle=False)
     durations = np.diff([fit_started] + step_ends)
+    rss_after_fit = _rss_peak_bytes()
     optimizer_variables = sum(_size(v.shape) for v in training_model.optimizer.variables)
 
     weights_path = os.path.join(scratch, "classifier.weights.h5")
@@ -201,6 +202,7 @@ def measure_one(head_name: str, num_classes: int, image_size: int, batch: int, s
         "step_seconds_median": round(float(statistics.median(durations[1:])), 3),
         "steps": steps,
         "rss_after_build_bytes": rss_after_build,
+        "rss_after_fit_bytes": rss_after_fit,
         "rss_peak_bytes": _rss_peak_bytes(),
         "allreduce_bytes_analytic": allreduce_analytic,
         "backbone_trainable": backbone_trainable,
@@ -263,6 +265,161 @@ def inspect_gradients(head_name: str, num_classes: int, image_size: int, batch: 
 
 
 # ---------------------------------------------------------------------------------------------
+# The real CLI (landmarks-train) with a label map of many classes and a handful of records.
+
+
+def write_cli_data(folder: str, num_classes: int, seed: int = 0) -> dict:
+    """A label map of ``num_classes`` ids (``10 i + 7``) and tiny train/dev records whose labels
+    are spread over the whole range (6 classes from 0 to C - 1, plus non-landmarks), 80 px."""
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    from tfrecords_schema import image_record
+    from tfrecords_schema import label_map as label_map_lib
+
+    os.makedirs(folder, exist_ok=True)
+    landmark_ids = [10 * index + 7 for index in range(num_classes)]
+    label_map_path = os.path.join(folder, "label_map.csv")
+    label_map_lib.write_label_map(label_map_lib.LabelMap(tuple(landmark_ids)), label_map_path)
+    used = sorted({int(v) for v in np.linspace(0, num_classes - 1, 6).round()})
+    rng = np.random.default_rng(seed)
+
+    def records(split, per_class, non_landmarks):
+        labels = [label for label in used for _ in range(per_class)] + [-1] * non_landmarks
+        for index, label in enumerate(labels):
+            pixels = rng.integers(0, 256, (80, 80, 3), dtype=np.uint8)
+            buffer = io.BytesIO()
+            Image.fromarray(pixels).save(buffer, format="JPEG", quality=85)
+            yield image_record.ImageRecord(
+                image_id=f"{split}-{index:05d}", jpeg_bytes=buffer.getvalue(), label=label,
+                height=80, width=80,
+                landmark_id=landmark_ids[label] if label >= 0 else -1)
+
+    image_record.write_shards(records("train", 3, 6), os.path.join(folder, "train"), 2)
+    image_record.write_shards(records("dev", 1, 2), os.path.join(folder, "dev"), 1)
+    return {"train": os.path.join(folder, "train-*.tfrecord"),
+            "dev": os.path.join(folder, "dev-*.tfrecord"), "label_map": label_map_path,
+            "used_classes": used}
+
+
+def run_cli(head: str, num_classes: int, output_dir: str) -> dict:
+    """``landmarks-train`` (``python -m trainer.train``) under GNU time, quick preset at 71 px,
+    two phases of one epoch of 2 steps each, with dev data; wall time, peak RSS and the size of
+    every file it writes."""
+    data = write_cli_data(os.path.join(output_dir, f"cli_data_{num_classes}"), num_classes)
+    model_dir = os.path.join(output_dir, f"cli_model_{head}_{num_classes}")
+    if os.path.exists(model_dir):
+        import shutil
+
+        shutil.rmtree(model_dir)
+    argv = ["--train_data", data["train"], "--dev_data", data["dev"],
+            "--label_map", data["label_map"], "--model_dir", model_dir, "--preset", "quick",
+            "--image_size", "71", "--steps_per_epoch", "2", "--head_epochs", "1",
+            "--finetune_epochs", "1", "--calibrate_batchnorm_images", "16", "--seed", "1",
+            "--verbose", "0", "--head", head]
+    command = ["/usr/bin/time", "-v", sys.executable, "-m", "trainer.train", *argv]
+    started = time.perf_counter()
+    result = subprocess.run(command, capture_output=True, text=True, cwd=REPO)
+    wall = time.perf_counter() - started
+    if result.returncode != 0:
+        raise RuntimeError(f"landmarks-train failed ({result.returncode}):\n"
+                           f"{result.stderr[-6000:]}")
+    peak_kb = [int(line.split(":")[1]) for line in result.stderr.splitlines()
+               if "Maximum resident set size" in line][0]
+    files = {}
+    for folder, _subfolders, names in os.walk(model_dir):
+        for name in names:
+            path = os.path.join(folder, name)
+            files[os.path.relpath(path, model_dir)] = os.path.getsize(path)
+    summary = json.load(open(os.path.join(model_dir, "summary.json")))
+    log = [line for line in result.stderr.splitlines() if "landmarks-train" in line
+           or "trainer" in line]
+    return {"head": head, "classes": num_classes, "wall_seconds": round(wall, 1),
+            "rss_peak_bytes": peak_kb * 1024, "bytes_written": sum(files.values()),
+            "files": dict(sorted(files.items())), "summary": summary,
+            "command": "python -m trainer.train " + " ".join(argv), "log": log[-40:]}
+
+
+# ---------------------------------------------------------------------------------------------
+# Projection to GLDv2 (closed forms only; every assumption is a named constant).
+
+# Assumed, not measured here (no GPU on this machine): ring all-reduce bus bandwidths, and the
+# time of Xception's forward + backward pass at 299 px per image on one A100-class GPU in mixed
+# precision. 2 ms/image = 500 images/s: NVIDIA's published ResNet-50 mixed-precision training
+# rate on an A100 is ~2,500 images/s at 4.1 G multiply-adds per image; Xception at 299 px has
+# 8.4 G (2x), and Keras without XLA reaches about half of NVIDIA's tuned rate (2500 / 2 / 2 =
+# 625 images/s, rounded down).
+ASSUMED_MS_PER_IMAGE = 2.0
+ASSUMED_LINKS = (  # (name, replicas, bus bandwidth GB/s per replica, hosts)
+    ("8 GPUs, NVLink/NVSwitch (A100 class), NCCL bus bandwidth 200 GB/s", 8, 200.0),
+    ("8 GPUs, PCIe 4.0 without NVLink, bus bandwidth 12 GB/s", 8, 12.0),
+    ("2 x 8 GPUs, 100 Gbit/s between hosts (12.5 GB/s)", 16, 12.5),
+    ("2 x 8 GPUs, 25 Gbit/s between hosts (3.125 GB/s)", 16, 3.125),
+)
+GLDV2_CLASSES = (("GLDv2 train", 203_094), ("GLDv2 clean train", 81_313), ("1,000 classes", 1000))
+# Backbone weights trained per phase (BatchNorm frozen; measured by measure_one, independent of
+# the class count): head phase none, finetune from layer 85, deep from layer 25.
+BACKBONE_TRAINABLE = {"head": 0, "finetune": 11_604_488, "deep": 20_564_104}
+
+
+def projection(per_replica_batches=(6, 48)) -> dict:
+    """Model, checkpoint and all-reduce sizes at GLDv2's class counts and the data-parallel
+    efficiency ``T_compute / (T_compute + T_allreduce)`` (Keras all-reduces all gradients
+    after the backward pass: no overlap), ``T_allreduce = 2 (n - 1) / n * S / bandwidth``
+    (ring all-reduce), ``T_compute = batch per replica x ASSUMED_MS_PER_IMAGE``."""
+    from trainer import heads as heads_lib
+    from trainer import model as model_lib
+
+    rows = []
+    for head in (heads_lib.SigmoidHead(), heads_lib.SubCenterArcFaceHead(subcenters=3)):
+        for label, classes in GLDV2_CLASSES:
+            params = model_lib.parameter_count(classes, head)
+            _, head_trainable = head.parameter_counts(classes)
+            trainable = {name: count + 1 + head_trainable
+                         for name, count in BACKBONE_TRAINABLE.items()}
+            gradient_bytes = FLOAT32 * trainable["finetune"]
+            row = {"head": head.name, "data": label, "classes": classes, "params": params,
+                   "weights_file_gb": FLOAT32 * params / 1e9,
+                   "backup_file_gb": FLOAT32 * (params + 2 * trainable["finetune"] + 2) / 1e9,
+                   "allreduce_gb": {name: FLOAT32 * count / 1e9
+                                    for name, count in trainable.items()},
+                   "efficiency": {}}
+            for link, replicas, bandwidth in ASSUMED_LINKS:
+                seconds = 2 * (replicas - 1) / replicas * gradient_bytes / (bandwidth * 1e9)
+                for batch in per_replica_batches:
+                    compute = batch * ASSUMED_MS_PER_IMAGE / 1000
+                    row["efficiency"][f"{link} | batch {batch}/replica"] = {
+                        "allreduce_ms": round(1000 * seconds, 1),
+                        "compute_ms": round(1000 * compute, 1),
+                        "efficiency": round(compute / (compute + seconds), 3)}
+            rows.append(row)
+    return {"assumed_ms_per_image": ASSUMED_MS_PER_IMAGE, "links": ASSUMED_LINKS, "rows": rows}
+
+
+def projection_markdown(result: dict) -> str:
+    lines = ["| head | data | classes | params | weights file GB | backup (weights + Adam) GB "
+             "| all-reduce per step GB: head / finetune / deep phase |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for row in result["rows"]:
+        allreduce = row["allreduce_gb"]
+        lines.append(f"| {row['head']} | {row['data']} | {row['classes']:,} | {row['params']:,} "
+                     f"| {row['weights_file_gb']:.3f} | {row['backup_file_gb']:.3f} | "
+                     f"{allreduce['head']:.3f} / {allreduce['finetune']:.3f} / "
+                     f"{allreduce['deep']:.3f} |")
+    lines += ["", "| head | classes | interconnect (assumed) | batch per replica | all-reduce ms "
+              "| compute ms (assumed) | efficiency |", "|---|---:|---|---:|---:|---:|---:|"]
+    for row in result["rows"]:
+        for key, value in row["efficiency"].items():
+            link, batch = key.split(" | ")
+            lines.append(f"| {row['head']} | {row['classes']:,} | {link} | "
+                         f"{batch.split()[1].split('/')[0]} | {value['allreduce_ms']} | "
+                         f"{value['compute_ms']} | {value['efficiency']:.0%} |")
+    return "\n".join(lines) + "\n"
+
+
+# ---------------------------------------------------------------------------------------------
 # Driver: one subprocess per configuration, then the tables.
 
 
@@ -291,7 +448,8 @@ def write_tables(rows: list[dict], gradients: list[dict], output_dir: str, comma
                   handle, indent=2)
     columns = ["head", "classes", "params", "params_analytic", "weights_file_bytes",
                "weights_file_bytes_analytic", "backup_file_bytes", "backup_file_bytes_analytic",
-               "optimizer_variables", "rss_after_build_bytes", "rss_peak_bytes", "build_seconds",
+               "optimizer_variables", "rss_after_build_bytes", "rss_after_fit_bytes",
+               "rss_peak_bytes", "build_seconds",
                "first_step_seconds", "step_seconds_median", "weights_file_seconds",
                "backup_file_seconds", "allreduce_head_phase_bytes",
                "allreduce_finetune_phase_bytes", "allreduce_deep_phase_bytes"]
@@ -354,6 +512,12 @@ def main(argv=None) -> int:
                         help="MemAvailable needed before a configuration above 100k classes")
     parser.add_argument("--gradient_classes", type=int, default=1000,
                         help="class count of --inspect_gradients")
+    parser.add_argument("--cli", metavar="CLASSES", type=int,
+                        help="instead: run landmarks-train itself with a label map of CLASSES "
+                        "classes for each of --heads (runs/scale/many_classes_cli.json)")
+    parser.add_argument("--project", action="store_true",
+                        help="instead: print the GLDv2 projection (closed forms, assumptions "
+                        "named in the source) and write runs/scale/many_classes_projection.json")
     parser.add_argument("--one", nargs=2, metavar=("HEAD", "CLASSES"),
                         help="(internal) measure one configuration in this process")
     parser.add_argument("--inspect_gradients", metavar="HEAD",
@@ -373,6 +537,22 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.project:
+        result = projection()
+        with open(os.path.join(args.output_dir, "many_classes_projection.json"), "w") as handle:
+            json.dump(result, handle, indent=2)
+        print(projection_markdown(result))
+        return 0
+    if args.cli:
+        runs = []
+        for head in args.heads.split(","):
+            print(f"landmarks-train, {head}, {args.cli:,} classes (MemAvailable "
+                  f"{_mem_available_bytes() / GIB:.1f} GiB) ...", file=sys.stderr, flush=True)
+            runs.append(run_cli(head, args.cli, args.output_dir))
+            with open(os.path.join(args.output_dir, "many_classes_cli.json"), "w") as handle:
+                json.dump(runs, handle, indent=2)
+            print(json.dumps({k: v for k, v in runs[-1].items() if k != "log"}, indent=2))
+        return 0
     command = "bench/bench_many_classes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for head in args.heads.split(","):
