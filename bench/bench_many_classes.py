@@ -510,11 +510,14 @@ def main(argv=None) -> int:
     parser.add_argument("--output_dir", default=os.path.join(REPO, "runs", "scale"))
     parser.add_argument("--min_free_gb", type=float, default=14.0,
                         help="MemAvailable needed before a configuration above 100k classes")
+    parser.add_argument("--wait_for_memory", type=float, default=0,
+                        help="--cli: seconds to wait for --min_free_gb before a run above "
+                        "100k classes")
     parser.add_argument("--gradient_classes", type=int, default=1000,
                         help="class count of --inspect_gradients")
     parser.add_argument("--cli", metavar="CLASSES", type=int,
                         help="instead: run landmarks-train itself with a label map of CLASSES "
-                        "classes for each of --heads (runs/scale/many_classes_cli.json)")
+                        "classes for each of --heads (runs/scale/many_classes_cli_CLASSES.json)")
     parser.add_argument("--project", action="store_true",
                         help="instead: print the GLDv2 projection (closed forms, assumptions "
                         "named in the source) and write runs/scale/many_classes_projection.json")
@@ -546,10 +549,16 @@ def main(argv=None) -> int:
     if args.cli:
         runs = []
         for head in args.heads.split(","):
+            waited = 0
+            while (args.cli > 100_000 and _mem_available_bytes() < args.min_free_gb * GIB
+                   and waited < args.wait_for_memory):
+                time.sleep(10)  # the machine is shared: wait for memory, do not OOM others
+                waited += 10
             print(f"landmarks-train, {head}, {args.cli:,} classes (MemAvailable "
                   f"{_mem_available_bytes() / GIB:.1f} GiB) ...", file=sys.stderr, flush=True)
             runs.append(run_cli(head, args.cli, args.output_dir))
-            with open(os.path.join(args.output_dir, "many_classes_cli.json"), "w") as handle:
+            with open(os.path.join(args.output_dir, f"many_classes_cli_{args.cli}.json"),
+                      "w") as handle:
                 json.dump(runs, handle, indent=2)
             print(json.dumps({k: v for k, v in runs[-1].items() if k != "log"}, indent=2))
         return 0
