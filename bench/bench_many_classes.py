@@ -20,18 +20,26 @@ next to its closed-form value:
   weight of the phase (dense), analytic, for the head phase (backbone frozen), the finetune
   phase (from layer 85) and the deep phase (from 25).
 
-``--inspect_gradients`` runs one real ``fit`` step of each head at a small class count under a
-2-logical-CPU MirroredStrategy and records what Keras hands to the cross-replica all-reduce
-(``optimizer._all_reduce_sum_gradients``, per process, at trace time): every gradient's type
-(``Tensor`` = dense, ``IndexedSlices`` = sparse) and size, compared with the dense analytic.
+The driver then runs, per head and again in its own process, one real ``fit`` step at a small
+class count under a 2-logical-CPU MirroredStrategy and records what Keras hands to the
+cross-replica all-reduce (``optimizer._all_reduce_sum_gradients``, on this instance, at trace
+time): every gradient's type (a dense tensor or ``IndexedSlices``) and size, next to the dense
+closed form.
 
 Usage (one configuration per process, sequentially; results in runs/scale/many_classes.*)::
 
     .venv/bin/python bench/bench_many_classes.py [--classes 1000,20000,203094]
         [--heads sigmoid,subcenter_arcface] [--steps 5] [--output_dir runs/scale]
+    # landmarks-train itself with a label map of N classes and tiny records whose labels are
+    # spread over the range, under GNU time (runs/scale/many_classes_cli_N.json):
+    .venv/bin/python bench/bench_many_classes.py --cli 203094 [--heads ...] [--min_free_gb 16
+        --wait_for_memory 1800]
+    # the GLDv2 projection (closed forms; assumptions are named constants below):
+    .venv/bin/python bench/bench_many_classes.py --project
 
-Memory: the 203,094-class sigmoid run peaks near 11-12 GB; a configuration above 100,000
-classes is skipped (and said so) unless ``MemAvailable`` is at least ``--min_free_gb``.
+Memory: the 203,094-class sigmoid configuration peaked at 15.2 GB here (sub-center ArcFace
+11.9 GB; docs/SCALE.md); a configuration above 100,000 classes is skipped (and said so) unless
+``MemAvailable`` is at least ``--min_free_gb``.
 """
 
 from __future__ import annotations
