@@ -350,6 +350,56 @@ def run_cli(head: str, num_classes: int, output_dir: str) -> dict:
             "command": "python -m trainer.train " + " ".join(argv), "log": log[-40:]}
 
 
+def probe_memory(head: str, num_classes: int, output_dir: str) -> list[dict]:
+    """``landmarks-train``'s run of :func:`run_cli`, in this process, reporting at each checkpoint
+    save and at the export the process's current resident memory (VmRSS) and the bytes of the
+    ``tf.Variable`` objects alive (after ``gc.collect()``): what the run holds beyond its
+    weights and optimizer state. Wraps this project's own functions only."""
+    import gc
+
+    import tensorflow as tf
+
+    from trainer import config as config_lib
+    from trainer import train as train_lib
+
+    data = write_cli_data(os.path.join(output_dir, f"cli_data_{num_classes}"), num_classes)
+    model_dir = os.path.join(output_dir, f"probe_model_{head}_{num_classes}")
+    if os.path.exists(model_dir):
+        import shutil
+
+        shutil.rmtree(model_dir)
+    records = []
+
+    def snapshot(where: str) -> None:
+        gc.collect()
+        with open("/proc/self/status") as handle:
+            rss = [int(line.split()[1]) * 1024 for line in handle if line.startswith("VmRSS")][0]
+        variables = [obj for obj in gc.get_objects() if isinstance(obj, tf.Variable)]
+        live = sum(v.shape.num_elements() * v.dtype.size for v in variables)
+        records.append({"at": where, "vmrss_bytes": rss, "live_variables": len(variables),
+                        "live_variable_bytes": live})
+        print(json.dumps(records[-1]), file=sys.stderr, flush=True)
+
+    save, export = train_lib.save_classifier_weights, train_lib.export_model
+
+    def watched_save(model, path):
+        snapshot(f"save {os.path.basename(path)}")
+        return save(model, path)
+
+    def watched_export(*args, **kwargs):
+        snapshot("export")
+        return export(*args, **kwargs)
+
+    train_lib.save_classifier_weights, train_lib.export_model = watched_save, watched_export
+    argv = ["--train_data", data["train"], "--dev_data", data["dev"],
+            "--label_map", data["label_map"], "--model_dir", model_dir, "--preset", "quick",
+            "--image_size", "71", "--steps_per_epoch", "2", "--head_epochs", "1",
+            "--finetune_epochs", "1", "--calibrate_batchnorm_images", "16", "--seed", "1",
+            "--verbose", "0", "--head", head]
+    train_lib.train(config_lib.config_from_args(argv))
+    return records
+
+
 # ---------------------------------------------------------------------------------------------
 # Projection to GLDv2 (closed forms only; every assumption is a named constant).
 
@@ -529,6 +579,9 @@ def main(argv=None) -> int:
     parser.add_argument("--project", action="store_true",
                         help="instead: print the GLDv2 projection (closed forms, assumptions "
                         "named in the source) and write runs/scale/many_classes_projection.json")
+    parser.add_argument("--probe_memory", nargs=2, metavar=("HEAD", "CLASSES"),
+                        help="instead: landmarks-train's run in this process, with VmRSS and "
+                        "the live variables at each checkpoint save and at the export")
     parser.add_argument("--one", nargs=2, metavar=("HEAD", "CLASSES"),
                         help="(internal) measure one configuration in this process")
     parser.add_argument("--inspect_gradients", metavar="HEAD",
@@ -548,6 +601,10 @@ def main(argv=None) -> int:
         return 0
 
     os.makedirs(args.output_dir, exist_ok=True)
+    if args.probe_memory:
+        print(json.dumps(probe_memory(args.probe_memory[0], int(args.probe_memory[1]),
+                                      args.output_dir), indent=2))
+        return 0
     if args.project:
         result = projection()
         with open(os.path.join(args.output_dir, "many_classes_projection.json"), "w") as handle:
