@@ -31,7 +31,7 @@ Usage (one configuration per process, sequentially; results in runs/scale/many_c
     .venv/bin/python bench/bench_many_classes.py [--classes 1000,20000,203094]
         [--heads sigmoid,subcenter_arcface] [--steps 5] [--output_dir runs/scale]
     # landmarks-train itself with a label map of N classes and tiny records whose labels are
-    # spread over the range, under GNU time (runs/scale/many_classes_cli_N.json):
+    # spread over the range, under GNU time (runs/scale/many_classes_cli_N_HEAD.json):
     .venv/bin/python bench/bench_many_classes.py --cli 203094 [--heads ...] [--min_free_gb 16
         --wait_for_memory 1800]
     # the GLDv2 projection (closed forms; assumptions are named constants below):
@@ -575,7 +575,7 @@ def main(argv=None) -> int:
                         help="class count of --inspect_gradients")
     parser.add_argument("--cli", metavar="CLASSES", type=int,
                         help="instead: run landmarks-train itself with a label map of CLASSES "
-                        "classes for each of --heads (runs/scale/many_classes_cli_CLASSES.json)")
+                        "classes for each of --heads (runs/scale/many_classes_cli_CLASSES_HEAD.json)")
     parser.add_argument("--project", action="store_true",
                         help="instead: print the GLDv2 projection (closed forms, assumptions "
                         "named in the source) and write runs/scale/many_classes_projection.json")
@@ -612,7 +612,6 @@ def main(argv=None) -> int:
         print(projection_markdown(result))
         return 0
     if args.cli:
-        runs = []
         for head in args.heads.split(","):
             waited = 0
             while (args.cli > 100_000 and _mem_available_bytes() < args.min_free_gb * GIB
@@ -621,11 +620,11 @@ def main(argv=None) -> int:
                 waited += 10
             print(f"landmarks-train, {head}, {args.cli:,} classes (MemAvailable "
                   f"{_mem_available_bytes() / GIB:.1f} GiB) ...", file=sys.stderr, flush=True)
-            runs.append(run_cli(head, args.cli, args.output_dir))
-            with open(os.path.join(args.output_dir, f"many_classes_cli_{args.cli}.json"),
-                      "w") as handle:
-                json.dump(runs, handle, indent=2)
-            print(json.dumps({k: v for k, v in runs[-1].items() if k != "log"}, indent=2))
+            result = run_cli(head, args.cli, args.output_dir)
+            name = f"many_classes_cli_{args.cli}_{head}.json"  # one file per run: none lost
+            with open(os.path.join(args.output_dir, name), "w") as handle:
+                json.dump(result, handle, indent=2)
+            print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
         return 0
     command = "bench/bench_many_classes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
