@@ -575,7 +575,7 @@ def main(argv=None) -> int:
                         help="class count of --inspect_gradients")
     parser.add_argument("--cli", metavar="CLASSES", type=int,
                         help="instead: run landmarks-train itself with a label map of CLASSES "
-                        "classes for each of --heads (runs/scale/many_classes_cli_CLASSES_HEAD.json)")
+                        "classes for each of --heads (runs/scale/many_classes_cli_C_HEAD.json)")
     parser.add_argument("--project", action="store_true",
                         help="instead: print the GLDv2 projection (closed forms, assumptions "
                         "named in the source) and write runs/scale/many_classes_projection.json")
