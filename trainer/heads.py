@@ -178,7 +178,7 @@ class Head(abc.ABC):
                          features: int = model_lib.EMBEDDING_WIDTH) -> tuple[int, int]:
         """``(all, trainable)`` weights of the head's layers for ``num_classes`` classes on
         ``features``-wide pooled features: the closed form, no model built (docs/SCALE.md;
-        ``trainer.model.parameter_counts`` adds the backbone and GeM)."""
+        ``trainer.model.parameter_count`` adds the backbone and GeM)."""
 
     @abc.abstractmethod
     def build(self, features, num_classes: int):

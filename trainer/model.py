@@ -52,7 +52,6 @@ EMBEDDING_WIDTH = 2048  # channels of Xception's last block
 # documented 22,910,480 for the full network minus its 1000-class top (2048 x 1000 + 1000).
 # 54,528 of them are BatchNorm moving statistics (never trained), 20,806,952 can train.
 XCEPTION_NO_TOP_PARAMS = 22_910_480 - (2048 * 1000 + 1000)
-XCEPTION_NO_TOP_MOVING_STATISTICS = 54_528
 
 
 def _resolve_backbone_weights(backbone_weights):
