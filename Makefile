@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 RUN_DIR ?= runs/demo
 PYTEST_ARGS ?=
 
-.PHONY: demo test bench bench-many-classes venv clean
+.PHONY: demo test bench venv clean
 
 venv: $(STAMP)
 
@@ -34,12 +34,13 @@ bench: $(STAMP)
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR)
 	$(PY) bench/bench_query.py --run_dir $(RUN_DIR) --image_size 299
 
+clean:
+	rm -rf $(VENV) runs .pytest_cache
+
+.PHONY: bench-many-classes
 # The trainer at 1k, 20k and 203,094 classes for the sigmoid and sub-center ArcFace heads:
 # parameters, checkpoint sizes, peak memory, step time, all-reduce bytes (runs/scale/many_classes.*).
 # Needs ~16 GB free for the 203k rungs (sigmoid peaked at 15.2 GB); CLASSES=1000,20000 is small.
 CLASSES ?= 1000,20000,203094
 bench-many-classes: $(STAMP)
 	$(PY) bench/bench_many_classes.py --classes $(CLASSES) --output_dir runs/scale
-
-clean:
-	rm -rf $(VENV) runs .pytest_cache
