@@ -43,3 +43,11 @@ bench-scale: $(STAMP)
 
 clean:
 	rm -rf $(VENV) runs .pytest_cache
+
+.PHONY: bench-many-classes
+# The trainer at 1k, 20k and 203,094 classes for the sigmoid and sub-center ArcFace heads:
+# parameters, checkpoint sizes, peak memory, step time, all-reduce bytes (runs/scale/many_classes.*).
+# Needs ~16 GB free for the 203k rungs (sigmoid peaked at 15.2 GB); CLASSES=1000,20000 is small.
+CLASSES ?= 1000,20000,203094
+bench-many-classes: $(STAMP)
+	$(PY) bench/bench_many_classes.py --classes $(CLASSES) --output_dir runs/scale

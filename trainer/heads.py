@@ -174,6 +174,13 @@ class Head(abc.ABC):
         """Width D of :meth:`embedding_model`'s output."""
 
     @abc.abstractmethod
+    def parameter_counts(self, num_classes: int,
+                         features: int = model_lib.EMBEDDING_WIDTH) -> tuple[int, int]:
+        """``(all, trainable)`` weights of the head's layers for ``num_classes`` classes on
+        ``features``-wide pooled features: the closed form, no model built (docs/SCALE.md;
+        ``trainer.model.parameter_count`` adds the backbone and GeM)."""
+
+    @abc.abstractmethod
     def build(self, features, num_classes: int):
         """The head's layers on ``features`` (GeM -> dropout, ``[B, 2048]``); returns the class
         probabilities ``[B, C]`` float32 (the last layer is named ``probabilities``)."""
@@ -218,6 +225,10 @@ class SigmoidHead(Head):
     def embedding_dim(self) -> int:
         return model_lib.EMBEDDING_WIDTH
 
+    def parameter_counts(self, num_classes, features=model_lib.EMBEDDING_WIDTH):
+        total = features * num_classes + num_classes  # Dense kernel [F, C] + bias [C]
+        return total, total
+
     def build(self, features, num_classes: int):
         x = keras.layers.Activation("relu", name=RELU)(features)
         logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS)(x)  # [B, C]
@@ -257,6 +268,13 @@ class ArcFaceHead(Head):
     @property
     def subcenters_per_class(self) -> int:
         return 1
+
+    def parameter_counts(self, num_classes, features=model_lib.EMBEDDING_WIDTH):
+        d = self.dimension
+        projection = features * d + d  # Dense kernel [F, D] + bias [D]
+        centres = d * num_classes * self.subcenters_per_class  # CosineClassifier [D, C * K]
+        # BatchNorm: gamma and beta train; the moving mean and variance do not.
+        return projection + 4 * d + centres, projection + 2 * d + centres
 
     def build(self, features, num_classes: int):
         # float32 from the projection on: the embedding, the cosines and the softmax feed the

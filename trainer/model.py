@@ -48,6 +48,10 @@ GEM_NAME = "gem"
 OUTPUT_NAME = "probabilities"
 MIN_IMAGE_SIZE = 71  # Xception's smallest accepted input
 EMBEDDING_WIDTH = 2048  # channels of Xception's last block
+# Weights of Xception without its top (include_top=False), whatever the input size: Keras'
+# documented 22,910,480 for the full network minus its 1000-class top (2048 x 1000 + 1000).
+# 54,528 of them are BatchNorm moving statistics (never trained), 20,806,952 can train.
+XCEPTION_NO_TOP_PARAMS = 22_910_480 - (2048 * 1000 + 1000)
 
 
 def _resolve_backbone_weights(backbone_weights):
@@ -136,6 +140,19 @@ def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.
     model = keras.Model(images, probabilities, name="landmark_classifier")
     set_trainable_from(model, None)
     return model
+
+
+def parameter_count(num_classes, head=None):
+    """Weights of :func:`build_model`'s classifier (trainable or not), in closed form, no model
+    built: Xception without top + GeM's ``p`` + the head's
+    (``trainer.heads.Head.parameter_counts``). At 203,094 classes the recipe's sigmoid head is
+    416.1M of the 437.0M weights (docs/SCALE.md, "Training with many classes")."""
+    if head is None:
+        from trainer import heads  # heads imports this module
+
+        head = heads.SigmoidHead()
+    head_all, _ = head.parameter_counts(int(num_classes), EMBEDDING_WIDTH)
+    return XCEPTION_NO_TOP_PARAMS + 1 + head_all
 
 
 def embedding_model(model):
