@@ -227,50 +227,52 @@ class ReadArchive(beam.DoFn):
         self._max_bytes = max_bytes
 
     def process(self, path: str):
-        name = gldv2.archive_name(path)
-        if self._md5_dir:
-            problem = checksum_problem(path, self._md5_dir)
-            if problem:
-                _LOGGER.warning("ingest: %s refused: %s", path, problem)
-                yield from self._refuse(path, name, problem)
-                return
+        problem = checksum_problem(path, self._md5_dir) if self._md5_dir else ""
+        if problem:
+            _LOGGER.warning("ingest: %s refused: %s", path, problem)
+            yield from self._refuse(path, gldv2.archive_name(path), problem)
+        else:
+            yield from self._read(path)
+
+    def _read(self, path: str):
+        """A verified (or unchecked) archive: its image members, with their bytes."""
         counts: dict[str, int] = {}
+        kind, detail = EVENT_READ, ""
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-                for index, member, kind, image_id, size, data in iter_members(
+                for index, member, member_kind, image_id, size, data in iter_members(
                         raw, True, self._max_bytes):
-                    counts[kind] = counts.get(kind, 0) + 1
-                    if kind == gldv2.MEMBER_IMAGE:
+                    counts[member_kind] = counts.get(member_kind, 0) + 1
+                    if member_kind == gldv2.MEMBER_IMAGE:
                         yield ArchiveMember(path, index, member, image_id, size, data)
         except (ArchiveDamaged, OSError) as error:
+            kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
             _LOGGER.warning("ingest: archive %s damaged: %s", path, detail)
             cut = getattr(error, "cut", None)
             if cut is not None and cut[0]:
-                yield beam.pvalue.TaggedOutput(TAG_CUT, (cut[0], f"{name}: {detail}"))
-            yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-                EVENT_DAMAGED, path, detail, tuple(sorted(counts.items()))))
-            return
+                yield beam.pvalue.TaggedOutput(
+                    TAG_CUT, (cut[0], f"{gldv2.archive_name(path)}: {detail}"))
         yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-            EVENT_READ, path, "", tuple(sorted(counts.items()))))
+            kind, path, detail, tuple(sorted(counts.items()))))
 
     def _refuse(self, path: str, name: str, problem: str):
         """A refused archive: its image names only (their bytes are never used)."""
         listed = 0
+        kind, detail = EVENT_REFUSED, problem
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-                for _, _, kind, image_id, _, _ in iter_members(raw, False, self._max_bytes):
-                    if kind == gldv2.MEMBER_IMAGE:
+                for _, _, member_kind, image_id, _, _ in iter_members(
+                        raw, False, self._max_bytes):
+                    if member_kind == gldv2.MEMBER_IMAGE:
                         listed += 1
                         yield beam.pvalue.TaggedOutput(TAG_REFUSED, (image_id, name))
         except (ArchiveDamaged, OSError) as error:
-            detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
-            yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-                EVENT_DAMAGED, path, f"refused ({problem}), and listing its names: {detail}",
-                (("image_names_listed", listed),)))
-            return
+            kind = EVENT_DAMAGED
+            damage = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
+            detail = f"refused ({problem}), and listing its names: {damage}"
         yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-            EVENT_REFUSED, path, problem, (("image_names_listed", listed),)))
+            kind, path, detail, (("image_names_listed", listed),)))
 
 
 class ParseLabelsLine(beam.DoFn):
@@ -336,22 +338,21 @@ class MatchIds(beam.DoFn):
         for reference in groups["members"]:
             if first is None or reference < first:
                 first = reference
-        if row is None:
-            return  # members without a label row: counted when their bytes arrive
-        if first is None:
-            refused = [name for name in groups["refused"]]
-            cut = [detail for detail in groups["cut"]]
-            reason, detail = gldv2.unseen_reason(refused, cut, list(incomplete_archives))
+        if row is not None and first is None:
+            # One id's refused/cut values: at most one per archive that names it (usually 0-1).
+            reason, detail = gldv2.unseen_reason(list(groups["refused"]), list(groups["cut"]),
+                                                 list(incomplete_archives))
             yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
                 image_id=image_id, url="", reason=reason, detail=detail, line=row.row.line,
                 origin=row.row.origin))
-            return
-        archive, index, name = first
-        found = dataclasses.replace(row.row, url=f"{archive}:{name}")
-        yield (archive, index), LabelledRow(found, row.label, row.split)
-        for reference in groups["members"]:
-            if reference != first:
-                yield (reference[0], reference[1]), _DUPLICATE
+        elif row is not None:
+            # (Members without a label row get no decision: counted when their bytes arrive.)
+            archive, index, name = first
+            found = dataclasses.replace(row.row, url=f"{archive}:{name}")
+            yield (archive, index), LabelledRow(found, row.label, row.split)
+            for reference in groups["members"]:
+                if reference != first:
+                    yield (reference[0], reference[1]), _DUPLICATE
 
 
 class AttachBytes(beam.DoFn):
