@@ -85,7 +85,8 @@ class IngestConfig:
                 "give exactly one input: --manifest (a CSV of id,url[,landmark_id]), "
                 "--input_tfrecords (a glob of TFRecord shards, e.g. DELF's GLDv2 records) or "
                 "--archives (a glob of GLDv2 tar archives, with --labels); got "
-                + (" and ".join(f"--{name}" for name in given) if given else "none"))
+                + {0: "none", 2: "both ", 3: "all three: "}.get(len(given), "")
+                + " and ".join(f"--{name}" for name in given))
         if self.archives and not self.labels:
             raise InputError("--archives needs --labels (GLDv2's train.csv, train_clean.csv, "
                              "index_image_to_landmark.csv, test.csv or index.csv)")
