@@ -1,4 +1,4 @@
-"""`landmarks-evaluate`: GAP report of a submission against a GLDv2 solution, and mAP@100 of retrieval.
+"""`landmarks-evaluate`: GAP of a submission against a GLDv2 solution, mAP@100 of a retrieval.
 
     landmarks-evaluate --submission submission.csv --solution test_solution.csv \\
         --output_dir eval/ [--scores scores.csv]

@@ -58,15 +58,15 @@ def runs(release, tmp_path_factory):
     root, out = release.root, tmp_path_factory.mktemp("ingested")
     flags = {
         "train": ["--archives", str(root / "train" / "images_*.tar"),
-                  "--labels", str(root / "train.csv"), "--dev_fraction", "0.3",
+                  "--labels_csv", str(root / "train.csv"), "--dev_fraction", "0.3",
                   "--num_shards", "2"],
         "clean": ["--archives", str(root / "train" / "images_*.tar"),
-                  "--labels", str(root / "train_clean.csv"), "--md5_dir",
+                  "--labels_csv", str(root / "train_clean.csv"), "--md5_dir",
                   str(root / "md5sum" / "train")],
         "test": ["--archives", str(root / "test" / "images_*.tar"),
-                 "--labels", str(root / "test.csv"), "--num_shards", "1"],
+                 "--labels_csv", str(root / "test.csv"), "--num_shards", "1"],
         "index": ["--archives", str(root / "index" / "images_*.tar"),
-                  "--labels", str(root / "index.csv"), "--md5_dir",
+                  "--labels_csv", str(root / "index.csv"), "--md5_dir",
                   str(root / "md5sum" / "index"), "--split_name", "index",
                   "--num_shards", "1"],
     }
@@ -84,7 +84,7 @@ def test_train_csv_writes_every_decodable_labelled_image(release, runs):
     # Rows in = written + rejected: every train.csv row once.
     assert stats["rows_in"] == len(labels) == 14
     assert (stats["written"], stats["rejected"], stats["balanced"]) == (11, 3, True)
-    assert stats["input"] == "archives" and stats["labels"]["kind"] == "train.csv"
+    assert stats["input"] == "archives" and stats["labels_csv"]["kind"] == "train.csv"
 
     # The label map: every landmark id of a valid row, before any image was read (as a
     # manifest's), so the missing ids' landmarks are in it too.
@@ -131,7 +131,7 @@ def test_train_csv_writes_every_decodable_labelled_image(release, runs):
 
 def test_train_clean_csv_writes_exactly_the_listed_images(release, runs):
     folder, code, stats = runs["clean"]
-    assert code == 0 and stats["labels"]["kind"] == "train_clean.csv"
+    assert code == 0 and stats["labels_csv"]["kind"] == "train_clean.csv"
     listed = {image_id: landmark for landmark, ids in release.clean.items() for image_id in ids}
     assert (stats["rows_in"], stats["written"], stats["rejected"]) == (len(listed), 6, 0)
     written = records(folder, "train")
@@ -180,7 +180,7 @@ def test_too_many_rejected_rows_fail_the_run(release, tmp_path, capsys):
     # Only the tampered index archive: every row rejected -> exit code 4, no _SUCCESS.
     root = release.root
     code, stats = ingest(tmp_path / "out", "--archives", str(root / "index" / "images_001.tar"),
-                         "--labels", str(root / "index.csv"), "--md5_dir",
+                         "--labels_csv", str(root / "index.csv"), "--md5_dir",
                          str(root / "md5sum" / "index"))
     assert code == pipeline.EXIT_INCOMPLETE and stats["status"] == "failed"
     assert not (tmp_path / "out" / "_SUCCESS").exists()
@@ -192,16 +192,16 @@ def test_bad_archive_flags_are_one_line_errors(release, tmp_path, capsys):
     bad_labels = tmp_path / "labels.csv"
     bad_labels.write_text("image,landmark\nx,1\n")
     cases = [
-        (["--archives", str(root / "train" / "*.tar"), "--labels", str(bad_labels)],
+        (["--archives", str(root / "train" / "*.tar"), "--labels_csv", str(bad_labels)],
          "none of GLDv2's label files"),
-        (["--archives", str(root / "train" / "*.tar")], "--archives needs --labels"),
-        (["--manifest", str(root / "train.csv"), "--labels", str(root / "train.csv")],
-         "--labels goes with --archives"),
-        (["--archives", str(tmp_path / "none*.tar"), "--labels", str(root / "test.csv")],
+        (["--archives", str(root / "train" / "*.tar")], "--archives needs --labels_csv"),
+        (["--manifest", str(root / "train.csv"), "--labels_csv", str(root / "train.csv")],
+         "--labels_csv goes with --archives"),
+        (["--archives", str(tmp_path / "none*.tar"), "--labels_csv", str(root / "test.csv")],
          "no files match --archives"),
-        (["--archives", str(root / "train" / "*.tar"), "--labels", str(root / "train.csv"),
+        (["--archives", str(root / "train" / "*.tar"), "--labels_csv", str(root / "train.csv"),
           "--md5_dir", str(root / "md5sum")], "lacks the MD5 file"),
-        (["--archives", str(root / "test" / "*.tar"), "--labels", str(root / "test.csv"),
+        (["--archives", str(root / "test" / "*.tar"), "--labels_csv", str(root / "test.csv"),
           "--dev_fraction", "0.1"], "--dev_fraction needs labels"),
     ]
     for flags, message in cases:
@@ -222,7 +222,8 @@ def test_gcs_archives_and_labels_on_the_emulator(release, gcs_emulator):
     labels = gcs_emulator.upload("gldv2/train_clean.csv", (root / "train_clean.csv").read_text())
     out = gcs_emulator.path("runs/clean")
     stats = pipeline.run(["--archives", gcs_emulator.path("gldv2/train/images_*.tar"),
-                          "--labels", labels, "--md5_dir", gcs_emulator.path("gldv2/md5sum/train"),
+                          "--labels_csv", labels,
+                          "--md5_dir", gcs_emulator.path("gldv2/md5sum/train"),
                           "--output_dir", out, "--num_shards", "1", *COMMON])
     assert (stats["rows_in"], stats["written"], stats["rejected"]) == (6, 6, 0)
     assert stats["archives"]["read_whole"] == 2

@@ -1,4 +1,4 @@
-"""``landmarks-ingest --archives GLOB --labels CSV``: GLDv2's tar archives read as they ship.
+"""``landmarks-ingest --archives GLOB --labels_csv CSV``: GLDv2's tar archives read as they ship.
 
 Each archive is one unit of work, read sequentially as a stream (``tarfile`` mode ``r|*`` over a
 Beam ``FileSystems`` handle: local or ``gs://``, never extracted to disk, one member in memory at
@@ -7,7 +7,7 @@ own steps (:func:`.transforms.normalise_images`, the same normalisation and reco
 
 Data flow (every label row ends in exactly one shard record or one ``rejected.csv`` row)::
 
-    --labels lines --parse (gldv2.parse_labels_line)--> rows ----------------+--> rejected
+    --labels_csv lines --parse (gldv2.parse_labels_line)--> rows ----------------+--> rejected
       -> group by id, keep first -> label map -> class index -> dev split ---+  (the manifest
          (transforms.label_rows: the manifest input's steps, ids only)       |   input's steps)
                          | LabelledRow by id                                 |
@@ -276,7 +276,7 @@ class ReadArchive(beam.DoFn):
 
 
 class ParseLabelsLine(beam.DoFn):
-    """``(line number, text)`` of ``--labels`` -> :class:`ManifestRow` s, or
+    """``(line number, text)`` of ``--labels_csv`` -> :class:`ManifestRow` s, or
     :class:`Rejection` s (tagged), by :func:`.gldv2.parse_labels_line`."""
 
     def __init__(self, labels: gldv2.LabelsFormat):
@@ -474,7 +474,7 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
 
     lines = (
         pipeline
-        | "LabelsPath" >> beam.Create([config.labels])
+        | "LabelsPath" >> beam.Create([config.labels_csv])
         | "ReadLabelLines" >> beam.ParDo(transforms.ReadManifestLines())
         | "SpreadLabelLines" >> beam.Reshuffle()
     )

@@ -31,8 +31,8 @@ class IngestConfig:
         ``build_image_dataset.py`` layout or in this project's own (see
         :mod:`beam_pipelines.ingest.tfrecord_input`); exactly one of the two is given.
       archives: instead of ``manifest``, a glob of GLDv2 tar archives (``images_*.tar``) read
-        as streams (:mod:`beam_pipelines.ingest.archives`); needs ``labels``.
-      labels: with ``archives``: a GLDv2 label CSV, recognised by its header (``train.csv``,
+        as streams (:mod:`beam_pipelines.ingest.archives`); needs ``labels_csv``.
+      labels_csv: with ``archives``: a GLDv2 label CSV, recognised by its header (``train.csv``,
         ``train_clean.csv``, ``index_image_to_landmark.csv``, or id-only ``test.csv`` /
         ``index.csv`` for an unlabelled split; :mod:`beam_pipelines.ingest.gldv2`).
       md5_dir: with ``archives``: folder of the release's ``md5.images_NNN.txt`` files for these
@@ -59,7 +59,7 @@ class IngestConfig:
     output_dir: str = ""
     input_tfrecords: str = ""
     archives: str = ""
-    labels: str = ""
+    labels_csv: str = ""
     md5_dir: str = ""
     distractor_dir: str = ""
     label_map: str = ""
@@ -84,14 +84,15 @@ class IngestConfig:
             raise InputError(
                 "give exactly one input: --manifest (a CSV of id,url[,landmark_id]), "
                 "--input_tfrecords (a glob of TFRecord shards, e.g. DELF's GLDv2 records) or "
-                "--archives (a glob of GLDv2 tar archives, with --labels); got "
+                "--archives (a glob of GLDv2 tar archives, with --labels_csv); got "
                 + {0: "none", 2: "both ", 3: "all three: "}.get(len(given), "")
                 + " and ".join(f"--{name}" for name in given))
-        if self.archives and not self.labels:
-            raise InputError("--archives needs --labels (GLDv2's train.csv, train_clean.csv, "
+        if self.archives and not self.labels_csv:
+            raise InputError("--archives needs --labels_csv (GLDv2's train.csv, train_clean.csv, "
                              "index_image_to_landmark.csv, test.csv or index.csv)")
-        if (self.labels or self.md5_dir) and not self.archives:
-            raise InputError(f"--{'labels' if self.labels else 'md5_dir'} goes with --archives")
+        if (self.labels_csv or self.md5_dir) and not self.archives:
+            raise InputError(f"--{'labels_csv' if self.labels_csv else 'md5_dir'} goes with "
+                             "--archives")
         if not self.output_dir:
             raise InputError("--output_dir is required")
         if self.num_shards < 1:
@@ -153,7 +154,7 @@ Paths (--manifest, --output_dir, ...) may be gs:// URLs.
 examples:
   landmarks-ingest --manifest toy/train.csv --distractor_dir toy/distractors \\
       --output_dir records/train --dev_fraction 0.2 --num_shards 2 --runner=FnApiRunner
-  landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels gldv2/train_clean.csv \\
+  landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels_csv gldv2/train_clean.csv \\
       --md5_dir gldv2/md5sum/train --output_dir records/train --dev_fraction 0.02
 """
 
@@ -182,8 +183,9 @@ def build_arg_parser() -> argparse.ArgumentParser:
              "(default: none)")
     add("--archives", default="",
         help="instead of --manifest: glob of GLDv2 tar archives (e.g. 'train/images_*.tar'), "
-             "each read as a stream, never extracted; needs --labels; quote it (default: none)")
-    add("--labels", default="",
+             "each read as a stream, never extracted; needs --labels_csv; quote it "
+             "(default: none)")
+    add("--labels_csv", default="",
         help="with --archives: GLDv2 label CSV, recognised by its header: train.csv "
              "(id,url,landmark_id), train_clean.csv (landmark_id,images), "
              "index_image_to_landmark.csv (id,landmark_id), or id-only test.csv / index.csv "

@@ -7,7 +7,7 @@ GLDv2 (cvdfoundation/google-landmark, version 2.1) ships its images as tar archi
 This module reads the text parts; the Beam steps around it are in
 :mod:`beam_pipelines.ingest.archives`. No I/O here.
 
-Label CSVs (``--labels``), recognised by their header (:func:`parse_labels_header`):
+Label CSVs (``--labels_csv``), recognised by their header (:func:`parse_labels_header`):
 
 =================================  ==========================  ====================================
 file                               header                      rows
@@ -82,7 +82,7 @@ class LabelsFormat:
         return self.columns.index(name)
 
 
-def parse_labels_header(line: str, source: str = "--labels") -> LabelsFormat:
+def parse_labels_header(line: str, source: str = "--labels_csv") -> LabelsFormat:
     """The label CSV's header line -> :class:`LabelsFormat`; ``InputError`` naming the known
     headers otherwise (columns must be exactly those of one of the release's files, in any
     order)."""

@@ -7,7 +7,7 @@ Usage::
         [--split_name NAME] [--max_rejected_fraction 0.5] [--overwrite]
         [Beam flags, e.g. --runner=DataflowRunner ...]
     landmarks-ingest --input_tfrecords 'gldv2/train-*' --output_dir runs/ingest [...]
-    landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels gldv2/train.csv
+    landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels_csv gldv2/train.csv
         [--md5_dir gldv2/md5sum/train] --output_dir runs/ingest [...]
 
 ``--archives`` reads GLDv2's tar archives as they ship, each as one stream, with a label CSV of
@@ -146,7 +146,7 @@ def list_distractors(folder: str) -> list[ManifestRow]:
 def with_absolute_local_paths(config: IngestConfig) -> IngestConfig:
     """Local paths made absolute, so workers and ``config.json`` do not depend on the cwd."""
     changes = {}
-    for name in ("manifest", "input_tfrecords", "archives", "labels", "md5_dir", "output_dir",
+    for name in ("manifest", "input_tfrecords", "archives", "labels_csv", "md5_dir", "output_dir",
                  "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and FileSystems.get_scheme(path) is None:
@@ -161,8 +161,8 @@ def _is_within(path: str, folder: str) -> bool:
 
 def check_inputs_outside_output(config: IngestConfig) -> None:
     """Refuses an output folder holding an input: ``--overwrite`` would delete it."""
-    for name in ("manifest", "input_tfrecords", "archives", "labels", "md5_dir", "distractor_dir",
-                 "label_map"):
+    for name in ("manifest", "input_tfrecords", "archives", "labels_csv", "md5_dir",
+                 "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and _is_within(path, config.output_dir):
             raise InputError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
@@ -236,12 +236,12 @@ def remove_empty_splits(output_dir: str, shards: dict[str, int],
 
 def archive_inputs(config: IngestConfig):
     """``(label CSV format, archive paths)`` of an ``--archives`` run, checked before any
-    pipeline: a known ``--labels`` header, at least one archive, and with ``--md5_dir`` an MD5
+    pipeline: a known ``--labels_csv`` header, at least one archive, and with ``--md5_dir`` an MD5
     file for every archive (``md5.images_NNN.txt`` for ``images_NNN.tar``)."""
     from beam_pipelines.ingest import gldv2
 
-    labels = gldv2.parse_labels_header(read_first_line(config.labels, "--labels"),
-                                       source=config.labels)
+    labels = gldv2.parse_labels_header(read_first_line(config.labels_csv, "--labels_csv"),
+                                       source=config.labels_csv)
     paths = io_utils.match(config.archives)
     if not paths:
         raise InputError(f"no files match --archives {config.archives!r} (quote the glob so "
@@ -257,7 +257,7 @@ def archive_inputs(config: IngestConfig):
                              "md5.<archive name>.txt per archive, as in the release's "
                              "md5sum/<split>/)")
     if config.dev_fraction > 0 and not labels.labelled:
-        raise InputError(f"--dev_fraction needs labels; --labels {config.labels} is "
+        raise InputError(f"--dev_fraction needs labels; --labels_csv {config.labels_csv} is "
                          f"{labels.kind} (ids only)")
     return labels, paths
 
@@ -307,7 +307,7 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
 
     if labels is not None:
         _LOGGER.info("ingest: %d archives of %s with %s (%s) + %d distractor files -> %s",
-                     len(archive_paths), config.archives, config.labels, labels.kind,
+                     len(archive_paths), config.archives, config.labels_csv, labels.kind,
                      len(distractors), config.output_dir)
     elif header is not None:
         _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
@@ -362,7 +362,7 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
                                      stats["written_per_split"])
     by_rows = not config.input_tfrecords
     source = ("the manifest" if config.manifest else
-              "--labels" if config.archives else "--input_tfrecords")
+              "--labels_csv" if config.archives else "--input_tfrecords")
     outcome = stats_lib.assess(stats, config.max_rejected_fraction,
                                noun="rows" if by_rows else "records", source=source)
     stats.update({
@@ -377,7 +377,7 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     })
     if archive_summary is not None:
         stats["archives"] = archive_summary
-        stats["labels"] = {"path": config.labels, "kind": labels.kind}
+        stats["labels_csv"] = {"path": config.labels_csv, "kind": labels.kind}
     io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
     io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME),
                         {**config.to_dict(), "beam_args": list(beam_args)})
