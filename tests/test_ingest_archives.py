@@ -317,3 +317,101 @@ def test_damage_is_detected_wherever_the_archive_breaks():
     names, detail = _read(bytes(corrupt))
     assert names == ["a/x1.jpg", "a/x2.jpg"] and detail
     assert _read(b"not a tar at all" * 64)[1]
+
+
+# ---- both GLDv2 tasks, end to end -----------------------------------------------------------
+
+
+def reference_gap(predictions: dict, solution: dict) -> float:
+    """GAP written out again: predictions sorted by score (ties by id), precision at each
+    correct one, summed over the images that show a landmark."""
+    ranked = sorted(((score, image_id, label) for image_id, (label, score) in predictions.items()),
+                    key=lambda row: (-row[0], row[1]))
+    correct, total = 0, 0.0
+    for rank, (_, image_id, label) in enumerate(ranked, start=1):
+        if label in solution[image_id]:
+            correct += 1
+            total += correct / rank
+    return total / sum(1 for labels in solution.values() if labels)
+
+
+@pytest.mark.slow
+def test_predict_writes_both_tasks_and_evaluate_scores_them(release, runs, demo_run, tmp_path):
+    """The demo's trained model (fixture ``demo_run``) on the release's test archives, with the
+    index archives as the retrieval index; then both scores of ``landmarks-evaluate``."""
+    import shutil
+
+    from beam_pipelines import evaluate
+    from beam_pipelines.predict import pipeline as predict
+    from rescoring import retrieval_metrics, submission
+    from test_retrieval_metrics import reference_ap
+
+    assert demo_run.exit_code == 0
+    demo = Path(demo_run.run_dir)
+    features = tmp_path / "reference_features"  # a copy: the shared cache stays untouched
+    shutil.copytree(demo / "reference_features", features)
+    out = tmp_path / "predict"
+    test_folder, index_folder = runs["test"][0], runs["index"][0]
+    code = predict.main([
+        "--model", str(demo / "model" / "model.keras"),
+        "--test_data", str(test_folder / "test-*.tfrecord"),
+        "--reference_data", str(demo / "ingest_train" / "train-*.tfrecord"),
+        "--reference_features", str(features), "--output_dir", str(out),
+        "--recognizer", "knn", "--crops", "1",
+        "--retrieval_index", str(index_folder / "index-*.tfrecord"), RUNNER])
+    assert code == 0
+    stats = json.loads((out / "stats.json").read_text())
+    assert stats["reference_features"]["reused"] and stats["reference_embeddings"]["reused"]
+    queries = len(release.test_kept)
+    assert stats["retrieval_task"] == {"index_images": len(release.index_kept),
+                                       "queries": queries, "rows": queries, "k": 100}
+
+    # retrieval.csv: every test image, the whole index (5 < 100) nearest first; a test image
+    # that is a copy of an index image finds that image first.
+    retrieved = retrieval_metrics.parse_predictions((out / "retrieval.csv").read_text())
+    assert set(retrieved) == set(release.test_kept)
+    for test_id, ids in retrieved.items():
+        assert sorted(ids) == sorted(release.index_kept), test_id
+    for test_id, index_id in release.test_duplicates_of_index.items():
+        assert retrieved[test_id][0] == index_id
+
+    # A recognition solution where some predictions are right: even positions get the
+    # predicted landmark as truth, odd ones another landmark, the last none.
+    predictions = submission.parse_submission((out / "submission.csv").read_text())
+    assert set(predictions) == set(release.test_kept)
+    truth, usage = {}, {}
+    for position, test_id in enumerate(release.test_kept):
+        predicted = predictions[test_id][0] if predictions[test_id] else 1
+        truth[test_id] = ([predicted] if position % 2 == 0 else [predicted + 1000]
+                          ) if position < queries - 1 else []
+        usage[test_id] = "Public" if position % 3 else "Private"
+    solution_path = tmp_path / "recognition_solution_v2.1.csv"
+    solution_path.write_text("id,landmarks,Usage\n" + "".join(
+        f"{i},{' '.join(map(str, truth[i]))},{usage[i]}\n" for i in release.test_kept))
+
+    root = release.root
+    assert evaluate.main([
+        "--submission", str(out / "submission.csv"), "--solution", str(solution_path),
+        "--retrieval", str(out / "retrieval.csv"),
+        "--retrieval_solution", str(root / "retrieval_solution_v2.1.csv"),
+        "--output_dir", str(tmp_path / "evaluation")]) == 0
+    report = json.loads((tmp_path / "evaluation" / "report.json").read_text())
+    scored = {i: p for i, p in predictions.items() if p is not None}
+    assert report["gap"] == pytest.approx(reference_gap(scored, truth))
+    for usage_name in ("Public", "Private"):
+        subset = {i: t for i, t in truth.items() if usage[i] == usage_name}
+        assert report["by_usage"][usage_name]["gap"] == pytest.approx(reference_gap(
+            {i: p for i, p in scored.items() if i in subset}, subset))
+
+    relevant, retrieval_usage = retrieval_metrics.parse_solution(
+        (root / "retrieval_solution_v2.1.csv").read_text())
+    assert report["retrieval"]["counts"]["ignored_queries"] == 1
+    for usage_name, part in [("all", report["retrieval"]),
+                             *report["retrieval"]["by_usage"].items()]:
+        queries_of = [q for q in relevant if usage_name in ("all", retrieval_usage[q])]
+        expected = sum(reference_ap(retrieved.get(q, []), relevant[q], 100)
+                       for q in queries_of) / len(queries_of)
+        assert part["map_at_100"] == pytest.approx(expected)
+    assert set(report["retrieval"]["by_usage"]) == {"Public", "Private"}
+    # The copies found first: those two queries score at least 1/2 each (relevant: 2 images).
+    assert report["retrieval"]["map_at_100"] > 0
