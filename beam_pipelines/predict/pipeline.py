@@ -55,6 +55,11 @@ exit code 4). Job B then replaces ``CropVote`` and ``Verify``::
        |  ReadReferenceImages -- (id, ImageRecord) --------------^ (uncached neighbours only)
        +--unreadable--> ... Flatten -> Blend -> WriteSubmission (as above)
 
+With ``--retrieval_index GLOB`` (records of GLDv2's index archives, ingested unlabelled), the
+same test embeddings also retrieve their 100 nearest index images: ``retrieval.csv``
+(:mod:`beam_pipelines.predict.retrieval_task`: the index embedded by ``EmbedReferences``,
+searched by ``ShardIndex`` + ``Retrieve``; ``stats.json`` ``retrieval_task``).
+
 Test images are embedded from the same views as crop voting (``--crops``), combined by
 ``rescoring.retrieval.combine_view_embeddings`` (views normalised, averaged, normalised again).
 Each test image retrieves its ``--knn_k`` most similar references of the whole index
