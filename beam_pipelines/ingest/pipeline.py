@@ -273,7 +273,9 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     Raises:
       InputError: bad or unknown flags, a bad manifest header, a non-empty output folder
         without ``--overwrite``, an unreadable ``--label_map``, no file matching
-        ``--input_tfrecords`` or one that is not a TFRecord file.
+        ``--input_tfrecords`` or one that is not a TFRecord file; with ``--archives``: no
+        archive matching, a ``--labels_csv`` header that is none of GLDv2's, an archive
+        without its MD5 file in ``--md5_dir``.
       IngestIncomplete: the job ran but wrote nothing or rejected more than
         ``--max_rejected_fraction`` of its input (``error.stats`` is ``stats.json``).
     """

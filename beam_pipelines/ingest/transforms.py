@@ -10,7 +10,9 @@ process could not find it). Each DoFn is an adapter around a pure function of
 
 Two sources feed the same downstream steps (dedupe, label map, split, normalise, write, counts):
 manifest lines (+ distractor files), or the records of ``--input_tfrecords``, which become
-:class:`ManifestRow` s that carry their image bytes (nothing is fetched for them).
+:class:`ManifestRow` s that carry their image bytes (nothing is fetched for them). A third,
+``--archives`` (:mod:`~beam_pipelines.ingest.archives`), reuses the same pieces
+(:func:`label_rows`, :func:`normalise_images`, :func:`write_shards_rejected_and_counts`).
 """
 
 from __future__ import annotations

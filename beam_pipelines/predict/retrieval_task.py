@@ -15,7 +15,10 @@ by the same sharded exact top-k (or FAISS with ``--ann faiss``): a worker holds 
 most ``--index_shard_size`` embeddings and one batch of test embeddings. A test image that could
 not be read gets a row with no image (scored 0 by ``landmarks-evaluate --retrieval``). The file
 is written as a stream (no step holds all rows). The index embeddings are recomputed in every
-run (they are not cached).
+run (they are not cached). Its own counts are in ``stats.json`` ``retrieval_task``
+(:func:`write_stats`); the Beam counters of the shared steps (``retrieval.index_rows``,
+``index_shards``, ``retrieval_pairs``, ``retrieval_queries``) then add up both searches, the
+kNN recognizer's and this one.
 """
 
 from __future__ import annotations
