@@ -340,5 +340,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]
         knn_k=known.knn_k,
         index_shard_size=known.index_shard_size,
         ann=known.ann,
+        retrieval_index=known.retrieval_index,
     )
     return config, beam_args
