@@ -414,3 +414,16 @@ def test_predict_writes_both_tasks_and_evaluate_scores_them(release, runs, demo_
     assert set(report["retrieval"]["by_usage"]) == {"Public", "Private"}
     # The copies found first: those two queries score at least 1/2 each (relevant: 2 images).
     assert report["retrieval"]["map_at_100"] > 0
+
+
+def test_retrieval_index_needs_a_knn_recognizer(tmp_path, capsys):
+    from beam_pipelines.predict import pipeline as predict
+
+    flags = ["--model", str(tmp_path / "m.keras"), "--test_data", "t-*", "--reference_data",
+             "r-*", "--output_dir", str(tmp_path / "o"), "--retrieval_index", "i-*", RUNNER]
+    assert predict.main(flags) == 2
+    error = capsys.readouterr().err.strip()
+    assert error == ("landmarks-predict: error: --retrieval_index needs --recognizer knn or "
+                     "knn+classifier (the index is searched with their --embedding)")
+    assert predict.main([*flags, "--recognizer", "knn"]) == 2  # then: no test files match
+    assert "no test files match" in capsys.readouterr().err

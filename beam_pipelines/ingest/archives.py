@@ -68,6 +68,7 @@ TAG_EVENTS = "events"
 TAG_REFUSED = "refused"
 TAG_CUT = "cut"
 TAG_KINDS = "kinds"
+TAG_IDS = "ids"
 _REJECTED = "rejected"  # the tag of transforms' steps
 
 EVENT_READ = "read_whole"
@@ -214,8 +215,9 @@ def checksum_problem(path: str, md5_dir: str) -> str:
 
 
 class ReadArchive(beam.DoFn):
-    """Archive path -> :class:`ArchiveMember` s (main output), one :class:`ArchiveEvent`
-    (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused archive's image names
+    """Archive path -> ``((archive, index), ArchiveMember)`` (main output), the same members'
+    ``(image id, (archive, index, name))`` without bytes (:data:`TAG_IDS`), one
+    :class:`ArchiveEvent` (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused archive's image names
     (:data:`TAG_REFUSED`) and ``(image id, detail)`` of a member cut short (:data:`TAG_CUT`).
 
     Reads the archive as one stream (after a first stream for the MD5 when ``md5_dir``).
@@ -244,7 +246,10 @@ class ReadArchive(beam.DoFn):
                         raw, True, self._max_bytes):
                     counts[member_kind] = counts.get(member_kind, 0) + 1
                     if member_kind == gldv2.MEMBER_IMAGE:
-                        yield ArchiveMember(path, index, member, image_id, size, data)
+                        yield beam.pvalue.TaggedOutput(
+                            TAG_IDS, (image_id, (path, index, member)))
+                        yield (path, index), ArchiveMember(path, index, member, image_id, size,
+                                                           data)
         except (ArchiveDamaged, OSError) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
@@ -289,15 +294,6 @@ class ParseLabelsLine(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(_REJECTED, parsed)
             else:
                 yield parsed
-
-
-def member_id_ref(member: ArchiveMember):
-    """-> ``(image id, (archive, index, name))``: what the id join needs, no bytes."""
-    return member.image_id, (member.archive, member.index, member.name)
-
-
-def member_by_position(member: ArchiveMember):
-    return (member.archive, member.index), member
 
 
 def key_labelled_by_id(labelled: LabelledRow):
@@ -490,7 +486,7 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
         | "ArchivePaths" >> beam.Create(archive_paths)
         | "SpreadArchives" >> beam.Reshuffle()
         | "ReadArchives" >> beam.ParDo(ReadArchive(config.md5_dir, config.max_bytes)).with_outputs(
-            TAG_EVENTS, TAG_REFUSED, TAG_CUT, main="members")
+            TAG_IDS, TAG_EVENTS, TAG_REFUSED, TAG_CUT, main="members")
     )
     incomplete = (
         read[TAG_EVENTS]
@@ -501,7 +497,7 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
         {"rows": (labelled.rows
                   | "OnlyLabelRows" >> beam.Filter(is_label_row)
                   | "KeyRowsById" >> beam.Map(key_labelled_by_id)),
-         "members": read.members | "MemberIds" >> beam.Map(member_id_ref),
+         "members": read[TAG_IDS],
          "refused": read[TAG_REFUSED],
          "cut": read[TAG_CUT]}
         | "JoinIds" >> beam.CoGroupByKey()
@@ -510,7 +506,7 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
     )
     attached = (
         {"decisions": matched.decisions,
-         "members": read.members | "MembersByPosition" >> beam.Map(member_by_position)}
+         "members": read.members}
         | "JoinBytes" >> beam.CoGroupByKey()
         | "AttachBytes" >> beam.ParDo(AttachBytes(config.max_bytes)).with_outputs(
             _REJECTED, TAG_KINDS, main="rows")
