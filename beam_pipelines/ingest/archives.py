@@ -82,23 +82,6 @@ _DUPLICATE = "duplicate"  # MatchIds' decision for a second copy of an id
 
 
 @dataclasses.dataclass(frozen=True)
-class ArchiveMember:
-    """One image member of an archive read whole or up to its damage.
-
-    ``data``: the file's bytes; None when it is larger than ``--max_bytes`` (not read, rejected
-    ``too_large`` if a label row asks for it). ``index``: position in the archive (0-based; a
-    tar may hold one name twice).
-    """
-
-    archive: str
-    index: int
-    name: str
-    image_id: str
-    size: int
-    data: Optional[bytes] = dataclasses.field(default=None, repr=False)
-
-
-@dataclasses.dataclass(frozen=True)
 class ArchiveEvent:
     """What happened to one archive: ``kind`` is :data:`EVENT_READ`, :data:`EVENT_DAMAGED` or
     :data:`EVENT_REFUSED`; ``counts`` the members by kind (:mod:`.gldv2` ``MEMBER_*``) read
@@ -215,7 +198,10 @@ def checksum_problem(path: str, md5_dir: str) -> str:
 
 
 class ReadArchive(beam.DoFn):
-    """Archive path -> ``((archive, index), ArchiveMember)`` (main output), the same members'
+    """Archive path -> ``((archive, index), (size, bytes))`` for each image member (main output;
+    ``index``: position in the archive, as a tar may hold one name twice; ``bytes`` None when
+    ``size`` exceeds ``max_bytes``: not read, rejected ``too_large`` if a row asks for it; a
+    plain tuple, which Beam's coder writes without pickling), the same members'
     ``(image id, (archive, index, name))`` without bytes (:data:`TAG_IDS`), one
     :class:`ArchiveEvent` (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused archive's image names
     (:data:`TAG_REFUSED`) and ``(image id, detail)`` of a member cut short (:data:`TAG_CUT`).
@@ -248,8 +234,7 @@ class ReadArchive(beam.DoFn):
                     if member_kind == gldv2.MEMBER_IMAGE:
                         yield beam.pvalue.TaggedOutput(
                             TAG_IDS, (image_id, (path, index, member)))
-                        yield (path, index), ArchiveMember(path, index, member, image_id, size,
-                                                           data)
+                        yield (path, index), (size, data)
         except (ArchiveDamaged, OSError) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
@@ -352,7 +337,7 @@ class MatchIds(beam.DoFn):
 
 
 class AttachBytes(beam.DoFn):
-    """``((archive, index), {"decisions": ..., "members": ArchiveMember})`` -> the
+    """``((archive, index), {"decisions": ..., "members": (size, bytes)})`` -> the
     :class:`LabelledRow` carrying the member's bytes (main), a ``too_large``
     :class:`Rejection` (tagged), or the member's kind for the counts (:data:`TAG_KINDS`:
     :data:`KIND_USED`, :data:`KIND_WITHOUT_LABEL_ROW`, :data:`KIND_DUPLICATE`)."""
@@ -365,7 +350,7 @@ class AttachBytes(beam.DoFn):
         decision = None
         for value in groups["decisions"]:
             decision = value
-        for member in groups["members"]:
+        for size, data in groups["members"]:
             if decision is None:
                 yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
                 continue
@@ -374,13 +359,13 @@ class AttachBytes(beam.DoFn):
                 continue
             yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_USED)
             row = decision.row
-            if member.data is None:
+            if data is None:
                 yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
                     image_id=row.image_id, url=row.url, reason="too_large",
-                    detail=f"{member.size} bytes > --max_bytes {self._max_bytes}",
+                    detail=f"{size} bytes > --max_bytes {self._max_bytes}",
                     line=row.line, origin=row.origin))
                 continue
-            yield LabelledRow(dataclasses.replace(row, data=member.data), decision.label,
+            yield LabelledRow(dataclasses.replace(row, data=data), decision.label,
                               decision.split)
 
 
