@@ -203,8 +203,9 @@ class ReadArchive(beam.DoFn):
     ``size`` exceeds ``max_bytes``: not read, rejected ``too_large`` if a row asks for it; a
     plain tuple, which Beam's coder writes without pickling), the same members'
     ``(image id, (archive, index, name))`` without bytes (:data:`TAG_IDS`), one
-    :class:`ArchiveEvent` (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused archive's image names
-    (:data:`TAG_REFUSED`) and ``(image id, detail)`` of a member cut short (:data:`TAG_CUT`).
+    :class:`ArchiveEvent` (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused
+    archive's image names (:data:`TAG_REFUSED`) and ``(image id, detail)`` of a member cut
+    short (:data:`TAG_CUT`).
 
     Reads the archive as one stream (after a first stream for the MD5 when ``md5_dir``).
     Idempotent: read-only, so Beam's bundle retries are harmless.
