@@ -27,6 +27,7 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(PY) bench/bench_normalise.py
+	$(PY) bench/bench_ingest_archives.py
 	$(PY) bench/bench_input_pipeline.py
 	$(PY) bench/bench_verification.py
 	$(PY) bench/bench_crop_voting.py

@@ -1,7 +1,12 @@
-"""`landmarks-evaluate`: GAP report of a submission against a GLDv2 solution.
+"""`landmarks-evaluate`: GAP of a submission against a GLDv2 solution, mAP@100 of a retrieval.
 
     landmarks-evaluate --submission submission.csv --solution test_solution.csv \\
         --output_dir eval/ [--scores scores.csv]
+    landmarks-evaluate --retrieval retrieval.csv --retrieval_solution retrieval_solution_v2.1.csv \\
+        --output_dir eval/
+
+Either task or both in one run (``--submission`` with ``--solution``; ``--retrieval`` with
+``--retrieval_solution``).
 
 Writes ``report.json``, ``precision_at_rank.png`` and ``score_histograms.png`` to
 ``--output_dir`` and prints a short table. Inputs and outputs go through Beam's FileSystems
@@ -28,6 +33,12 @@ Metrics (all over the solution's non-``Ignored`` rows, as the official scorer do
   predictions, ignored rows, test ids without a submission row.
 
 A GAP is ``null`` when the images it covers include no landmark (M = 0, undefined).
+
+Retrieval (``--retrieval``, the predict job's ``retrieval.csv``: ``id,images``, the index ids
+nearest first): ``retrieval.map_at_100`` over every scored query of the solution (a query
+without a row scores 0; ``None`` / ``Ignored`` queries left out), ``retrieval.by_usage`` the
+same for ``Public`` and ``Private``, ``retrieval.counts`` (:mod:`rescoring.retrieval_metrics`,
+GLDv2's definition).
 """
 
 from __future__ import annotations
@@ -46,6 +57,7 @@ import pandas as pd
 from beam_pipelines import cli
 from beam_pipelines import io_utils
 from rescoring import gap as gap_lib
+from rescoring import retrieval_metrics
 from rescoring import submission as submission_lib
 from tfrecords_schema import InputError
 
@@ -62,17 +74,28 @@ USAGE_ORDER = ("Public", "Private")
 
 @dataclasses.dataclass(frozen=True)
 class EvaluateConfig:
-    """Paths of one evaluation (local or ``gs://``)."""
+    """Paths of one evaluation (local or ``gs://``): recognition (``submission`` + ``solution``),
+    retrieval (``retrieval`` + ``retrieval_solution``), or both."""
 
-    submission: str
-    solution: str
-    output_dir: str
+    submission: Optional[str] = None
+    solution: Optional[str] = None
+    output_dir: str = ""
     scores: Optional[str] = None
+    retrieval: Optional[str] = None
+    retrieval_solution: Optional[str] = None
 
     def __post_init__(self):
-        for name in ("submission", "solution", "output_dir"):
-            if not getattr(self, name):
-                raise InputError(f"--{name} is required")
+        if not self.output_dir:
+            raise InputError("--output_dir is required")
+        for first, second in (("submission", "solution"), ("retrieval", "retrieval_solution")):
+            if bool(getattr(self, first)) != bool(getattr(self, second)):
+                given, missing = (first, second) if getattr(self, first) else (second, first)
+                raise InputError(f"--{given} needs --{missing}")
+        if not self.submission and not self.retrieval:
+            raise InputError("--submission and --solution are required (recognition), or "
+                             "--retrieval and --retrieval_solution (retrieval), or all four")
+        if self.scores and not self.submission:
+            raise InputError("--scores goes with --submission and --solution")
 
 
 # ----------------------------------------------------------------------------- pure core
@@ -371,6 +394,17 @@ def format_table(report: dict) -> str:
     return "\n".join(lines)
 
 
+def format_retrieval_table(retrieval: dict) -> str:
+    """mAP@100 and the query counts, for all scored queries and per Usage."""
+    columns = [("all", {**retrieval, "queries": retrieval["counts"]["queries"]})]
+    columns += list(retrieval["by_usage"].items())
+    lines = ["retrieval".ljust(12) + "".join(title.rjust(10) for title, _ in columns)]
+    for name in ("map_at_100", "queries"):
+        lines.append(name.ljust(12) + "".join(_format_value(values.get(name)).rjust(10)
+                                             for _, values in columns))
+    return "\n".join(lines)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The ``landmarks-evaluate`` argument parser."""
     parser = cli.ErrorRaisingArgumentParser(
@@ -382,18 +416,28 @@ def build_parser() -> argparse.ArgumentParser:
                "--output_dir eval/\n"
                f"writes {REPORT_FILENAME}, {PRECISION_PLOT_FILENAME} and "
                f"{HISTOGRAM_PLOT_FILENAME}; all paths may be gs:// URLs.")
-    parser.add_argument("--submission", required=True,
+    parser.add_argument("--submission", default=None,
                         help="submission CSV id,landmarks as written by landmarks-predict "
-                             "(required)")
-    parser.add_argument("--solution", required=True,
-                        help="solution CSV id,landmarks,Usage (GLDv2 form; empty landmarks = "
-                             "non-landmark) (required)")
+                             "(default: none; required with --solution, and unless --retrieval "
+                             "is given)")
+    parser.add_argument("--solution", default=None,
+                        help="solution CSV id,landmarks,Usage (GLDv2 form, e.g. "
+                             "recognition_solution_v2.1.csv; empty landmarks = non-landmark) "
+                             "(default: none; required with --submission)")
     parser.add_argument("--output_dir", required=True,
                         help=f"folder for {REPORT_FILENAME} and the plots (required)")
     parser.add_argument("--scores", default=None,
                         help="scores.csv of landmarks-predict: adds the classifier-only "
                              "metrics, and the kNN-only ones for a retrieval recognizer "
                              "(default: none)")
+    parser.add_argument("--retrieval", default=None,
+                        help="retrieval.csv of landmarks-predict --retrieval_index (id,images: "
+                             "index ids, nearest first): reports mAP@100 (default: none; "
+                             "required with --retrieval_solution)")
+    parser.add_argument("--retrieval_solution", default=None,
+                        help="GLDv2 retrieval solution CSV id,images,Usage (e.g. "
+                             "retrieval_solution_v2.1.csv; images None = ignored query) "
+                             "(default: none; required with --retrieval)")
     return parser
 
 
@@ -415,6 +459,15 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
       InputError: bad or unknown flags, or a missing or malformed input (one-line message).
     """
     config = parse_args(argv)
+    retrieval = None
+    if config.retrieval:
+        retrieval = retrieval_metrics.evaluate(_read(config.retrieval, "retrieval"),
+                                               _read(config.retrieval_solution,
+                                                     "retrieval solution"))
+    if not config.submission:
+        report = {"retrieval": retrieval, "inputs": dataclasses.asdict(config)}
+        io_utils.write_json(io_utils.join(config.output_dir, REPORT_FILENAME), report)
+        return report
     submission_text = _read(config.submission, "submission")
     solution_text = _read(config.solution, "solution")
     scores_text = _read(config.scores, "scores") if config.scores else None
@@ -442,6 +495,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     io_utils.write_bytes(io_utils.join(config.output_dir, HISTOGRAM_PLOT_FILENAME),
                          histogram_plot(panels))
     report["plots"] = [PRECISION_PLOT_FILENAME, HISTOGRAM_PLOT_FILENAME]
+    if retrieval is not None:
+        report["retrieval"] = retrieval
     report["inputs"] = dataclasses.asdict(config)
     io_utils.write_json(io_utils.join(config.output_dir, REPORT_FILENAME), report)
     for problem in report["submission_problems"]:
@@ -462,7 +517,10 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
 def _main(argv: Optional[Sequence[str]]) -> int:
     """Runs the evaluation and prints its table; the exit code of a run that got to its end."""
     report = run(argv)
-    print(format_table(report))
+    if "counts" in report:
+        print(format_table(report))
+    if report.get("retrieval") is not None:
+        print(format_retrieval_table(report["retrieval"]))
     print(f"report: {io_utils.join(report['inputs']['output_dir'], REPORT_FILENAME)}")
     return 0
 

@@ -30,6 +30,14 @@ class IngestConfig:
       input_tfrecords: instead of ``manifest``, a glob of TFRecord shards in DELF's
         ``build_image_dataset.py`` layout or in this project's own (see
         :mod:`beam_pipelines.ingest.tfrecord_input`); exactly one of the two is given.
+      archives: instead of ``manifest``, a glob of GLDv2 tar archives (``images_*.tar``) read
+        as streams (:mod:`beam_pipelines.ingest.archives`); needs ``labels_csv``.
+      labels_csv: with ``archives``: a GLDv2 label CSV, recognised by its header (``train.csv``,
+        ``train_clean.csv``, ``index_image_to_landmark.csv``, or id-only ``test.csv`` /
+        ``index.csv`` for an unlabelled split; :mod:`beam_pipelines.ingest.gldv2`).
+      md5_dir: with ``archives``: folder of the release's ``md5.images_NNN.txt`` files for these
+        archives (``md5sum/train`` for ``train/images_*.tar``); each archive is checked
+        before its members are used.
       output_dir: run folder (must be empty unless ``overwrite``).
       distractor_dir: optional folder of non-landmark images (label -1), listed non-recursively.
       label_map: optional existing ``label_map.csv`` to reuse (e.g. the train map for a dev set);
@@ -50,6 +58,9 @@ class IngestConfig:
     manifest: str = ""
     output_dir: str = ""
     input_tfrecords: str = ""
+    archives: str = ""
+    labels_csv: str = ""
+    md5_dir: str = ""
     distractor_dir: str = ""
     label_map: str = ""
     split_name: str = ""
@@ -67,11 +78,21 @@ class IngestConfig:
     max_rejected_fraction: float = 0.5
 
     def __post_init__(self):
-        if bool(self.manifest) == bool(self.input_tfrecords):
+        given = [name for name in ("manifest", "input_tfrecords", "archives")
+                 if getattr(self, name)]
+        if len(given) != 1:
             raise InputError(
-                "give exactly one input: --manifest (a CSV of id,url[,landmark_id]) or "
-                "--input_tfrecords (a glob of TFRecord shards, e.g. DELF's GLDv2 records); got "
-                + ("both" if self.manifest else "neither"))
+                "give exactly one input: --manifest (a CSV of id,url[,landmark_id]), "
+                "--input_tfrecords (a glob of TFRecord shards, e.g. DELF's GLDv2 records) or "
+                "--archives (a glob of GLDv2 tar archives, with --labels_csv); got "
+                + {0: "none", 2: "both ", 3: "all three: "}.get(len(given), "")
+                + " and ".join(f"--{name}" for name in given))
+        if self.archives and not self.labels_csv:
+            raise InputError("--archives needs --labels_csv (GLDv2's train.csv, train_clean.csv, "
+                             "index_image_to_landmark.csv, test.csv or index.csv)")
+        if (self.labels_csv or self.md5_dir) and not self.archives:
+            raise InputError(f"--{'labels_csv' if self.labels_csv else 'md5_dir'} goes with "
+                             "--archives")
         if not self.output_dir:
             raise InputError("--output_dir is required")
         if self.num_shards < 1:
@@ -130,9 +151,11 @@ PipelineOptions class knows is refused, with the closest flag as a suggestion), 
             --machine_type=n1-standard-4 --max_num_workers=20
 Paths (--manifest, --output_dir, ...) may be gs:// URLs.
 
-example:
+examples:
   landmarks-ingest --manifest toy/train.csv --distractor_dir toy/distractors \\
       --output_dir records/train --dev_fraction 0.2 --num_shards 2 --runner=FnApiRunner
+  landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels_csv gldv2/train_clean.csv \\
+      --md5_dir gldv2/md5sum/train --output_dir records/train --dev_fraction 0.02
 """
 
 
@@ -151,12 +174,26 @@ def build_arg_parser() -> argparse.ArgumentParser:
     add = parser.add_argument
     add("--manifest", default="",
         help="CSV with header id,url,landmark_id (train) or id,url (test); local or gs:// "
-             "(default: none; exactly one of --manifest and --input_tfrecords is required)")
+             "(default: none; exactly one of --manifest, --input_tfrecords and --archives is "
+             "required)")
     add("--input_tfrecords", default="",
         help="instead of --manifest: glob of TFRecord shards to convert, in the layout of "
              "DELF's build_image_dataset.py (image/encoded, image/id, image/class/label = "
              "landmark id; no label = test split) or in this project's layout; quote it "
              "(default: none)")
+    add("--archives", default="",
+        help="instead of --manifest: glob of GLDv2 tar archives (e.g. 'train/images_*.tar'), "
+             "each read as a stream, never extracted; needs --labels_csv; quote it "
+             "(default: none)")
+    add("--labels_csv", default="",
+        help="with --archives: GLDv2 label CSV, recognised by its header: train.csv "
+             "(id,url,landmark_id), train_clean.csv (landmark_id,images), "
+             "index_image_to_landmark.csv (id,landmark_id), or id-only test.csv / index.csv "
+             "(unlabelled split); local or gs:// (default: none)")
+    add("--md5_dir", default="",
+        help="with --archives: folder of the release's md5.images_NNN.txt files for these "
+             "archives (e.g. md5sum/train); an archive whose MD5 does not match is not used and "
+             "its labelled rows are rejected checksum_mismatch (default: no check)")
     add("--output_dir", default="",
         help="run folder for shards, label_map.csv, rejected.csv, stats.json (required)")
     add("--distractor_dir", default="",

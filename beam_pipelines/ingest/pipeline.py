@@ -7,6 +7,15 @@ Usage::
         [--split_name NAME] [--max_rejected_fraction 0.5] [--overwrite]
         [Beam flags, e.g. --runner=DataflowRunner ...]
     landmarks-ingest --input_tfrecords 'gldv2/train-*' --output_dir runs/ingest [...]
+    landmarks-ingest --archives 'gldv2/train/images_*.tar' --labels_csv gldv2/train.csv
+        [--md5_dir gldv2/md5sum/train] --output_dir runs/ingest [...]
+
+``--archives`` reads GLDv2's tar archives as they ship, each as one stream, with a label CSV of
+the release (:mod:`~beam_pipelines.ingest.archives`, :mod:`~beam_pipelines.ingest.gldv2`): the
+label rows take the manifest rows' path (group by id, label map, dev split) on ids alone, the
+archive members are matched to them by id and then normalised and written like fetched files.
+``stats.json`` gets an ``archives`` part (archives read whole, damaged, refused by their MD5;
+members by kind).
 
 ``--input_tfrecords`` replaces the manifest by existing TFRecord shards, in the layout of DELF's
 ``build_image_dataset.py`` (what most GLDv2 users have) or in this project's own: each record is
@@ -106,10 +115,10 @@ IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
 # ------------------------------------------------------------------------------------------
 
 
-def read_first_line(path: str) -> str:
+def read_first_line(path: str, what: str = "manifest") -> str:
     """The first line of ``path`` (the manifest header), read without loading the whole file."""
     if not io_utils.exists(path):
-        raise InputError(f"manifest not found: {path}")
+        raise InputError(f"{what} not found: {path}")
     with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
         head = raw.read(1 << 16)
     text = head.decode("utf-8-sig", errors="replace")
@@ -137,7 +146,8 @@ def list_distractors(folder: str) -> list[ManifestRow]:
 def with_absolute_local_paths(config: IngestConfig) -> IngestConfig:
     """Local paths made absolute, so workers and ``config.json`` do not depend on the cwd."""
     changes = {}
-    for name in ("manifest", "input_tfrecords", "output_dir", "distractor_dir", "label_map"):
+    for name in ("manifest", "input_tfrecords", "archives", "labels_csv", "md5_dir", "output_dir",
+                 "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and FileSystems.get_scheme(path) is None:
             changes[name] = os.path.abspath(path)
@@ -151,7 +161,8 @@ def _is_within(path: str, folder: str) -> bool:
 
 def check_inputs_outside_output(config: IngestConfig) -> None:
     """Refuses an output folder holding an input: ``--overwrite`` would delete it."""
-    for name in ("manifest", "input_tfrecords", "distractor_dir", "label_map"):
+    for name in ("manifest", "input_tfrecords", "archives", "labels_csv", "md5_dir",
+                 "distractor_dir", "label_map"):
         path = getattr(config, name)
         if path and _is_within(path, config.output_dir):
             raise InputError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
@@ -223,6 +234,34 @@ def remove_empty_splits(output_dir: str, shards: dict[str, int],
     return remaining
 
 
+def archive_inputs(config: IngestConfig):
+    """``(label CSV format, archive paths)`` of an ``--archives`` run, checked before any
+    pipeline: a known ``--labels_csv`` header, at least one archive, and with ``--md5_dir`` an MD5
+    file for every archive (``md5.images_NNN.txt`` for ``images_NNN.tar``)."""
+    from beam_pipelines.ingest import gldv2
+
+    labels = gldv2.parse_labels_header(read_first_line(config.labels_csv, "--labels_csv"),
+                                       source=config.labels_csv)
+    paths = io_utils.match(config.archives)
+    if not paths:
+        raise InputError(f"no files match --archives {config.archives!r} (quote the glob so "
+                         "that the shell does not expand it)")
+    if config.md5_dir:
+        present = {path.rstrip("/").rsplit("/", 1)[-1]
+                   for path in io_utils.match(io_utils.join(config.md5_dir, "md5.*.txt"))}
+        missing = [gldv2.md5_file_name(path) for path in paths
+                   if gldv2.md5_file_name(path) not in present]
+        if missing:
+            raise InputError(f"--md5_dir {config.md5_dir} lacks the MD5 file of "
+                             f"{len(missing)} archive(s), e.g. {missing[0]} (one "
+                             "md5.<archive name>.txt per archive, as in the release's "
+                             "md5sum/<split>/)")
+    if config.dev_fraction > 0 and not labels.labelled:
+        raise InputError(f"--dev_fraction needs labels; --labels_csv {config.labels_csv} is "
+                         f"{labels.kind} (ids only)")
+    return labels, paths
+
+
 def run(argv=None, config: IngestConfig | None = None) -> dict:
     """Runs one ingest and returns the ``stats.json`` contents.
 
@@ -234,7 +273,9 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     Raises:
       InputError: bad or unknown flags, a bad manifest header, a non-empty output folder
         without ``--overwrite``, an unreadable ``--label_map``, no file matching
-        ``--input_tfrecords`` or one that is not a TFRecord file.
+        ``--input_tfrecords`` or one that is not a TFRecord file; with ``--archives``: no
+        archive matching, a ``--labels_csv`` header that is none of GLDv2's, an archive
+        without its MD5 file in ``--md5_dir``.
       IngestIncomplete: the job ran but wrote nothing or rejected more than
         ``--max_rejected_fraction`` of its input (``error.stats`` is ``stats.json``).
     """
@@ -246,7 +287,10 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     config = with_absolute_local_paths(config)
     check_inputs_outside_output(config)
     header = None  # TFRecord input: no header, records are labelled or not one by one
-    if config.manifest:
+    labels = archive_paths = None
+    if config.archives:
+        labels, archive_paths = archive_inputs(config)
+    elif config.manifest:
         header = manifest_lib.parse_header(read_first_line(config.manifest),
                                            source=config.manifest)
         if config.dev_fraction > 0 and not header.labelled:
@@ -263,7 +307,11 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     distractors = list_distractors(config.distractor_dir) if config.distractor_dir else []
     io_utils.prepare_output_dir(config.output_dir, config.overwrite)
 
-    if header is not None:
+    if labels is not None:
+        _LOGGER.info("ingest: %d archives of %s with %s (%s) + %d distractor files -> %s",
+                     len(archive_paths), config.archives, config.labels_csv, labels.kind,
+                     len(distractors), config.output_dir)
+    elif header is not None:
         _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
                      "labelled" if header.labelled else "unlabelled", len(distractors),
                      config.output_dir)
@@ -272,12 +320,18 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
                      len(distractors), config.output_dir)
     start = time.monotonic()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    build_pipeline(pipeline, config, header, distractors, given_label_map)
+    if labels is not None:
+        from beam_pipelines.ingest import archives
+
+        archives.build_archive_pipeline(pipeline, config, archive_paths, labels, distractors,
+                                        given_label_map)
+    else:
+        build_pipeline(pipeline, config, header, distractors, given_label_map)
     try:
         result = pipeline.run()
         state = result.wait_until_finish()
     except Exception as error:  # noqa: BLE001 - only Beam's TFRecord framing error is input
-        if header is None and "Not a valid TFRecord" in str(error):
+        if config.input_tfrecords and "Not a valid TFRecord" in str(error):
             raise InputError(
                 f"a file matched by --input_tfrecords {config.input_tfrecords!r} is not a "
                 "TFRecord file or is truncated (Beam's reader: 'Not a valid TFRecord'); check "
@@ -291,24 +345,41 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     counts_path = io_utils.join(config.output_dir, COUNTS_FILENAME)
     stats = json.loads(io_utils.read_text(counts_path))
     FileSystems.delete([counts_path])
-    if header is not None:
+    archive_summary = None
+    if labels is not None:
+        from beam_pipelines.ingest.archives import ARCHIVES_FILENAME
+
+        summary_path = io_utils.join(config.output_dir, ARCHIVES_FILENAME)
+        archive_summary = json.loads(io_utils.read_text(summary_path))
+        FileSystems.delete([summary_path])
+        labelled, shards = labels.labelled, config.shards_per_split(labels.labelled)
+        if not archive_summary["members_balanced"]:
+            _LOGGER.error("ingest: archive members do not reconcile: %s",
+                          archive_summary["members"])
+    elif header is not None:
         labelled, shards = header.labelled, config.shards_per_split(header.labelled)
     else:
         labelled = stats["class_histogram"]["num_classes"] > 0
         shards = remove_empty_splits(config.output_dir, config.shards_per_split(None),
                                      stats["written_per_split"])
-    outcome = stats_lib.assess(
-        stats, config.max_rejected_fraction, noun="rows" if header is not None else "records",
-        source="the manifest" if header is not None else "--input_tfrecords")
+    by_rows = not config.input_tfrecords
+    source = ("the manifest" if config.manifest else
+              "--labels_csv" if config.archives else "--input_tfrecords")
+    outcome = stats_lib.assess(stats, config.max_rejected_fraction,
+                               noun="rows" if by_rows else "records", source=source)
     stats.update({
         "seconds": round(seconds, 3),
         "images_per_second": round(stats["written"] / seconds, 3) if seconds > 0 else 0.0,
         "shards_per_split": shards,
         "labelled": labelled,
-        "input": "manifest" if header is not None else "tfrecords",
+        "input": ("manifest" if config.manifest else
+                  "archives" if config.archives else "tfrecords"),
         "counters": beam_counters(result),
         **outcome,
     })
+    if archive_summary is not None:
+        stats["archives"] = archive_summary
+        stats["labels_csv"] = {"path": config.labels_csv, "kind": labels.kind}
     io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
     io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME),
                         {**config.to_dict(), "beam_args": list(beam_args)})

@@ -10,7 +10,9 @@ process could not find it). Each DoFn is an adapter around a pure function of
 
 Two sources feed the same downstream steps (dedupe, label map, split, normalise, write, counts):
 manifest lines (+ distractor files), or the records of ``--input_tfrecords``, which become
-:class:`ManifestRow` s that carry their image bytes (nothing is fetched for them).
+:class:`ManifestRow` s that carry their image bytes (nothing is fetched for them). A third,
+``--archives`` (:mod:`~beam_pipelines.ingest.archives`), reuses the same pieces
+(:func:`label_rows`, :func:`normalise_images`, :func:`write_shards_rejected_and_counts`).
 """
 
 from __future__ import annotations
@@ -351,9 +353,10 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
     """Adds every ingest step to ``pipeline`` (nothing runs until ``pipeline.run()``).
 
     ``header``: the manifest's; None for ``--input_tfrecords`` (records are labelled or not one
-    by one: labelled ones go to the main split, unlabelled ones to ``test``).
+    by one: labelled ones go to the main split, unlabelled ones to ``test``). The steps after
+    the source are shared with ``--archives`` (:mod:`beam_pipelines.ingest.archives`):
+    :func:`label_rows`, :func:`normalise_images`, :func:`write_shards_rejected_and_counts`.
     """
-    out = config.output_dir
     from_tfrecords = header is None
     if from_tfrecords:
         main_split, unlabelled_split = config.main_split(True), config.main_split(False)
@@ -382,7 +385,36 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
         base_dir = manifest_folder(config.manifest)
     distractor_rows = pipeline | "Distractors" >> beam.Create(distractors)
     all_rows = (parsed.rows, distractor_rows) | "AllRows" >> beam.Flatten()
+    labelled = label_rows(pipeline, all_rows, config, main_split, unlabelled_split,
+                          given_label_map)
+    images = normalise_images(labelled.rows, config, base_dir)
+    write_shards_rejected_and_counts(
+        images, shards, config.output_dir,
+        rejected=[parsed[_REJECTED], *labelled.rejected],
+        rows_in=[lines, distractor_rows], num_classes=labelled.num_classes)
 
+
+@dataclasses.dataclass(frozen=True)
+class LabelledRows:
+    """What :func:`label_rows` adds: the rows to normalise (:class:`LabelledRow`, split set),
+    its rejections (PCollections of :class:`Rejection`) and the label map's class count (a
+    one-element PCollection, written to ``label_map.csv`` on the way)."""
+
+    rows: beam.PCollection
+    rejected: tuple
+    num_classes: beam.PCollection
+
+
+def label_rows(pipeline: beam.Pipeline, all_rows, config: IngestConfig, main_split: str,
+               unlabelled_split: str | None, given_label_map: LabelMap | None) -> LabelledRows:
+    """Rows -> group by id, keep the first (``duplicate_id``) -> label map (built from every
+    unique row's landmark id, or ``given_label_map``) -> class index (``unknown_landmark``) ->
+    dev split per class by hash of id. Nothing here reads an image.
+
+    ``unlabelled_split`` (TFRecord input only): rows without any label go there, and
+    non-landmark rows too when no row is labelled (see :class:`AssignLabel`).
+    """
+    out = config.output_dir
     unique = (
         all_rows
         | "KeyById" >> beam.Map(key_by_id)
@@ -403,7 +435,7 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
     num_classes = label_map | "WriteLabelMap" >> beam.Map(write_label_map, out)
 
     side_inputs = [beam.pvalue.AsSingleton(label_map)]
-    if from_tfrecords:
+    if unlabelled_split is not None:
         any_labelled = (
             unique.rows
             | "OnlyLabelled" >> beam.Filter(is_labelled)
@@ -414,23 +446,41 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
     labelled = unique.rows | "AssignLabel" >> beam.ParDo(
         AssignLabel(main_split, unlabelled_split), *side_inputs
     ).with_outputs(_REJECTED, main="rows")
-    to_fetch = labelled.rows
+    rows = labelled.rows
     if config.dev_fraction > 0:
-        to_fetch = (
-            to_fetch
+        rows = (
+            rows
             | "KeyByClass" >> beam.Map(key_by_class)
             | "GroupByClass" >> beam.GroupByKey()
             | "DevSplit" >> beam.FlatMap(assign_dev_split, config.dev_fraction,
-                                         main_split if from_tfrecords else None)
+                                         main_split if unlabelled_split is not None else None)
         )
+    return LabelledRows(rows, (unique[_REJECTED], labelled[_REJECTED]), num_classes)
 
-    images = (
-        to_fetch
-        | "SpreadImages" >> beam.Reshuffle()
-        | "FetchAndNormalise" >> beam.ParDo(FetchAndNormalise(
-            config.fetch_params(base_dir), config.normalise_params()
-        )).with_outputs(_REJECTED, main="written")
-    )
+
+def normalise_images(rows, config: IngestConfig, base_dir: str = "", spread: bool = True):
+    """:class:`LabelledRow` s -> fetched (unless they carry their bytes) and normalised: a
+    tagged result with ``written`` (:class:`WrittenImage`) and the rejections. ``spread``: a
+    Reshuffle first, so the images are spread over workers (the archive input's rows arrive
+    already spread by a join)."""
+    if spread:
+        rows = rows | "SpreadImages" >> beam.Reshuffle()
+    return rows | "FetchAndNormalise" >> beam.ParDo(FetchAndNormalise(
+        config.fetch_params(base_dir), config.normalise_params()
+    )).with_outputs(_REJECTED, main="written")
+
+
+def write_shards_rejected_and_counts(images, shards: dict[str, int], out: str, rejected: list,
+                                     rows_in: list, num_classes) -> None:
+    """The shards per split, ``rejected.csv`` and the counts file (:data:`COUNTS_FILENAME`).
+
+    Args:
+      images: :func:`normalise_images`' result.
+      shards: split name -> number of shards.
+      rejected: PCollections of :class:`Rejection` (the normaliser's are added here).
+      rows_in: PCollections with one element per input row (each counts as a row in).
+      num_classes: :attr:`LabelledRows.num_classes`.
+    """
     for split, num_shards in shards.items():
         (
             images.written
@@ -440,13 +490,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
                 io_utils.join(out, split), file_name_suffix=".tfrecord", num_shards=num_shards)
         )
 
-    rejected = (
-        (parsed[_REJECTED], unique[_REJECTED], labelled[_REJECTED], images[_REJECTED])
+    all_rejected = (
+        (*rejected, images[_REJECTED])
         | "AllRejected" >> beam.Flatten()
         | "CountRejected" >> beam.Map(count_rejection)
     )
     (
-        rejected
+        all_rejected
         | "RejectedCsv" >> beam.Map(rejection_csv_line)
         | "WriteRejected" >> beam.io.WriteToText(
             io_utils.join(out, REJECTED_FILENAME[: -len(".csv")]), file_name_suffix=".csv",
@@ -454,12 +504,13 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
             num_shards=1, header=",".join(REJECTED_COLUMNS))
     )
 
+    row_events = [rows | f"RowEvents{position}" >> beam.Map(row_in_event)
+                  for position, rows in enumerate(rows_in)]
     events = (
         (
-            lines | "LineEvents" >> beam.Map(row_in_event),
-            distractor_rows | "DistractorEvents" >> beam.Map(row_in_event),
+            *row_events,
             images.written | "WrittenEvents" >> beam.Map(written_event),
-            rejected | "RejectedEvents" >> beam.Map(rejected_event),
+            all_rejected | "RejectedEvents" >> beam.Map(rejected_event),
         )
         | "AllEvents" >> beam.Flatten()
     )

@@ -91,6 +91,9 @@ class PredictConfig:
       index_shard_size: at most this many reference embeddings per shard of the index (the
         unit of memory of a retrieval worker).
       ann: ``exact`` (blocked exact search) or ``faiss`` (FAISS IVF per shard, approximate).
+      retrieval_index: glob of index records (GLDv2's index archives, ingested unlabelled):
+        also write ``retrieval.csv``, the 100 nearest index images of each test image
+        (:mod:`beam_pipelines.predict.retrieval_task`); kNN recognizers only.
       image_size: model input side in pixels (resolved from the model by the launcher; 0 until
         then).
       num_classes: model output width (resolved from the model; 0 until then).
@@ -114,6 +117,7 @@ class PredictConfig:
     knn_k: int = 0
     index_shard_size: int = DEFAULT_INDEX_SHARD_SIZE
     ann: str = "exact"
+    retrieval_index: str = ""
     image_size: int = 0
     num_classes: int = 0
 
@@ -146,6 +150,9 @@ class PredictConfig:
             raise InputError(f"--knn_k must be >= 1, got {self.knn_k}")
         if self.index_shard_size < 1:
             raise InputError(f"--index_shard_size must be >= 1, got {self.index_shard_size}")
+        if self.retrieval_index and self.recognizer == "classifier":
+            raise InputError("--retrieval_index needs --recognizer knn or knn+classifier (the "
+                             "index is searched with their --embedding)")
         if self.recognizer == "classifier":
             if self.embedding or self.knn_k or self.ann != "exact":
                 raise InputError("--embedding, --knn_k and --ann need --recognizer knn or "
@@ -166,7 +173,8 @@ class PredictConfig:
             object.__setattr__(
                 self, "reference_features", _join(parent, REFERENCE_FEATURES_DIRNAME)
             )
-        for name in ("model", "label_map", "test_data", "reference_data", "embedding"):
+        for name in ("model", "label_map", "test_data", "reference_data", "embedding",
+                     "retrieval_index"):
             if getattr(self, name) and _inside(getattr(self, name), self.output_dir):
                 raise InputError(
                     f"--{name} lies inside --output_dir: the run folder is emptied by "
@@ -303,6 +311,10 @@ def build_parser() -> argparse.ArgumentParser:
     add("--ann", default="exact", choices=ANN_CHOICES,
         help="kNN search: exact (blocked matrix products) or faiss (approximate FAISS IVF "
              "index per shard, needs faiss-cpu)" + default)
+    add("--retrieval_index", default="",
+        help="glob of index records (GLDv2's index archives ingested as an unlabelled split): "
+             "also write retrieval.csv, the 100 nearest index images of each test image, "
+             "nearest first; needs --recognizer knn or knn+classifier (default: none)")
     return parser
 
 
@@ -328,5 +340,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]
         knn_k=known.knn_k,
         index_shard_size=known.index_shard_size,
         ann=known.ann,
+        retrieval_index=known.retrieval_index,
     )
     return config, beam_args

@@ -55,6 +55,11 @@ exit code 4). Job B then replaces ``CropVote`` and ``Verify``::
        |  ReadReferenceImages -- (id, ImageRecord) --------------^ (uncached neighbours only)
        +--unreadable--> ... Flatten -> Blend -> WriteSubmission (as above)
 
+With ``--retrieval_index GLOB`` (records of GLDv2's index archives, ingested unlabelled), the
+same test embeddings also retrieve their 100 nearest index images: ``retrieval.csv``
+(:mod:`beam_pipelines.predict.retrieval_task`: the index embedded by ``EmbedReferences``,
+searched by ``ShardIndex`` + ``Retrieve``; ``stats.json`` ``retrieval_task``).
+
 Test images are embedded from the same views as crop voting (``--crops``), combined by
 ``rescoring.retrieval.combine_view_embeddings`` (views normalised, averaged, normalised again).
 Each test image retrieves its ``--knn_k`` most similar references of the whole index
@@ -226,6 +231,8 @@ def check_inputs(config: config_lib.PredictConfig) -> None:
         raise PredictError(f"no test files match --test_data {config.test_data}")
     if not io_utils.match(config.reference_data):
         raise PredictError(f"no reference files match --reference_data {config.reference_data}")
+    if config.retrieval_index and not io_utils.match(config.retrieval_index):
+        raise PredictError(f"no index files match --retrieval_index {config.retrieval_index}")
 
 
 def probe_image():
@@ -493,6 +500,14 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         verified = _knn_scored(pipeline, test, features, references, config, crop_spec,
                                verification_params, index, extractor_spec)
         scored, reference_errors = verified["scored"], verified["errors"]
+        if config.retrieval_index:
+            from beam_pipelines.predict import retrieval_task
+
+            _ = {"queries": verified["embeddings"], "unreadable": test["unreadable"]} | (
+                "RetrieveIndex" >> retrieval_task.RetrieveIndex(
+                    config.retrieval_index, config.embedding, config.image_size,
+                    config.batch_images, config.index_shard_size, config.ann == "faiss",
+                    config.output_dir))
     unreadable = test["unreadable"] | "UnreadableRows" >> beam.Map(
         transforms.unreadable_to_scored)
     rows = (
@@ -537,12 +552,13 @@ def _knn_scored(pipeline, test, features, references, config, crop_spec, verific
         | "ReadReferenceImages" >> beam.io.ReadFromTFRecord(config.reference_data)
         | "ParseReferenceImages" >> beam.ParDo(reference_cache.ParseRecord())
     )
-    return (
+    verified = (
         {"knn": knn_scores, "features": features["features"], "references": references,
          "reference_images": reference_images}
         | "VerifyNeighbours" >> steps.VerifyNeighbours(
             verification_params, params, config.recognizer, extractor_spec)
     )
+    return {**verified, "embeddings": embeddings}  # the test embeddings: --retrieval_index
 
 
 # ---- did the run do its work? ----------------------------------------------------------------
@@ -764,6 +780,12 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     if config.uses_knn:
         stats.update(reference_embeddings=embeddings, retrieval=retrieval_stats(result))
     problem = completeness_problem(stats, config)
+    if config.retrieval_index:
+        from beam_pipelines.predict import retrieval_task
+
+        stats["retrieval_task"] = retrieval_task.read_stats(config.output_dir)
+        problem = problem or retrieval_task.problem(stats["retrieval_task"],
+                                                    config.retrieval_index)
     stats.update(complete=problem is None, problem=problem)
     _write_stats(config.output_dir, stats)
     if problem is not None:
@@ -776,6 +798,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
         "output_dir": config.output_dir,
         "submission": io_utils.join(config.output_dir, "submission.csv"),
         "scores": io_utils.join(config.output_dir, "scores.csv"),
+        **({"retrieval_csv": io_utils.join(config.output_dir, "retrieval.csv")}
+           if config.retrieval_index else {}),
         **stats,
     }
 
