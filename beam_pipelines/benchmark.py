@@ -3,7 +3,8 @@
 Usage::
 
     landmarks-benchmark --output_dir runs/bench [--seeds 0,1,2]
-        [--recognizers classifier,knn,knn+classifier] [--difficulty hard|standard]
+        [--recognizers classifier,knn,knn+classifier] [--rerank_top 1,3,5]
+        [--difficulty hard|standard]
         [--scenes_dir DIR] [toy-data size flags] [--image_size 96] [--crops 22]
         [--train_preset quick] [--overwrite] [landmarks-train flags]
 
@@ -14,8 +15,9 @@ functions of :mod:`beam_pipelines.stages`; the Beam stages on the local ``FnApiR
     ingest     landmarks-ingest                 -> seed_S/ingest_train/ (train + dev, distractors)
     ingest     landmarks-ingest                 -> seed_S/ingest_test/
     train      landmarks-train --seed S         -> seed_S/model/        (once per seed)
-    then for each recognizer R (folder name: R with "+" as "_"):
-    predict    landmarks-predict --recognizer R -> seed_S/predict_R/
+    then for each recognizer R (folder name: R with "+" as "_"; the classifier once per K of
+    --rerank_top, folder classifier_topK for K > 1):
+    predict    landmarks-predict --recognizer R [--rerank_top K] -> seed_S/predict_R/
     evaluate   landmarks-evaluate               -> seed_S/evaluation_R/ (report.json)
 
 All predict runs of a seed share one reference-feature cache, ``seed_S/reference_features``.
@@ -23,7 +25,9 @@ All predict runs of a seed share one reference-feature cache, ``seed_S/reference
 Methods (the rows of the table), two per recognizer, read from its ``report.json``
 (:class:`Method`): its answer before local-feature rescoring ("R (no rescoring)": the
 classifier's crop voting, ``gap_nn_only``...; the kNN recognizers' neighbour vote,
-``gap_knn_only``...) and its final answer ("R + rescoring": ``gap``...). Columns: GAP, top-1
+``gap_knn_only``...) and its final answer ("R + rescoring": ``gap``...). The classifier with
+``--rerank_top K > 1`` adds one row, its final answer ("classifier, top K verified +
+rescoring"); its answer before rescoring is the crop vote, the row of K = 1. Columns: GAP, top-1
 accuracy and GAP over landmark images only, each as mean ± sample sd (ddof=1; "n/a" with one
 seed) over the seeds, and the number of seeds. A figure that evaluate does not give is "n/a".
 
@@ -56,6 +60,7 @@ import time
 from typing import Mapping, Optional, Sequence
 
 from beam_pipelines import cli, stages as stage_lib, toy_data
+from beam_pipelines.predict.config import DEFAULT_RERANK_TOP
 from beam_pipelines.predict.elements import RECOGNIZERS
 from tfrecords_schema import InputError
 from trainer.cli import CommandFailure, first_line, flag_name, is_input_error
@@ -103,6 +108,7 @@ class BenchmarkConfig:
     output_dir: str
     seeds: tuple[int, ...] = (0, 1, 2)
     recognizers: tuple[str, ...] = RECOGNIZERS
+    rerank_top: tuple[int, ...] = tuple(dict.fromkeys((1, DEFAULT_RERANK_TOP)))
     difficulty: str = "hard"
     scenes_dir: Optional[str] = None
     # The toy set's size: landmarks-toy-data's own defaults, not a second copy of them. None:
@@ -144,6 +150,13 @@ class BenchmarkConfig:
                                  f"{', '.join(RECOGNIZERS)})")
             if self.recognizers.count(recognizer) > 1:
                 raise InputError(f"--recognizers must be unique, {recognizer} is given twice")
+        if not self.rerank_top:
+            raise InputError("--rerank_top needs at least one K")
+        for k in self.rerank_top:
+            if k < 1:
+                raise InputError(f"--rerank_top must be >= 1, got {k}")
+            if self.rerank_top.count(k) > 1:
+                raise InputError(f"--rerank_top must be unique, {k} is given twice")
         if self.difficulty not in DIFFICULTIES:
             raise InputError(f"--difficulty must be one of {', '.join(DIFFICULTIES)}, got "
                              f"{self.difficulty!r}")
@@ -161,7 +174,8 @@ class BenchmarkConfig:
     def from_json_dict(cls, values: Mapping) -> "BenchmarkConfig":
         """The config from its ``dataclasses.asdict`` form, as read back from JSON."""
         values = dict(values)
-        for name in ("seeds", "recognizers", "extra_train_flags"):
+        values.setdefault("rerank_top", (1,))  # a benchmark.json written before the flag
+        for name in ("seeds", "recognizers", "rerank_top", "extra_train_flags"):
             values[name] = tuple(values[name])
         return cls(**values)
 
@@ -212,6 +226,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recognizers", type=parse_recognizers, default=",".join(defaults.recognizers),
         help=f"comma-separated recognizers of landmarks-predict to compare, from "
              f"{', '.join(RECOGNIZERS)}" + default)
+    add("--rerank_top", type=parse_seeds, default=",".join(map(str, defaults.rerank_top)),
+        help="comma-separated K of landmarks-predict --rerank_top for the classifier "
+             "recognizer, each a row (1 = the recipe, the baseline)" + default)
     add("--difficulty", default=defaults.difficulty, choices=DIFFICULTIES,
         help="landmarks-toy-data --difficulty" + default)
     add("--scenes_dir", default=defaults.scenes_dir,
@@ -297,9 +314,37 @@ def toy_flags(config: BenchmarkConfig) -> list[str]:
     return flags
 
 
-def predict_flags(recognizer: str) -> tuple[str, ...]:
-    """What a recognizer's predict run adds to the shared predict flags."""
+def predict_flags(recognizer: str, rerank_top: int = 1) -> tuple[str, ...]:
+    """What a recognizer's predict run adds to the shared predict flags (the classifier's K
+    always explicit, so that K = 1 is the recipe whatever the default)."""
+    if recognizer == "classifier":
+        return ("--recognizer", recognizer, "--rerank_top", str(rerank_top))
     return ("--recognizer", recognizer)
+
+
+@dataclasses.dataclass(frozen=True)
+class Variant:
+    """One predict run of a seed: a recognizer, and the classifier's ``--rerank_top``."""
+
+    recognizer: str
+    rerank_top: int = 1
+
+    @property
+    def folder(self) -> str:
+        """``classifier``, ``classifier_top3``, ``knn``, ``knn_classifier``."""
+        suffix = f"_top{self.rerank_top}" if self.rerank_top > 1 else ""
+        return recognizer_dir(self.recognizer) + suffix
+
+    @property
+    def label(self) -> str:
+        return (f"{self.recognizer} (--rerank_top {self.rerank_top})"
+                if self.recognizer == "classifier" else self.recognizer)
+
+
+def variants_for(config: BenchmarkConfig) -> list[Variant]:
+    """The predict runs of a seed, in order: per recognizer, the classifier once per K."""
+    return [Variant(recognizer, k) for recognizer in config.recognizers
+            for k in (config.rerank_top if recognizer == "classifier" else (1,))]
 
 
 def check_job_values(config: BenchmarkConfig) -> None:
@@ -325,7 +370,8 @@ def check_job_values(config: BenchmarkConfig) -> None:
                 reference_data="unused", output_dir=os.path.join("unused", "predict"),
                 local_features=config.local_features,
                 references_per_class=config.references_per_class, crops=config.crops,
-                recognizer=recognizer)
+                recognizer=recognizer,
+                rerank_top=max(config.rerank_top) if recognizer == "classifier" else 0)
         except InputError as error:
             raise InputError(f"predict: {first_line(error)}") from error
 
@@ -333,7 +379,9 @@ def check_job_values(config: BenchmarkConfig) -> None:
 def command_line(config: BenchmarkConfig) -> list[str]:
     """The flags that reproduce ``config`` (every value explicit; ``--overwrite`` left out)."""
     argv = ["--output_dir", config.output_dir, "--seeds", ",".join(map(str, config.seeds)),
-            "--recognizers", ",".join(config.recognizers), "--difficulty", config.difficulty]
+            "--recognizers", ",".join(config.recognizers),
+            "--rerank_top", ",".join(map(str, config.rerank_top)),
+            "--difficulty", config.difficulty]
     if config.scenes_dir:
         argv += ["--scenes_dir", config.scenes_dir]
     for name in (*TOY_SIZE_FIELDS, "image_size", "crops", "references_per_class"):
@@ -359,9 +407,12 @@ class Method:
 
     recognizer: str
     rescoring: bool
+    rerank_top: int = 1
 
     @property
     def name(self) -> str:
+        if self.rerank_top > 1:
+            return f"{self.recognizer}, top {self.rerank_top} verified + rescoring"
         return f"{self.recognizer} + rescoring" if self.rescoring else (
             f"{self.recognizer} (no rescoring)")
 
@@ -377,10 +428,21 @@ class Method:
         return f"{metric}_{only}"
 
 
-def methods_for(recognizers: Sequence[str]) -> list[Method]:
-    """The rows, in order: per recognizer, without then with rescoring."""
-    return [Method(recognizer, rescoring) for recognizer in recognizers
-            for rescoring in (False, True)]
+def methods_for(recognizers: Sequence[str], rerank_top: Sequence[int] = (1,)) -> list[Method]:
+    """The rows, in order: per recognizer, without then with rescoring; the classifier's final
+    answer once per K of ``rerank_top`` (its answer before rescoring, the crop vote, once)."""
+    return [method for recognizer in recognizers
+            for method in variant_methods(recognizer, rerank_top)]
+
+
+def variant_methods(recognizer: str, rerank_top: Sequence[int] = (1,),
+                    first: bool = True) -> list[Method]:
+    """The rows of one recognizer (every K of ``rerank_top``, the classifier), or with one
+    K of it: the row "(no rescoring)" only for the ``first`` K."""
+    if recognizer != "classifier":
+        return [Method(recognizer, False), Method(recognizer, True)]
+    rows = [Method(recognizer, False)] if first else []
+    return rows + [Method(recognizer, True, int(k)) for k in rerank_top]
 
 
 def method_metrics(report: Mapping, method: Method) -> dict[str, Optional[float]]:
@@ -669,7 +731,8 @@ def run_seed(config: BenchmarkConfig, seed: int, index: int, failure: dict) -> d
     ``benchmark.json``: stages and timings, dev GAP, each recognizer's report and metrics."""
     root = os.path.join(config.output_dir, f"seed_{seed}")
     stages: list[stage_lib.Stage] = []
-    total = 4 + 2 * len(config.recognizers)
+    variants = variants_for(config)
+    total = 4 + 2 * len(variants)
     run = _stage_runner(seed, index, len(config.seeds), total, stages, failure)
     start = time.perf_counter()
     toy_summary = run(1, "toy data",
@@ -681,22 +744,26 @@ def run_seed(config: BenchmarkConfig, seed: int, index: int, failure: dict) -> d
         [*train_base_flags(config.train_preset), *config.extra_train_flags]))
     metrics, reports, knn_k = {}, {}, {}
     views = None
-    for position, recognizer in enumerate(config.recognizers):
-        predicted = f"predict_{recognizer_dir(recognizer)}"
-        evaluated = f"evaluation_{recognizer_dir(recognizer)}"
+    seen: set = set()
+    for position, variant in enumerate(variants):
+        recognizer = variant.recognizer
+        predicted = f"predict_{variant.folder}"
+        evaluated = f"evaluation_{variant.folder}"
         number = 5 + 2 * position
-        run(number, f"predict {recognizer}", lambda: stage_lib.predict_test(
+        run(number, f"predict {variant.label}", lambda: stage_lib.predict_test(
             root, predicted, config.local_features, config.references_per_class, config.crops,
-            predict_flags(recognizer)))
-        report = run(number + 1, f"evaluate {recognizer}",
+            predict_flags(recognizer, variant.rerank_top)))
+        report = run(number + 1, f"evaluate {variant.label}",
                      lambda: stage_lib.evaluate_submission(root, predicted, evaluated))
-        reports[recognizer] = os.path.join(root, evaluated, "report.json")
+        reports[variant.folder] = os.path.join(root, evaluated, "report.json")
         predict_dir = stage_lib.path(root, predicted)
         views = stage_lib.predict_views_per_image(predict_dir)
         if recognizer != "classifier":
             knn_k[recognizer] = stage_lib.recorded_config(predict_dir, "knn_k")
-        for method in methods_for([recognizer]):
+        for method in variant_methods(recognizer, (variant.rerank_top,),
+                                      first=recognizer not in seen):
             metrics[method.name] = method_metrics(report, method)
+        seen.add(recognizer)
     return {
         "seed": seed,
         "dir": root,
@@ -760,7 +827,7 @@ def run(config: BenchmarkConfig, argv: Optional[Sequence[str]] = None) -> dict:
         _write_json(marker, record)
         raise
 
-    methods = methods_for(config.recognizers)
+    methods = methods_for(config.recognizers, config.rerank_top)
     rows = aggregate([seed["metrics"] for seed in record["seeds"]], methods)
     first = record["seeds"][0]
     descriptions = [stage1_description(recognizer, first["views_per_image"],

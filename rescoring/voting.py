@@ -85,3 +85,39 @@ def vote_shares(view_probabilities: np.ndarray) -> dict[int, float]:
         shares[class_index] = shares.get(class_index, 0.0) + probability
     return {class_index: float(np.float32(shares[class_index] / len(probabilities)))
             for class_index in sorted(shares)}
+
+
+TOP_CLASSES_OF_CLASSIFIER = 5
+"""How many of the classifier's classes the ``knn+classifier`` rule weighs by their probability
+(GLR-2020 3rd place: the classifier's top 5; every other class gets ``missing_confidence``)."""
+
+
+def top_mean_probabilities(view_probabilities: np.ndarray,
+                           n: int = TOP_CLASSES_OF_CLASSIFIER) -> dict[int, float]:
+    """The classifier's n most probable classes of one image, with their probabilities.
+
+    The probability of a class is its mean over the V views (the views are one image; a single
+    view gives its own probabilities). The n classes with the largest means are kept (equal
+    means: the lower class index first); this is the classifier factor of the GLR-2020
+    3rd-place rule (``rescoring.retrieval.AggregationParams.glr2020_third``), which multiplies
+    a neighbour's vote by this probability of its class to the power 10, and by
+    ``missing_confidence`` (1e-8) for a class outside these n.
+
+    Args:
+      view_probabilities: float ``[V, C]``: V views' class probabilities.
+      n: classes kept, >= 1 (at most C).
+
+    Returns:
+      ``{class_index: mean probability}`` with Python ``int`` keys and ``float`` values, in
+      decreasing order of probability.
+    """
+    probabilities = np.asarray(view_probabilities, np.float64)
+    if probabilities.ndim != 2 or 0 in probabilities.shape:
+        raise ValueError(f"expected non-empty [V, C] probabilities, got {probabilities.shape}")
+    if not np.all(np.isfinite(probabilities)):
+        raise ValueError("view probabilities contain NaN or infinity")
+    if int(n) != n or n < 1:
+        raise ValueError(f"n must be an integer >= 1, got {n!r}")
+    mean = probabilities.mean(axis=0)
+    order = np.argsort(-mean, kind="stable")[: int(n)]  # equal means: lower index first
+    return {int(c): float(mean[c]) for c in order}

@@ -45,6 +45,9 @@ RECOGNIZER_CHOICES = RECOGNIZERS
 (GLR-2019 rule), or retrieval whose votes are weighted by the classifier (GLR-2020 3rd place)."""
 ANN_CHOICES = ("exact", "faiss")
 DEFAULT_INDEX_SHARD_SIZE = 100_000
+DEFAULT_RERANK_TOP = 1
+"""``--rerank_top`` of the classifier recognizer: candidates of the crop vote verified per test
+image (1 = the recipe; chosen from the benchmark in docs/METHOD.md)."""
 EMBEDDING_FILENAME = "embedding.keras"
 
 
@@ -94,6 +97,9 @@ class PredictConfig:
       retrieval_index: glob of index records (GLDv2's index archives, ingested unlabelled):
         also write ``retrieval.csv``, the 100 nearest index images of each test image
         (:mod:`beam_pipelines.predict.retrieval_task`); kNN recognizers only.
+      rerank_top: K, the crop vote's candidates verified per test image, the answer being the
+        best final score (``rescoring.candidates``); 1 = the recipe. 0 = :data:`DEFAULT_RERANK_TOP`
+        for the classifier recognizer (resolved here; stays 0 for the kNN recognizers).
       image_size: model input side in pixels (resolved from the model by the launcher; 0 until
         then).
       num_classes: model output width (resolved from the model; 0 until then).
@@ -118,6 +124,7 @@ class PredictConfig:
     index_shard_size: int = DEFAULT_INDEX_SHARD_SIZE
     ann: str = "exact"
     retrieval_index: str = ""
+    rerank_top: int = 0
     image_size: int = 0
     num_classes: int = 0
 
@@ -153,11 +160,18 @@ class PredictConfig:
         if self.retrieval_index and self.recognizer == "classifier":
             raise InputError("--retrieval_index needs --recognizer knn or knn+classifier (the "
                              "index is searched with their --embedding)")
+        if self.rerank_top < 0:
+            raise InputError(f"--rerank_top must be >= 1, got {self.rerank_top}")
         if self.recognizer == "classifier":
             if self.embedding or self.knn_k or self.ann != "exact":
                 raise InputError("--embedding, --knn_k and --ann need --recognizer knn or "
                                  "knn+classifier")
+            if not self.rerank_top:
+                object.__setattr__(self, "rerank_top", DEFAULT_RERANK_TOP)
         else:
+            if self.rerank_top:
+                raise InputError("--rerank_top needs --recognizer classifier (the kNN "
+                                 "recognizers re-rank by their verified neighbours)")
             if not self.knn_k:
                 object.__setattr__(self, "knn_k", default_knn_k(self.recognizer))
             if not self.embedding:
@@ -315,6 +329,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="glob of index records (GLDv2's index archives ingested as an unlabelled split): "
              "also write retrieval.csv, the 100 nearest index images of each test image, "
              "nearest first; needs --recognizer knn or knn+classifier (default: none)")
+    add("--rerank_top", type=int, default=0,
+        help="classifier recognizer: verify the crop vote's top K classes, each against its "
+             "own references, and answer the one with the best final score (1 = the recipe: "
+             f"only the vote's class) (default: {DEFAULT_RERANK_TOP})")
     return parser
 
 
@@ -341,5 +359,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]
         index_shard_size=known.index_shard_size,
         ann=known.ann,
         retrieval_index=known.retrieval_index,
+        rerank_top=known.rerank_top,
     )
     return config, beam_args

@@ -56,31 +56,60 @@ class Vote(NamedTuple):
     (:func:`rescoring.voting.vote_shares`), as ``((class_index, share), ...)`` sorted by class;
     filled only when asked for (``CropVote(..., class_votes=True)``, the ``knn+classifier``
     recognizer), empty otherwise.
+
+    ``candidates``: with ``--rerank_top K > 1``, the K classes to verify and the confidence
+    each is blended with, ``((class_index, confidence), ...)`` in candidate order, the first
+    being ``(class_index, confidence)`` (:func:`rescoring.candidates.top_candidates`); empty
+    otherwise (the recipe: only ``class_index`` is verified).
     """
 
     class_index: int
     confidence: float
     class_votes: tuple = ()
+    candidates: tuple = ()
 
 
 class TestQuery(NamedTuple):
     """A test image ready for verification: its vote and its local features (``[N, 2]``,
-    ``[N, D]``; ``N`` may be 0)."""
+    ``[N, D]``; ``N`` may be 0).
+
+    ``rank``: which of ``vote.candidates`` this copy verifies (0: the vote's class; always 0
+    without candidates)."""
 
     image_id: str
     vote: Vote
     locations: np.ndarray
     descriptors: np.ndarray
+    rank: int = 0
 
     @property
     def num_features(self) -> int:
         return int(self.locations.shape[0])
 
 
+class Candidacy(NamedTuple):
+    """Where a row stands among its image's candidates (``--rerank_top K > 1`` only).
+
+    Attributes:
+      rank: the candidate's position (0: the crop vote's class).
+      num_candidates: the candidates verified for the image (K, or C when C < K).
+      vote_class: the crop vote's class (class index in ``ScoredImage``, landmark id in
+        ``FinalRow``).
+      vote_confidence: the crop vote's confidence.
+    """
+
+    rank: int
+    num_candidates: int
+    vote_class: int
+    vote_confidence: float
+
+
 class ScoredImage(NamedTuple):
     """Per-image scores before normalisation (local scores are raw inlier counts).
 
-    ``class_index`` is None (and every score 0) for an unreadable image.
+    ``class_index`` is None (and every score 0) for an unreadable image. With ``--rerank_top
+    K > 1`` there is one per candidate: ``class_index`` and ``nn_confidence`` are the
+    candidate's, ``candidate`` says which.
     """
 
     image_id: str
@@ -93,10 +122,15 @@ class ScoredImage(NamedTuple):
     num_features: int
     num_references: int
     knn: Optional["KnnDetails"] = None
+    candidate: Optional[Candidacy] = None
 
 
 class FinalRow(NamedTuple):
-    """One line of ``scores.csv`` plus bookkeeping; labels are ORIGINAL landmark ids."""
+    """One line of ``scores.csv`` plus bookkeeping; labels are ORIGINAL landmark ids.
+
+    ``candidate`` (``--rerank_top K > 1``): ``nn_label``/``nn_confidence`` are the crop vote's,
+    ``label`` the candidate's, blended with ``candidate_confidence``.
+    """
 
     image_id: str
     status: str
@@ -110,6 +144,8 @@ class FinalRow(NamedTuple):
     num_features: int
     num_references: int
     knn: Optional["KnnDetails"] = None
+    candidate: Optional[Candidacy] = None
+    candidate_confidence: Optional[float] = None
 
 
 # ---- the retrieval recognizers ------------------------------------------------------------------

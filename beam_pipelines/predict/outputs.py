@@ -28,6 +28,13 @@ confidences ``dict(zip(neighbour_labels, neighbour_confidences))`` for ``knn+cla
 max(local_max) + w * confidence``, where ``confidence`` replaces ``nn_confidence`` (see
 :func:`beam_pipelines.predict.knn.blend_confidence`). ``nn_label`` and ``nn_confidence`` are the
 classifier's crop vote with ``knn+classifier``, empty with ``knn``.
+
+With the classifier and ``--rerank_top K > 1`` the file has :data:`CANDIDATE_COLUMNS` after the
+first eight, ``candidate_rank,confidence``: ``nn_label``/``nn_confidence`` stay the crop vote's,
+``label`` and the ``local_*`` columns are the answer's (the candidate ``candidate_rank`` of
+``rescoring.candidates.top_candidates``), and ``final_score = (1 - w) * local_max /
+max(local_max) + w * confidence``, where the maximum runs over every candidate of every image
+(so it may exceed the largest ``local_max`` of the file).
 """
 
 from __future__ import annotations
@@ -48,6 +55,9 @@ SCORES_HEADER = (
     "id", "nn_label", "nn_confidence", "local_max", "local_mean", "local_best_half",
     "final_score", "label",
 )
+CANDIDATE_COLUMNS = ("candidate_rank", "confidence")
+"""With ``--rerank_top K > 1`` (classifier): which candidate is the answer (0: the crop vote's
+class) and the confidence its ``final_score`` blends in place of ``nn_confidence``."""
 KNN_COLUMNS = (
     "recognizer", "confidence", "knn_label", "knn_score", "non_landmark_penalty",
     "neighbour_ids", "neighbour_similarities", "neighbour_labels", "neighbour_inliers",
@@ -110,16 +120,23 @@ def _knn_values(row: FinalRow, recognizer: str) -> tuple:
             _list_text(knn.neighbour_inliers), _list_text(knn.neighbour_confidences))
 
 
-def scores_csv(rows: Sequence[FinalRow], recognizer: str = "classifier") -> str:
+def scores_csv(rows: Sequence[FinalRow], recognizer: str = "classifier",
+               rerank_top: int = 1) -> str:
     """``scores.csv`` text for rows already reduced by :func:`one_row_per_id`; a kNN
-    ``recognizer`` adds :data:`KNN_COLUMNS`."""
+    ``recognizer`` adds :data:`KNN_COLUMNS`, the classifier with ``rerank_top`` K > 1
+    :data:`CANDIDATE_COLUMNS` (K = 1, the recipe: the file as it always was)."""
     knn_columns = recognizer != "classifier"
-    lines = [",".join(SCORES_HEADER + (KNN_COLUMNS if knn_columns else ()))]
+    candidate_columns = not knn_columns and rerank_top > 1
+    lines = [",".join(SCORES_HEADER + (KNN_COLUMNS if knn_columns else ())
+                      + (CANDIDATE_COLUMNS if candidate_columns else ()))]
     for row in rows:
         values = (row.image_id, row.nn_label, row.nn_confidence, row.local_max, row.local_mean,
                   row.local_best_half, row.final_score, row.label)
         if knn_columns:
             values += _knn_values(row, recognizer)
+        if candidate_columns:
+            values += ((None, None) if row.candidate is None
+                       else (row.candidate.rank, row.candidate_confidence))
         lines.append(",".join(_text(value) for value in values))
     return "\n".join(lines) + "\n"
 

@@ -491,7 +491,8 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
     reference_errors = None
     if config.recognizer == "classifier":
         votes = test["images"] | "CropVote" >> steps.CropVote(
-            config.model, config.image_size, config.batch_images, crop_spec)
+            config.model, config.image_size, config.batch_images, crop_spec,
+            rerank_top=config.rerank_top)
         scored = (
             {"votes": votes, "features": features["features"], "references": references}
             | "Verify" >> steps.Verify(verification_params)
@@ -515,11 +516,14 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
         | "AllTestImages" >> beam.Flatten()
         | "Blend" >> steps.Blend(config.blend_weight, landmark_ids)
     )
+    if config.recognizer == "classifier" and config.rerank_top > 1:
+        rows = rows | "PickBestCandidate" >> steps.PickBestCandidate()
     outputs = {"rows": rows, "unparseable": test["unparseable"],
                "extraction_errors": features["errors"]}
     if reference_errors is not None:
         outputs["reference_extraction_errors"] = reference_errors
-    _ = outputs | "WriteSubmission" >> steps.WriteSubmission(config.output_dir, config.recognizer)
+    _ = outputs | "WriteSubmission" >> steps.WriteSubmission(
+        config.output_dir, config.recognizer, config.rerank_top)
 
 
 def _knn_scored(pipeline, test, features, references, config, crop_spec, verification_params,

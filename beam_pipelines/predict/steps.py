@@ -51,14 +51,17 @@ class ReadTestImages(beam.PTransform):
 class VoteOverViews(beam.PTransform):
     """``(image_id, PredictionResult)`` whose ``inference`` is the views' class probabilities
     ``[V, C]`` -> ``(image_id, Vote)`` (:func:`rescoring.voting.vote`; with ``class_votes``,
-    every class's share of the votes too, :func:`rescoring.voting.vote_shares`)."""
+    the classifier's top-5 mean probabilities too, :func:`rescoring.voting.top_mean_probabilities`;
+    with ``rerank_top`` K > 1, the K candidates, :func:`rescoring.candidates.top_candidates`)."""
 
-    def __init__(self, class_votes: bool = False):
+    def __init__(self, class_votes: bool = False, rerank_top: int = 1):
         super().__init__()
         self._class_votes = class_votes
+        self._rerank_top = rerank_top
 
     def expand(self, results):
-        return results | "Vote" >> beam.Map(transforms.vote_keyed, self._class_votes)
+        return results | "Vote" >> beam.Map(transforms.vote_keyed, self._class_votes,
+                                            self._rerank_top)
 
 
 class CropVote(beam.PTransform):
@@ -67,18 +70,19 @@ class CropVote(beam.PTransform):
 
     The image's V views (``crop_spec``), the model on batches of ``batch_images`` images'
     views (``RunInference`` with :class:`.model_handler.CropViewsModelHandler`), then
-    :class:`VoteOverViews` (``class_votes``: the votes carry every class's share, for the
-    ``knn+classifier`` recognizer).
+    :class:`VoteOverViews` (``class_votes``: the votes carry the classifier factor of the
+    ``knn+classifier`` recognizer; ``rerank_top``: the K candidates to verify).
     """
 
     def __init__(self, model_path: str, image_size: int, batch_images: int, crop_spec,
-                 class_votes: bool = False):
+                 class_votes: bool = False, rerank_top: int = 1):
         super().__init__()
         self._model_path = model_path
         self._image_size = image_size
         self._batch_images = batch_images
         self._crop_spec = crop_spec
         self._class_votes = class_votes
+        self._rerank_top = rerank_top
 
     def expand(self, images):
         handler = KeyedModelHandler(model_handler.CropViewsModelHandler(
@@ -88,7 +92,7 @@ class CropVote(beam.PTransform):
             | "MakeViews" >> beam.Map(
                 transforms.make_views_keyed, self._image_size, self._crop_spec)
             | "RunInference" >> RunInference(handler)
-            | "VoteOverViews" >> VoteOverViews(self._class_votes)
+            | "VoteOverViews" >> VoteOverViews(self._class_votes, self._rerank_top)
         )
 
 
@@ -179,6 +183,25 @@ class Blend(beam.PTransform):
         return scored | "NormaliseBlend" >> beam.Map(
             transforms.blend_row, beam.pvalue.AsSingleton(maxima), self._blend_weight,
             self._landmark_ids)
+
+
+class PickBestCandidate(beam.PTransform):
+    """``FinalRow`` -> ``FinalRow``: with ``--rerank_top K > 1``, each test image's candidate
+    rows become one, its answer (:class:`.transforms.BestCandidateFn`: the highest final score,
+    equal scores to the earlier candidate; a ``CombinePerKey`` by test id). Rows that are not
+    candidates' (unreadable images) pass unchanged."""
+
+    def expand(self, rows):
+        candidates = rows | "CandidateRows" >> beam.Filter(transforms.is_candidate_row)
+        others = rows | "OtherRows" >> beam.Filter(
+            lambda row: not transforms.is_candidate_row(row))
+        best = (
+            candidates
+            | "KeyById" >> beam.Map(transforms.key_by_image_id)
+            | "BestPerImage" >> beam.CombinePerKey(transforms.BestCandidateFn())
+            | "Answers" >> beam.Values()
+        )
+        return (best, others) | "AllRows" >> beam.Flatten()
 
 
 # ---- the retrieval recognizers (--recognizer knn, knn+classifier) --------------------------------
@@ -434,9 +457,10 @@ class VerifyNeighbours(beam.PTransform):
 
 
 def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
-                  recognizer: str = "classifier", reference_errors=None) -> None:
+                  recognizer: str = "classifier", reference_errors=None,
+                  rerank_top: int = 1) -> None:
     """Writes ``submission.csv``, ``scores.csv`` (with the kNN columns for a kNN
-    ``recognizer``) and :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the
+    ``recognizer``, the candidate columns for ``rerank_top`` K > 1) and :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the
     summary of this job's reference extraction failures, when given)."""
     from rescoring import submission
 
@@ -446,7 +470,7 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
         submission.format_submission(outputs.submission_rows(unique_rows)),
     )
     io_utils.write_text(io_utils.join(output_dir, "scores.csv"),
-                        outputs.scores_csv(unique_rows, recognizer))
+                        outputs.scores_csv(unique_rows, recognizer, rerank_top))
     stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
     stats["test_extraction_errors"] = test_errors
     if reference_errors is not None:
@@ -463,13 +487,14 @@ class WriteSubmission(beam.PTransform):
     images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary) and, when given
     (``reference_extraction_errors``), the summary of the reference images featurised in this
     job (:class:`VerifyNeighbours`' ``errors``). ``recognizer``
-    decides the columns of ``scores.csv`` (:func:`.outputs.scores_csv`).
+    and ``rerank_top`` decide the columns of ``scores.csv`` (:func:`.outputs.scores_csv`).
     """
 
-    def __init__(self, output_dir: str, recognizer: str = "classifier"):
+    def __init__(self, output_dir: str, recognizer: str = "classifier", rerank_top: int = 1):
         super().__init__()
         self._output_dir = output_dir
         self._recognizer = recognizer
+        self._rerank_top = rerank_top
 
     def expand(self, inputs):
         unparseable = inputs["unparseable"] | "CountUnparseable" >> beam.combiners.Count.Globally()
@@ -482,5 +507,5 @@ class WriteSubmission(beam.PTransform):
             | "Write" >> beam.Map(
                 write_outputs, self._output_dir, beam.pvalue.AsSingleton(unparseable),
                 beam.pvalue.AsSingleton(inputs["extraction_errors"]), self._recognizer,
-                reference_errors)
+                reference_errors, self._rerank_top)
         )

@@ -26,6 +26,7 @@ from beam_pipelines.predict.elements import (
     STATUS_NO_REFERENCES,
     STATUS_SCORED,
     STATUS_UNREADABLE,
+    Candidacy,
     DecodedImage,
     FinalRow,
     ScoredImage,
@@ -33,6 +34,7 @@ from beam_pipelines.predict.elements import (
     Unreadable,
     Vote,
 )
+from rescoring import candidates as candidates_lib
 from rescoring import crops, local_features, scores, verification, voting
 from tfrecords_schema import SchemaError, image_record
 from tfrecords_schema.local_features import FeatureRecord
@@ -173,17 +175,21 @@ def make_views_keyed(image: DecodedImage, image_size: int, crop_spec):
     return image.image_id, crops.make_views(image.image, image_size, crop_spec, dtype=np.uint8)
 
 
-def vote_keyed(keyed_result, class_votes: bool = False):
+def vote_keyed(keyed_result, class_votes: bool = False, rerank_top: int = 1):
     """``(image_id, PredictionResult with [V, C] probabilities)`` -> ``(image_id, Vote)``;
-    with ``class_votes``, the vote also carries every class's share of the votes
-    (:func:`rescoring.voting.vote_shares`)."""
+    with ``class_votes``, the vote also carries the classifier factor of the ``knn+classifier``
+    rule (:func:`rescoring.voting.top_mean_probabilities`); with ``rerank_top`` K > 1, its K
+    candidates (:func:`rescoring.candidates.top_candidates`)."""
     image_id, result = keyed_result
     probabilities = np.asarray(result.inference)
     class_index, confidence = voting.vote(probabilities)
+    candidates = ()
+    if rerank_top > 1:
+        candidates = candidates_lib.top_candidates(probabilities, rerank_top)
     if not class_votes:
-        return image_id, Vote(int(class_index), float(confidence))
-    shares = tuple(voting.vote_shares(probabilities).items())
-    return image_id, Vote(int(class_index), float(confidence), shares)
+        return image_id, Vote(int(class_index), float(confidence), (), candidates)
+    factors = tuple(voting.top_mean_probabilities(probabilities).items())
+    return image_id, Vote(int(class_index), float(confidence), factors, candidates)
 
 
 class ExtractFeatures(beam.DoFn):
@@ -313,7 +319,33 @@ def join_vote_and_features(element):
         locations, descriptors = records[0].locations, records[0].descriptors
     else:
         locations, descriptors = np.zeros((0, 2), np.float32), np.zeros((0, 1), np.float32)
-    yield votes[0].class_index, TestQuery(image_id, votes[0], locations, descriptors)
+    yield from candidate_queries(TestQuery(image_id, votes[0], locations, descriptors))
+
+
+def candidate_queries(query: TestQuery):
+    """``TestQuery`` -> ``(class_index, TestQuery)`` per class to verify: the vote's class
+    alone (the recipe), or with ``--rerank_top K > 1`` one copy per candidate of
+    ``query.vote.candidates``, keyed by its class, its ``rank`` set."""
+    if not query.vote.candidates:
+        yield query.vote.class_index, query
+        return
+    for rank, (class_index, _) in enumerate(query.vote.candidates):
+        yield int(class_index), query._replace(rank=rank)
+
+
+def query_confidence(query: TestQuery) -> float:
+    """The confidence blended for this copy: its candidate's, or the vote's."""
+    if not query.vote.candidates:
+        return float(query.vote.confidence)
+    return float(query.vote.candidates[query.rank][1])
+
+
+def query_candidacy(query: TestQuery) -> Optional[Candidacy]:
+    """Which candidate this copy is (None without candidates: the recipe)."""
+    if not query.vote.candidates:
+        return None
+    return Candidacy(int(query.rank), len(query.vote.candidates), int(query.vote.class_index),
+                     float(query.vote.confidence))
 
 
 TAG_TESTS = "tests"
@@ -396,12 +428,13 @@ def score_query(query: TestQuery, class_index: int, references, params,
         image_id=query.image_id,
         status=status,
         class_index=int(class_index),
-        nn_confidence=float(query.vote.confidence),
+        nn_confidence=query_confidence(query),
         local_max=local_max,
         local_mean=local_mean,
         local_best_half=local_best_half,
         num_features=query.num_features,
         num_references=len(references),
+        candidate=query_candidacy(query),
     )
 
 
@@ -449,11 +482,17 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
         return FinalRow(scored.image_id, scored.status, nn_label, nn_confidence, 0.0, 0.0, 0.0,
                         0.0, None, scored.num_features, scored.num_references, knn)
     landmark_id = int(landmark_ids[scored.class_index])
+    candidate, candidate_confidence = scored.candidate, None
+    nn_label, nn_confidence = landmark_id, scored.nn_confidence
+    if candidate is not None:  # --rerank_top K > 1: the crop vote's columns stay the vote's
+        candidate = candidate._replace(vote_class=int(landmark_ids[candidate.vote_class]))
+        nn_label, nn_confidence = candidate.vote_class, candidate.vote_confidence
+        candidate_confidence = scored.nn_confidence
     return FinalRow(
         image_id=scored.image_id,
         status=scored.status,
-        nn_label=landmark_id if knn is None else knn.nn_label,
-        nn_confidence=scored.nn_confidence if knn is None else knn.nn_confidence,
+        nn_label=nn_label if knn is None else knn.nn_label,
+        nn_confidence=nn_confidence if knn is None else knn.nn_confidence,
         local_max=scored.local_max,
         local_mean=scored.local_mean,
         local_best_half=scored.local_best_half,
@@ -463,7 +502,45 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
         num_features=scored.num_features,
         num_references=scored.num_references,
         knn=knn,
+        candidate=candidate,
+        candidate_confidence=candidate_confidence,
     )
+
+
+def is_candidate_row(row: FinalRow) -> bool:
+    """A row of one of several candidates (``--rerank_top K > 1``)."""
+    return row.candidate is not None
+
+
+def key_by_image_id(row: FinalRow):
+    return row.image_id, row
+
+
+def candidate_preference(row: FinalRow) -> tuple:
+    """:func:`rescoring.candidates.preference` of a candidate's row."""
+    return candidates_lib.preference(row.final_score, row.candidate.rank)
+
+
+class BestCandidateFn(beam.CombineFn):
+    """One test image's candidate rows -> its answer: the row with the highest final score,
+    equal scores to the earlier candidate (:func:`rescoring.candidates.pick_best`). The
+    accumulator is one row; the rows are never gathered."""
+
+    def create_accumulator(self):
+        return None
+
+    def _best(self, rows):
+        return candidates_lib.pick_best((row for row in rows if row is not None),
+                                        candidate_preference)
+
+    def add_input(self, accumulator, row):
+        return self._best((accumulator, row))
+
+    def merge_accumulators(self, accumulators):
+        return self._best(accumulators)
+
+    def extract_output(self, accumulator):
+        return accumulator
 
 
 def reference_sort_key(image_id: str) -> str:
