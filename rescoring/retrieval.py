@@ -30,9 +30,11 @@ Sources of the rules (read for this module, not copied):
   DELF + RANSAC verified the pair; the landmark with the largest sum wins, the sum is the
   confidence.
 * GLR-2020, 3rd place: Q. Ha, B. Liu, F. Liu, P. Liao, arXiv:2010.05350, and their published
-  submission notebook: the k = 5 nearest neighbours vote with ``cos^9``, multiplied by the
-  classifier's probability of that landmark to the power 10 (1e-8 for a landmark outside the
-  classifier's top 5). Available here as ``AggregationParams.glr2020_third()``.
+  submission notebook: the k = 5 nearest neighbours vote with ``cos^9`` (its sign kept: a
+  negative similarity votes against), multiplied by the classifier's probability of that
+  landmark to the power 10 (1e-8 for a landmark outside the classifier's top 5). Available here
+  as ``AggregationParams.glr2020_third()``; the probabilities are
+  ``rescoring.voting.top_mean_probabilities`` (the mean over the test image's views).
 * Non-landmark penalty: the idea of GLR-2020's 1st place (C. Henkel, P. Singer,
   arXiv:2010.01650: "re-rank predictions and filter noise utilizing similarity to
   out-of-domain images") and GLR-2021's 3rd place (C. Xu et al., arXiv:2110.02794: "adjusting
@@ -385,7 +387,8 @@ class AggregationParams:
       k: neighbours that vote (the k most similar of those given).
       weighting: ``"distance"``: a neighbour of similarity s votes ``1 - |q - x|^2 = 2 s - 1``
         (GLR-2019, Ozaki & Yokoo, with k = 3, the default); ``"power"``: it votes
-        ``max(s, 0) ** power`` (GLR-2020 3rd place, Ha et al., with k = 5, power = 9).
+        ``sign(s) * |s| ** power``, which is ``s ** 9`` for power = 9 (GLR-2020 3rd place, Ha
+        et al., with k = 5: a negative similarity votes against its class).
       power: exponent of the ``"power"`` weighting.
       confidence_power: with class confidences given (a classifier's probabilities), each vote
         is multiplied by ``confidence(class) ** confidence_power`` (Ha et al.: 10).
@@ -456,7 +459,9 @@ def _neighbour_votes(sims: np.ndarray, labels: list, params: AggregationParams,
     if params.weighting == "distance":
         votes = 2.0 * sims - 1.0
     else:
-        votes = np.maximum(sims, 0.0) ** params.power
+        # The sign is kept (the source votes cos ** 9): a neighbour less similar than
+        # orthogonal, e.g. after the non-landmark penalty, lowers its class's score.
+        votes = np.sign(sims) * np.abs(sims) ** params.power
     if class_confidences is not None:
         factors = [float(class_confidences.get(label, params.missing_confidence)) for label in labels]
         votes = votes * np.asarray(factors, np.float64) ** params.confidence_power
@@ -491,7 +496,8 @@ def class_scores_from_neighbours(
     whose first neighbour ranks higher.
 
     ``AggregationParams.glr2020_third()`` (Ha et al., arXiv:2010.05350) uses k = 5 and votes
-    ``max(s, 0) ** 9``, each times ``class_confidences[label] ** 10`` when given.
+    ``s ** 9`` (sign kept), each times ``class_confidences[label] ** 10`` when given (1e-8 for
+    a label not in it), the classifier's probabilities of its top 5 classes.
 
     Args:
       similarities: float ``[n]``, cosine similarities to n reference images (any order; e.g. a

@@ -313,7 +313,8 @@ def build_parser() -> argparse.ArgumentParser:
     add("--recognizer", default="classifier", choices=RECOGNIZER_CHOICES,
         help="classifier: crop voting with --model; knn: the nearest reference images by "
              "--embedding vote (GLR-2019 rule); knn+classifier: their votes weighted by the "
-             "classifier's crop-voting shares (GLR-2020 3rd place rule)" + default)
+             "classifier's probabilities of its top 5 classes (GLR-2020 3rd place rule)"
+             + default)
     add("--embedding", default="",
         help=f"{EMBEDDING_FILENAME} of the knn recognizers (default: the one beside --model)")
     add("--knn_k", type=int, default=0,

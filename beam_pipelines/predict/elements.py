@@ -52,10 +52,11 @@ class Unreadable(NamedTuple):
 class Vote(NamedTuple):
     """Crop-voting result: contiguous class index and its mean vote (confidence in [0, 1]).
 
-    ``class_votes``: every class that won at least one view, with its share of the votes
-    (:func:`rescoring.voting.vote_shares`), as ``((class_index, share), ...)`` sorted by class;
-    filled only when asked for (``CropVote(..., class_votes=True)``, the ``knn+classifier``
-    recognizer), empty otherwise.
+    ``class_votes``: the classifier factor of the ``knn+classifier`` rule: its 5 most probable
+    classes with their mean probability over the views
+    (:func:`rescoring.voting.top_mean_probabilities`), as ``((class_index, probability), ...)``,
+    most probable first; filled only when asked for (``CropVote(..., class_votes=True)``, the
+    ``knn+classifier`` recognizer), empty otherwise.
 
     ``candidates``: with ``--rerank_top K > 1``, the K classes to verify and the confidence
     each is blended with, ``((class_index, confidence), ...)`` in candidate order, the first
@@ -196,7 +197,7 @@ class KnnScores(NamedTuple):
     Attributes:
       neighbours: the retrieved references (landmarks and non-landmarks).
       penalty: ``rescoring.retrieval.non_landmark_penalty`` of the non-landmark neighbours.
-      class_confidences: ``{class_index: crop-voting share}`` of the classifier
+      class_confidences: ``{class_index: mean probability}`` of the classifier's top 5 classes
         (``knn+classifier``), None for ``knn``.
       knn_class: best class of ``class_scores_from_neighbours`` (None: no landmark neighbour).
       knn_score: its score.
@@ -226,9 +227,9 @@ class KnnDetails(NamedTuple):
       neighbour_ids, neighbour_similarities, neighbour_labels: the retrieved references.
       neighbour_inliers: verified inlier count per neighbour (0 when not compared: a
         non-landmark, a reference without cached local features, a featureless test image).
-      neighbour_confidences: the classifier factor of each neighbour's class: its crop-voting
-        share, or ``missing_confidence`` (1e-8) when no view voted for it (always for a
-        non-landmark, which does not vote anyway); empty for ``knn``.
+      neighbour_confidences: the classifier factor of each neighbour's class: its mean
+        probability when among the classifier's top 5, else ``missing_confidence`` (1e-8;
+        always for a non-landmark, which does not vote anyway); empty for ``knn``.
       non_landmark_penalty: subtracted from the landmark neighbours' similarities.
       nn_label, nn_confidence: the classifier's crop vote (``knn+classifier``), else None.
     """

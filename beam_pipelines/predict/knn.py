@@ -272,7 +272,8 @@ class MergeNeighboursFn(beam.CombineFn):
 
 def aggregation_params(recognizer: str, k: int) -> retrieval.AggregationParams:
     """The rule of ``recognizer`` with ``k`` voting neighbours: ``knn`` = GLR-2019 (votes
-    ``2 s - 1``), ``knn+classifier`` = GLR-2020 3rd place (votes ``s ** 9 * share ** 10``)."""
+    ``2 s - 1``), ``knn+classifier`` = GLR-2020 3rd place (votes ``s ** 9 * p ** 10``, p the
+    classifier's mean probability of the class if among its top 5, else 1e-8)."""
     if recognizer == RECOGNIZER_KNN:
         return dataclasses.replace(retrieval.AggregationParams.glr2019(), k=int(k))
     if recognizer == RECOGNIZER_KNN_CLASSIFIER:
@@ -298,8 +299,10 @@ def score_neighbours(test_id: str, neighbours: Optional[Neighbours], vote: Optio
     (:func:`rescoring.retrieval.non_landmark_penalty`, the mean of their similarities) that is
     subtracted from the landmark neighbours' similarities (:func:`~rescoring.retrieval.penalise`);
     only landmark neighbours vote (:func:`~rescoring.retrieval.class_scores_from_neighbours`).
-    With the classifier, each vote is multiplied by the classifier's crop-voting share of that
-    class to the power 10 (``missing_confidence`` 1e-8 for a class no view voted for).
+    With the classifier, each vote is multiplied by the classifier's mean probability over the
+    views of that class to the power 10 when the class is among the classifier's top 5
+    (``vote.class_votes``, :func:`rescoring.voting.top_mean_probabilities`), else by
+    ``missing_confidence`` (1e-8) to the power 10.
     """
     neighbours = neighbours or Neighbours()
     _, _, non_landmark_sims = retrieval.split_non_landmarks(
@@ -591,9 +594,9 @@ def blend_confidence(knn: KnnScores, final_class, params: retrieval.AggregationP
     """What ``final_score`` blends in place of the classifier's confidence.
 
     ``knn``: the final class's kNN similarity score (votes without inliers) divided by k,
-    clipped to [0, 1]. ``knn+classifier``: the classifier's crop-voting share of the final class
-    (its ``nn_confidence`` when kNN and classifier agree), or ``missing_confidence`` (1e-8) when
-    no view voted for it: the factor its votes were weighted with.
+    clipped to [0, 1]. ``knn+classifier``: the classifier's mean probability of the final class
+    when it is among the classifier's top 5, else ``missing_confidence`` (1e-8): the factor its
+    votes were weighted with.
     """
     if final_class is None:
         return 0.0

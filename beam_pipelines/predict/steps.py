@@ -324,8 +324,9 @@ class ScoreNeighbours(beam.PTransform):
 
     ``params``: the ``rescoring.retrieval.AggregationParams`` of the recognizer
     (:func:`.knn.aggregation_params`). With ``votes`` (``knn+classifier``), each neighbour's
-    vote is multiplied by the classifier's crop-voting share of its class to the power
-    ``params.confidence_power``; every voted test image gets a verdict.
+    vote is multiplied by the classifier's mean probability of its class (1e-8 outside the
+    classifier's top 5) to the power ``params.confidence_power``; every voted test image gets
+    a verdict.
     """
 
     def __init__(self, params):

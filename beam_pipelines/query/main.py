@@ -85,6 +85,8 @@ class QueryConfig(session_lib.SessionSettings):
             raise InputError(f"--local_max_top must be >= 0, got {self.local_max_top}")
         if self.knn_k < 0 or (self.knn_k and self.recognizer == "classifier"):
             raise InputError("--knn_k must be >= 1 and needs --recognizer knn or knn+classifier")
+        if self.rerank_top < 0 or (self.rerank_top and self.recognizer != "classifier"):
+            raise InputError("--rerank_top must be >= 1 and needs --recognizer classifier")
         if self.max_side < 32:
             raise InputError(f"--max_side must be >= 32, got {self.max_side}")
 
@@ -133,6 +135,9 @@ def build_parser() -> argparse.ArgumentParser:
         help="references per class for reference records" + default)
     add("--knn_k", type=int, default=defaults.knn_k,
         help="kNN neighbours (0: the recognizer's default)" + default)
+    add("--rerank_top", type=int, default=defaults.rerank_top,
+        help="classifier: candidates verified for the answer, as landmarks-predict "
+             f"--rerank_top (0: its default, {config_lib.DEFAULT_RERANK_TOP})" + default)
     add("--blend_weight", type=float, default=defaults.blend_weight,
         help="weight of the classifier's confidence in the final score" + default)
     add("--max_side", type=int, default=defaults.max_side,
@@ -154,6 +159,7 @@ def candidate_json(candidate) -> dict:
         "landmark_id": candidate.landmark_id, "score": candidate.score,
         "confidence": candidate.confidence, "classifier_share": candidate.classifier_share,
         "stage1_score": candidate.stage1_score, "inliers": candidate.inliers,
+        "rank": candidate.rank, "eligible": candidate.eligible, "decisive": candidate.decisive,
         "references": [{"id": e.reference_id, "inliers": e.inliers}
                        for e in candidate.evidence],
     }
@@ -166,13 +172,20 @@ def format_answer(answer) -> str:
         head = f"{answer.photo}: no landmark ({row.status if row else answer.scored.status})"
     else:
         head = f"{answer.photo}: landmark {row.label} (score {row.final_score:.3f})"
-    lines = [head, "  rank  landmark     score  classifier  inliers  best references (inliers)"]
+    # The column that ranks the candidates: the final score of the classifier's verified
+    # candidates (answer.verified), the re-ranked class score of the kNN recognizers.
+    title = "score" if answer.verified else "knn score"
+    lines = [head, f"  rank  landmark  {title:>9}  classifier  inliers  best references (inliers)"]
     for rank, candidate in enumerate(answer.candidates, 1):
         share = ("n/a" if candidate.classifier_share is None
                  else f"{candidate.classifier_share:.3f}")
         best = ", ".join(f"{e.reference_id} ({e.inliers})" for e in candidate.evidence[:3])
-        lines.append(f"  {rank:>4}  {candidate.landmark_id:>8}  {candidate.score:>8.3f}  "
+        lines.append(f"  {rank:>4}  {candidate.landmark_id:>8}  "
+                     f"{render.decisive_text(candidate):>9}  "
                      f"{share:>10}  {candidate.inliers:>7}  {best or '-'}")
+    for candidate in render.stronger_beyond(answer):
+        lines.append(f"  landmark {candidate.landmark_id} has more inliers than the answer but was "
+                     f"not verified for it: --rerank_top {candidate.rank + 1} would")
     return "\n".join(lines)
 
 

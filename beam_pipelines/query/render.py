@@ -40,6 +40,21 @@ def _scaled(image: np.ndarray, height: int) -> tuple[Image.Image, float]:
     return Image.fromarray(image).resize((width, height), Image.BILINEAR), scale
 
 
+def decisive_text(candidate, digits: int = 3) -> str:
+    """The score that decides the answer, or ``-`` for a candidate that cannot be the answer
+    (beyond ``--rerank_top``)."""
+    return "-" if candidate.decisive is None else f"{candidate.decisive:.{digits}f}"
+
+
+def stronger_beyond(answer) -> list:
+    """The listed candidates that cannot be the answer (beyond ``--rerank_top``) but have more
+    inliers than the answer."""
+    if not answer.candidates:
+        return []
+    first = answer.candidates[0]
+    return [c for c in answer.candidates[1:] if not c.eligible and c.inliers > first.inliers]
+
+
 def format_candidate(candidate) -> str:
     confidence = ("n/a" if candidate.classifier_share is None
                   else f"{candidate.classifier_share:.2f}")
@@ -55,7 +70,7 @@ def caption_lines(answer) -> list[str]:
         lines.append(f"no answer ({status})")
         return lines
     lines.append("answer: " + format_candidate(answer.candidates[0]))
-    others = "; ".join(f"{c.landmark_id} ({c.score:.2f}, {c.inliers} inl.)"
+    others = "; ".join(f"{c.landmark_id} ({decisive_text(c, 2)}, {c.inliers} inl.)"
                        for c in answer.candidates[1:])
     if others:
         lines.append("then: " + others)
@@ -164,7 +179,7 @@ def index_html(answers: Sequence, pictures: Sequence[Optional[str]], failures: S
                      else f"{candidate.classifier_share:.3f}")
             best = ", ".join(f"{escape(e.reference_id)} ({e.inliers})"
                              for e in candidate.evidence[:3])
-            parts.append(f"<tr><td>{candidate.landmark_id}</td><td>{candidate.score:.3f}</td>"
+            parts.append(f"<tr><td>{candidate.landmark_id}</td><td>{decisive_text(candidate)}</td>"
                          f"<td>{share}</td><td>{candidate.inliers}</td><td>{best}</td></tr>")
         parts.append("</table>")
     if failures:

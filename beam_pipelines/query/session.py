@@ -23,12 +23,16 @@ So, with the job's normaliser, the first candidate's row equals the job's ``scor
 for the same image (tested), up to float32 rounding of the network, which depends on how many
 views share a forward pass.
 
-Beyond what the job computes, each answer lists the top candidates (chosen by the
-classifier's vote share, then mean probability; or by the kNN's re-ranked class score), each
-verified against its own references the same way and scored by the same blend, with the inlier
-matches of its best references for the picture. The job's answer is listed first (rescoring
-changes its confidence, never its class), the other candidates by their score: a second
-candidate that outscores the answer is worth a look.
+Each answer lists the top candidates (the classifier's order of
+``rescoring.candidates.top_candidates``: the vote's class, then vote share, then mean
+probability; or the kNN's classes), each verified against its own references the same way,
+with the inlier matches of its best references for the picture. They are ranked by the score
+that decides the answer, so the first is always the answer and none below it scores higher:
+for the classifier, the final score of each of the ``--rerank_top`` K candidates the job
+verifies (the answer is the best of them), then the candidates beyond K, which cannot be the
+answer and have no deciding score (their inliers are shown: one with more than the answer's is
+worth a larger K); for the kNN recognizers, the re-ranked class score
+(``rescoring.retrieval.rerank_with_inliers``), which decides their answer.
 """
 
 from __future__ import annotations
@@ -55,6 +59,7 @@ from beam_pipelines.predict.elements import (
     Vote,
 )
 from beam_pipelines.query import embedding_index, records
+from rescoring import candidates as candidates_lib
 from rescoring import crops, retrieval, scores, verification, voting
 from tfrecords_schema import InputError, SchemaError, image_record
 from tfrecords_schema.local_features import FeatureRecord, parse_features
@@ -91,12 +96,18 @@ class Evidence:
 class Candidate:
     """One landmark the photo may show.
 
-    ``score``: the final score this landmark would get (the job's blend of its normalised max
-    inlier count and ``confidence``; filled by :meth:`QuerySession.finish`); ``confidence``:
-    what the blend uses, the classifier's vote share for ``classifier`` and ``knn+classifier``,
-    the kNN score / k for ``knn``; ``classifier_share``: the classifier's vote share (None for
-    ``knn``); ``inliers``: the max over its compared references; ``evidence``: its references,
-    most inliers first.
+    ``score``: the final score this landmark would get as the answer (the job's blend of its
+    normalised max inlier count and ``confidence``; filled by :meth:`QuerySession.finish`);
+    ``confidence``: what the blend uses (the classifier: the candidate's confidence of
+    ``rescoring.candidates.top_candidates``; ``knn+classifier``: the classifier factor; ``knn``:
+    the kNN score / k); ``classifier_share``: the classifier's vote share (for
+    ``knn+classifier`` its factor; None for ``knn``); ``stage1_score``: the classifier's mean
+    probability, or the kNN's re-ranked class score; ``inliers``: the max over its compared
+    references; ``evidence``: its references, most inliers first; ``rank``: its position in the
+    classifier's order (the kNN's: by re-ranked score); ``eligible``: it can be the answer (one
+    of the ``--rerank_top`` K verified for the classifier; every kNN candidate); ``decisive``:
+    the score that decides the answer among the eligible candidates (the final score for the
+    classifier, the re-ranked class score for kNN; None when not eligible).
     """
 
     landmark_id: int
@@ -107,13 +118,18 @@ class Candidate:
     inliers: int
     evidence: tuple
     score: float = 0.0
+    rank: int = 0
+    eligible: bool = True
+    decisive: Optional[float] = None
 
 
 @dataclasses.dataclass(frozen=True)
 class PhotoAnswer:
     """The answer for one photo: ``row`` is the job's ``scores.csv`` row (after
     :meth:`QuerySession.finish`); ``scored`` the same before normalisation; ``image`` the
-    normalised RGB pixels ``[H, W, 3]`` uint8 the scores were computed on."""
+    normalised RGB pixels ``[H, W, 3]`` uint8 the scores were computed on; ``verified``: the
+    classifier's ``ScoredImage`` of each of its ``--rerank_top`` candidates (the job's rows
+    before the best is picked; empty: ``(scored,)``)."""
 
     photo: str
     image_id: str
@@ -123,6 +139,7 @@ class PhotoAnswer:
     num_features: int
     seconds: float
     row: Optional[FinalRow] = None
+    verified: tuple = ()
 
 
 @dataclasses.dataclass(frozen=True)
@@ -139,6 +156,7 @@ class SessionSettings:
     local_features: str = "default"
     references_per_class: int = config_lib.DEFAULT_REFERENCES_PER_CLASS
     knn_k: int = 0
+    rerank_top: int = 0
     blend_weight: float = config_lib.DEFAULT_BLEND_WEIGHT
     max_side: int = normalise.NormaliseParams().max_side
 
@@ -190,6 +208,7 @@ class QuerySession:
             local_features=spec, references_per_class=per_class, crops=settings.crops,
             blend_weight=settings.blend_weight, recognizer=settings.recognizer,
             knn_k=settings.knn_k if settings.recognizer != "classifier" else 0,
+            rerank_top=settings.rerank_top if settings.recognizer == "classifier" else 0,
         ).resolved(geometry.image_size, geometry.num_classes)
         extractor, _ = _load(lambda: predict.probe_extractor(spec))
         self.extractor = extractor
@@ -333,13 +352,15 @@ class QuerySession:
         probabilities = None
         if self.config.uses_classifier:
             probabilities = self._forward(self.model, decoded.image)
+        verified = ()
         if self.config.uses_knn:
             scored, candidates = self._answer_knn(decoded, locations, descriptors, probabilities)
         else:
-            scored, candidates = self._answer_classifier(
+            verified, candidates = self._answer_classifier(
                 decoded, locations, descriptors, probabilities)
+            scored = verified[0]
         return PhotoAnswer(photo, image_id, decoded.image, scored, tuple(candidates),
-                           int(len(locations)), time.monotonic() - start)
+                           int(len(locations)), time.monotonic() - start, verified=verified)
 
     def _matcher(self):
         """``(count_inliers, matches)``: a drop-in for ``verification.count_inliers`` (same
@@ -385,26 +406,33 @@ class QuerySession:
         return tuple(evidence)
 
     def _answer_classifier(self, decoded, locations, descriptors, probabilities):
-        class_index, confidence = voting.vote(probabilities)
-        shares = voting.vote_shares(probabilities)
-        query = TestQuery(decoded.image_id, Vote(int(class_index), float(confidence)),
-                          locations, descriptors)
+        """``(ScoredImage of each verified candidate, the listed Candidates)``: the job's
+        ``VoteOverViews``, ``candidate_queries`` and ``score_query`` (what ``Verify`` runs);
+        the answer is picked by :meth:`finish`, once the normaliser is known."""
+        rerank_top = self.config.rerank_top
+        verified = candidates_lib.top_candidates(probabilities, rerank_top)
+        class_index, confidence = verified[0]
+        vote = Vote(int(class_index), float(confidence), (), verified if rerank_top > 1 else ())
         count_inliers, matches = self._matcher()
-        scored = transforms.score_query(query, class_index, self.class_references(class_index),
-                                        self.verification, count_inliers)
+        rows = tuple(
+            transforms.score_query(query, candidate, self.class_references(candidate),
+                                   self.verification, count_inliers)
+            for candidate, query in transforms.candidate_queries(
+                TestQuery(decoded.image_id, vote, locations, descriptors)))
+        shares = voting.vote_shares(probabilities)
         mean_probability = probabilities.mean(axis=0)
-        order = sorted(range(len(mean_probability)), key=lambda c: (
-            c != class_index, -shares.get(c, 0.0), -float(mean_probability[c]), c))
+        listed = candidates_lib.top_candidates(probabilities, max(self.settings.top, rerank_top))
         candidates = []
-        for candidate in order[: self.settings.top]:
-            share = float(confidence) if candidate == class_index else shares.get(candidate, 0.0)
+        for rank, (candidate, candidate_confidence) in enumerate(listed):
+            share = float(confidence) if rank == 0 else shares.get(candidate, 0.0)
             evidence = self._evidence(candidate, self.class_references(candidate), locations,
                                       descriptors, matches)
             candidates.append(Candidate(
-                int(self.landmark_ids[candidate]), int(candidate), share, share,
+                int(self.landmark_ids[candidate]), int(candidate), candidate_confidence, share,
                 float(mean_probability[candidate]),
-                max((item.inliers for item in evidence), default=0), evidence))
-        return scored, candidates
+                max((item.inliers for item in evidence), default=0), evidence, rank=rank,
+                eligible=rank < len(verified)))
+        return rows, candidates
 
     def _answer_knn(self, decoded, locations, descriptors, probabilities):
         params = self.knn_params
@@ -454,24 +482,30 @@ class QuerySession:
                 int(self.landmark_ids[candidate]), int(candidate),
                 knn_lib.blend_confidence(knn_scores, candidate, params), share,
                 float(reranked.per_class[candidate]),
-                max((item.inliers for item in evidence), default=0), evidence))
+                max((item.inliers for item in evidence), default=0), evidence,
+                rank=len(candidates), decisive=float(reranked.per_class[candidate])))
         return scored, candidates
 
     # ---- after all photos ------------------------------------------------------------------
 
     def finish(self, answers: Sequence[PhotoAnswer], local_max_top: float = 0.0) -> tuple:
-        """The final scores: each answer's job row (:func:`transforms.blend_row`) and each
-        candidate's score. Returns ``(answers, maxima)``.
+        """The final scores: each answer's job row (:func:`transforms.blend_row`; for the
+        classifier the best of its verified candidates' rows, as the job's
+        ``PickBestCandidate``) and each candidate's score, the candidates ranked by the score
+        that decides the answer (see the module docstring) and cut to ``--top``. Returns
+        ``(answers, maxima)``.
 
         The max inlier counts are divided by ``local_max_top`` when it is given (> 0; e.g. the
         largest ``local_max`` of a predict run, for that run's scale), else by the largest
         inlier count of any compared reference of these answers, candidates included. The job
-        divides by the largest of its test set's answers; a query is often one photo, and
+        divides by the largest of its test set's candidates; a query is often one photo, and
         normalising one photo by its own answer would give that answer the top local score
         however few inliers it has (5 inliers scoring as much as 250), so the candidates'
         counts set the scale too. With the job's normaliser the scores are the job's.
         """
-        maxima = scores.maxima_of(transforms.local_scores(answer.scored) for answer in answers)
+        verified = [answer.verified or (answer.scored,) for answer in answers]
+        maxima = scores.maxima_of(transforms.local_scores(scored)
+                                  for rows in verified for scored in rows)
         if local_max_top > 0:
             top = float(local_max_top)
         else:
@@ -479,23 +513,41 @@ class QuerySession:
                                     for candidate in answer.candidates)])
         maxima = (float(top),) + tuple(maxima[1:])
         finished = []
-        for answer in answers:
-            row = transforms.blend_row(answer.scored, maxima, self.config.blend_weight,
-                                       self.landmark_ids)
-            # With a given local_max_top a candidate may have more inliers than it: clipped,
-            # so that every score stays in [0, 1].
-            candidates = [dataclasses.replace(candidate, score=scores.final_score(
-                min(candidate.inliers, maxima[0]), maxima[0], candidate.confidence,
-                self.config.blend_weight)) for candidate in answer.candidates]
-            if candidates and row.label == candidates[0].landmark_id:
-                # The job's answer: its score is the job's (the same numbers, so equal unless
-                # the photo had no features, where the job blends a local score of 0 too).
-                candidates[0] = dataclasses.replace(candidates[0], score=row.final_score)
-            # The job's answer stays first (rescoring changes its confidence, never its
-            # class); the other candidates by their score.
-            candidates[1:] = sorted(candidates[1:], key=lambda c: (-c.score, c.landmark_id))
-            finished.append(dataclasses.replace(answer, row=row, candidates=tuple(candidates)))
+        for answer, rows in zip(answers, verified):
+            blended = [transforms.blend_row(scored, maxima, self.config.blend_weight,
+                                            self.landmark_ids) for scored in rows]
+            row = blended[0]
+            if len(blended) > 1:
+                row = candidates_lib.pick_best(blended, transforms.candidate_preference)
+            scored = rows[blended.index(row)]
+            final_scores = {item.label: item.final_score for item in blended}
+            candidates = []
+            for candidate in answer.candidates:
+                # With a given local_max_top a candidate may have more inliers than it:
+                # clipped, so that every score stays in [0, 1].
+                score = scores.final_score(min(candidate.inliers, maxima[0]), maxima[0],
+                                           candidate.confidence, self.config.blend_weight)
+                if candidate.landmark_id in final_scores:  # verified: the job's row's score
+                    score = final_scores[candidate.landmark_id]
+                decisive = candidate.decisive
+                if not self.config.uses_knn:
+                    decisive = score if candidate.eligible else None
+                candidates.append(dataclasses.replace(candidate, score=score,
+                                                      decisive=decisive))
+            candidates = rank_candidates(candidates, row.label)[: self.settings.top]
+            finished.append(dataclasses.replace(answer, scored=scored, row=row,
+                                                candidates=tuple(candidates)))
         return finished, maxima
+
+
+def rank_candidates(candidates: Sequence[Candidate], answer_label) -> list:
+    """The candidates in the order shown: the answer first (landmark ``answer_label``), then
+    the other eligible ones by their deciding score (equal scores: earlier rank), then those
+    that cannot be the answer, in rank order. Every deciding score below the answer is at
+    most the answer's: the answer is the best of them (the job's pick, the kNN's best class)."""
+    return sorted(candidates, key=lambda c: (
+        c.landmark_id != answer_label, c.decisive is None,
+        -(c.decisive if c.decisive is not None else 0.0), c.rank))
 
 
 _NO_POINTS = np.zeros((0, 2), np.float32)
