@@ -44,9 +44,21 @@ def demo_photos(run_dir, count):
     return [os.path.join(folder, row["id"] + ".jpg") for row in landmarks + distractors]
 
 
-def job_local_max_top(scores):
-    """The job's normaliser: the largest local_max of its test set."""
+def job_local_max_top(scores, predict_dir=None):
+    """The job's normaliser: ``local_max_top`` of its stats.json (the largest local_max of
+    every candidate), else the largest local_max of its test set."""
+    if predict_dir is not None:
+        with open(os.path.join(predict_dir, "stats.json")) as handle:
+            stats = json.load(handle)
+        if "local_max_top" in stats:
+            return stats["local_max_top"]
     return max(float(row["local_max"]) for row in scores.values())
+
+
+def job_rerank_top(predict_dir):
+    """The job's --rerank_top (1 for a config written before the flag)."""
+    with open(os.path.join(predict_dir, "config.json")) as handle:
+        return json.load(handle)["config"].get("rerank_top", 1)
 
 
 def run_query(tmp_path, run_dir, photos, *flags, name="query"):
@@ -79,10 +91,13 @@ def test_classifier_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path)
     confidences and final scores within the effect of batching on the network, measured
     here for these photos (the job forwards several images' views at once)."""
     run_dir = demo_run.run_dir
-    job = read_scores(os.path.join(run_dir, "predict", "scores.csv"))
+    predict_dir = os.path.join(run_dir, "predict")
+    job = read_scores(os.path.join(predict_dir, "scores.csv"))
     photos = demo_photos(run_dir, 4)
+    rerank_top = job_rerank_top(predict_dir)
     code, output = run_query(tmp_path, run_dir, photos,
-                             "--local_max_top", repr(job_local_max_top(job)))
+                             "--local_max_top", repr(job_local_max_top(job, predict_dir)),
+                             "--rerank_top", str(rerank_top))
     assert code == 0
     answered = read_scores(output / "scores.csv")
     ids = [os.path.basename(photo)[:-4] for photo in photos]
@@ -102,7 +117,8 @@ def test_classifier_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path)
         assert abs(float(mine["final_score"]) - float(theirs["final_score"])) <= (
             weight * spread + 4 * FLOAT32_ULP)
 
-    # answers.json: the answer first, every candidate's numbers from its own evidence.
+    # answers.json: the answer first, every candidate's numbers from its own evidence, ranked
+    # by the score that decides the answer.
     answers = json.loads((output / "answers.json").read_text())
     assert answers["answered"] == len(photos) and answers["failed"] == 0
     normaliser = answers["local_max_top"]
@@ -120,8 +136,11 @@ def test_classifier_answers_equal_the_prediction_jobs_scores(demo_run, tmp_path)
             expected = (1 - weight) * min(candidate["inliers"], normaliser) / normaliser + (
                 weight * candidate["confidence"])
             assert candidate["score"] == pytest.approx(expected, abs=1e-9)
-        others = [c["score"] for c in answer["candidates"][1:]]
-        assert others == sorted(others, reverse=True)
+        assert [c["eligible"] for c in answer["candidates"]] == sorted(
+            (c["rank"] < rerank_top for c in answer["candidates"]), reverse=True)
+        decisive = [c["decisive"] for c in answer["candidates"] if c["eligible"]]
+        assert decisive[0] == first["score"] and decisive == sorted(decisive, reverse=True)
+        assert all(c["decisive"] is None for c in answer["candidates"] if not c["eligible"])
 
     # One picture per photo, all of them on the page.
     page = (output / "index.html").read_text()
@@ -312,13 +331,11 @@ def test_one_photo_is_normalised_by_the_strongest_evidence_compared_not_its_own_
     a given --local_max_top replaces it, and counts above it are clipped."""
     from beam_pipelines.predict.elements import ScoredImage
 
-    session = object.__new__(session_lib.QuerySession)
-    session.config = types.SimpleNamespace(blend_weight=0.15)
-    session.landmark_ids = (1, 2, 3)
+    session = _session(rerank_top=1)
     scored = ScoredImage("p", "scored", 0, 0.4, 5.0, 3.0, 4.0, 100, 3)
     weak, strong = _candidate(1, [5, 2]), _candidate(2, [279, 10])
     weak = dataclasses.replace(weak, confidence=0.4)
-    strong = dataclasses.replace(strong, class_index=1, confidence=0.0)
+    strong = dataclasses.replace(strong, class_index=1, confidence=0.0, rank=1, eligible=False)
     answer = session_lib.PhotoAnswer("p.jpg", "p", np.zeros((8, 8, 3), np.uint8), scored,
                                      (weak, strong), 100, 0.1)
     (finished,), maxima = session.finish([answer])
@@ -326,7 +343,63 @@ def test_one_photo_is_normalised_by_the_strongest_evidence_compared_not_its_own_
     assert finished.row.final_score == pytest.approx(0.85 * 5 / 279 + 0.15 * 0.4)
     assert [c.score for c in finished.candidates] == pytest.approx(
         [0.85 * 5 / 279 + 0.15 * 0.4, 0.85])
+    # Beyond --rerank_top 1 the strong candidate cannot be the answer: no deciding score.
+    assert [c.decisive for c in finished.candidates] == [finished.row.final_score, None]
     (fixed,), maxima = session.finish([answer], local_max_top=10.0)
     assert maxima[0] == 10.0
     assert fixed.row.final_score == pytest.approx(0.85 * 5 / 10 + 0.15 * 0.4)
     assert fixed.candidates[1].score == pytest.approx(0.85)  # 279 clipped to 10
+
+
+def _session(rerank_top, top=5):
+    """A session without its loading: what finish() reads."""
+    session = object.__new__(session_lib.QuerySession)
+    session.config = types.SimpleNamespace(blend_weight=0.15, uses_knn=False,
+                                           rerank_top=rerank_top)
+    session.settings = types.SimpleNamespace(top=top)
+    session.landmark_ids = (1, 2, 3)
+    return session
+
+
+def test_the_first_line_is_the_answer_and_nothing_below_scores_higher():
+    """Three candidates verified (--rerank_top 3): the third in the classifier's order has
+    the strongest evidence and becomes the answer; the text, the caption and the page list
+    it first, and every deciding score below it is lower. With --rerank_top 1 the vote's
+    class stays the answer and the stronger candidate has no deciding score, with a hint."""
+    from beam_pipelines.predict.elements import Candidacy, ScoredImage
+
+    def scored(class_index, confidence, local_max, rank):
+        return ScoredImage("p", "scored", class_index, confidence, local_max, local_max / 2,
+                           local_max, 100, 3, candidate=Candidacy(rank, 3, 0, 0.4))
+
+    verified = (scored(0, 0.4, 5.0, 0), scored(2, 0.3, 40.0, 1), scored(1, 0.4, 20.0, 2))
+    listed = (dataclasses.replace(_candidate(1, [5]), confidence=0.4, rank=0),
+              dataclasses.replace(_candidate(3, [40]), class_index=2, confidence=0.3, rank=1),
+              dataclasses.replace(_candidate(2, [20]), class_index=1, confidence=0.4, rank=2))
+    answer = session_lib.PhotoAnswer("p.jpg", "p", np.zeros((8, 8, 3), np.uint8), verified[0],
+                                     listed, 100, 0.1, verified=verified)
+    (finished,), maxima = _session(rerank_top=3).finish([answer])
+    assert maxima[0] == 40.0
+    assert finished.row.label == 3 and finished.scored is verified[1]
+    assert finished.row.final_score == pytest.approx(0.85 + 0.15 * 0.3)
+    assert [c.landmark_id for c in finished.candidates] == [3, 2, 1]
+    decisive = [c.decisive for c in finished.candidates]
+    assert decisive == sorted(decisive, reverse=True) and decisive[0] == finished.row.final_score
+    text = query.format_answer(finished).splitlines()
+    assert text[0] == "p.jpg: landmark 3 (score 0.895)"
+    assert [line.split()[1] for line in text[2:]] == ["3", "2", "1"]
+    assert render.caption_lines(finished)[1].startswith("answer: landmark 3: score 0.895")
+
+    # The recipe: only the vote's class is verified and answers.
+    recipe = dataclasses.replace(answer, verified=(verified[0]._replace(candidate=None),),
+                                 candidates=tuple(
+            dataclasses.replace(c, eligible=c.rank == 0) for c in listed))
+    (finished,), _ = _session(rerank_top=1).finish([recipe])
+    assert finished.row.label == 1 and [c.landmark_id for c in finished.candidates] == [1, 3, 2]
+    assert [c.decisive for c in finished.candidates][1:] == [None, None]
+    text = query.format_answer(finished).splitlines()
+    assert [line.split()[2] for line in text[2:5]] == [f"{finished.row.final_score:.3f}", "-", "-"]
+    assert text[5:] == ["  landmark 3 has more inliers than the answer but was not verified "
+                        "for it: --rerank_top 2 would",
+                        "  landmark 2 has more inliers than the answer but was not verified "
+                        "for it: --rerank_top 3 would"]

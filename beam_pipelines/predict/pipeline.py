@@ -112,6 +112,7 @@ from apache_beam.options.pipeline_options import PipelineOptions, StandardOption
 from beam_pipelines import cli, io_utils
 from beam_pipelines.predict import config as config_lib
 from beam_pipelines.predict import model_handler, reference_cache, steps, transforms
+from rescoring import scores
 from tfrecords_schema import InputError, SchemaError
 from tfrecords_schema.label_map import LabelMap
 from trainer.cli import CommandFailure
@@ -511,15 +512,15 @@ def build_prediction(pipeline, config, crop_spec, verification_params, landmark_
                     config.output_dir))
     unreadable = test["unreadable"] | "UnreadableRows" >> beam.Map(
         transforms.unreadable_to_scored)
-    rows = (
-        (scored, unreadable)
-        | "AllTestImages" >> beam.Flatten()
-        | "Blend" >> steps.Blend(config.blend_weight, landmark_ids)
-    )
+    every = (scored, unreadable) | "AllTestImages" >> beam.Flatten()
+    rows = every | "Blend" >> steps.Blend(config.blend_weight, landmark_ids)
+    # The normaliser Blend divides by, for stats.json (the same combine of the same rows).
+    maxima = (every | "NormaliserLocalScores" >> beam.Map(transforms.local_scores)
+              | "Normaliser" >> beam.CombineGlobally(scores.maxima_of))
     if config.recognizer == "classifier" and config.rerank_top > 1:
         rows = rows | "PickBestCandidate" >> steps.PickBestCandidate()
     outputs = {"rows": rows, "unparseable": test["unparseable"],
-               "extraction_errors": features["errors"]}
+               "extraction_errors": features["errors"], "maxima": maxima}
     if reference_errors is not None:
         outputs["reference_extraction_errors"] = reference_errors
     _ = outputs | "WriteSubmission" >> steps.WriteSubmission(

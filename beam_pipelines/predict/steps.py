@@ -459,7 +459,7 @@ class VerifyNeighbours(beam.PTransform):
 
 def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
                   recognizer: str = "classifier", reference_errors=None,
-                  rerank_top: int = 1) -> None:
+                  rerank_top: int = 1, maxima=None) -> None:
     """Writes ``submission.csv``, ``scores.csv`` (with the kNN columns for a kNN
     ``recognizer``, the candidate columns for ``rerank_top`` K > 1) and :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the
     summary of this job's reference extraction failures, when given)."""
@@ -474,6 +474,10 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
                         outputs.scores_csv(unique_rows, recognizer, rerank_top))
     stats = outputs.pipeline_stats(unique_rows, duplicates, int(unparseable))
     stats["test_extraction_errors"] = test_errors
+    if maxima is not None:
+        # The normaliser of local_max in every final score (with --rerank_top K > 1 the
+        # largest over every candidate, not only over the answers in scores.csv).
+        stats["local_max_top"] = float(maxima[0])
     if reference_errors is not None:
         stats["reference_extraction_errors"] = reference_errors
     io_utils.write_json(io_utils.join(output_dir, PIPELINE_STATS_FILENAME), stats)
@@ -481,8 +485,10 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
 
 
 class WriteSubmission(beam.PTransform):
-    """``{"rows": FinalRow, "unparseable": str, "extraction_errors": summary}`` -> the files of
-    :func:`write_outputs` in ``output_dir`` (one row per id, :mod:`.outputs`).
+    """``{"rows": FinalRow, "unparseable": str, "extraction_errors": summary[, "maxima":
+    the test-set maxima of the local scores]}`` -> the files of :func:`write_outputs` in
+    ``output_dir`` (one row per id, :mod:`.outputs`); with ``maxima``, the stats hold
+    ``local_max_top``, the normaliser of every final score.
 
     The stats file holds the row counts, the number of ``unparseable`` records and the test
     images' ``extraction_errors`` (:class:`ExtractLocalFeatures`' summary) and, when given
@@ -502,11 +508,14 @@ class WriteSubmission(beam.PTransform):
         reference_errors = None
         if "reference_extraction_errors" in inputs:
             reference_errors = beam.pvalue.AsSingleton(inputs["reference_extraction_errors"])
+        maxima = None
+        if "maxima" in inputs:
+            maxima = beam.pvalue.AsSingleton(inputs["maxima"])
         return (
             inputs["rows"]
             | "AllRows" >> beam.combiners.ToList()
             | "Write" >> beam.Map(
                 write_outputs, self._output_dir, beam.pvalue.AsSingleton(unparseable),
                 beam.pvalue.AsSingleton(inputs["extraction_errors"]), self._recognizer,
-                reference_errors, self._rerank_top)
+                reference_errors, self._rerank_top, maxima)
         )
