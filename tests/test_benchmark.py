@@ -193,6 +193,26 @@ def _scores(recognizer):
                           knn_c=f",2,0.3,{recognizer}")
 
 
+def test_rerank_top_rows_and_variants():
+    config = benchmark.parse_args(["--output_dir", "b", "--recognizers", "knn,classifier",
+                                   "--rerank_top", "1,3,5"])
+    assert [(v.recognizer, v.rerank_top, v.folder) for v in benchmark.variants_for(config)] == [
+        ("knn", 1, "knn"), ("classifier", 1, "classifier"), ("classifier", 3, "classifier_top3"),
+        ("classifier", 5, "classifier_top5")]
+    methods = benchmark.methods_for(config.recognizers, config.rerank_top)
+    assert [method.name for method in methods] == [
+        "knn (no rescoring)", "knn + rescoring", "classifier (no rescoring)",
+        "classifier + rescoring", "classifier, top 3 verified + rescoring",
+        "classifier, top 5 verified + rescoring"]
+    assert benchmark.baseline_method(methods) == benchmark.Method("classifier", True, 1)
+    assert benchmark.predict_flags("classifier", 1) == (
+        "--recognizer", "classifier", "--rerank_top", "1")
+    assert benchmark.predict_flags("knn", 1) == ("--recognizer", "knn")
+    for bad, message in (("1,1", "must be unique"), ("0", "must be >= 1"), (",", "at least one")):
+        with pytest.raises(InputError, match=message):
+            benchmark.parse_args(["--output_dir", "b", "--rerank_top", bad])
+
+
 def test_rows_and_their_report_keys():
     methods = benchmark.methods_for(["classifier", "knn", "knn+classifier"])
     assert [method.name for method in methods] == [
@@ -299,7 +319,8 @@ def test_the_recipe_is_the_baseline_of_the_paired_column():
 
 # One recognizer keeps the suite's time down: the kNN rows' report keys are checked on real
 # evaluate output in test_rows_and_their_report_keys, the kNN predict path in test_predict_knn.
-TINY = ["--seeds", "0,1", "--recognizers", "classifier", "--num_classes", "3",
+TINY = ["--seeds", "0,1", "--recognizers", "classifier", "--rerank_top", "1,3",
+        "--num_classes", "3",
         "--train_per_class", "4", "--test_per_class", "2", "--num_train_distractors", "3",
         "--num_test_distractors", "3", "--min_size", "96", "--max_size", "160",
         "--image_size", "71", "--crops", "1", "--references_per_class", "4",
@@ -312,6 +333,8 @@ EXPECTED_ROWS = {
     "classifier (no rescoring)": ("classifier", "gap_nn_only", "top1_accuracy_nn_only",
                                   "gap_nn_only_landmarks_only"),
     "classifier + rescoring": ("classifier", "gap", "top1_accuracy", "gap_landmarks_only"),
+    "classifier, top 3 verified + rescoring": ("classifier_top3", "gap", "top1_accuracy",
+                                               "gap_landmarks_only"),
 }
 
 
@@ -335,7 +358,7 @@ def test_benchmark_end_to_end(tmp_path, capsys):
         recognizer = path.split(os.sep)[-2][len("evaluation_"):]
         reports.setdefault(recognizer, {})[seed] = json.loads(open(path).read())
     assert {recognizer: sorted(by_seed) for recognizer, by_seed in reports.items()} == {
-        "classifier": [0, 1]}
+        "classifier": [0, 1], "classifier_top3": [0, 1]}
 
     table = record["table"]
     assert [row["method"] for row in table] == list(EXPECTED_ROWS)
@@ -371,13 +394,16 @@ def test_benchmark_end_to_end(tmp_path, capsys):
     # Each seed: all stages, timed; both predicts shared one reference-feature cache.
     for seed_record in record["seeds"]:
         assert [stage["name"] for stage in seed_record["stages"]] == [
-            "toy data", "ingest train", "ingest test", "train", "predict classifier",
-            "evaluate classifier"]
+            "toy data", "ingest train", "ingest test", "train",
+            "predict classifier (--rerank_top 1)", "evaluate classifier (--rerank_top 1)",
+            "predict classifier (--rerank_top 3)", "evaluate classifier (--rerank_top 3)"]
         assert all(stage["seconds"] > 0 for stage in seed_record["stages"])
         seed_dir = output_dir / f"seed_{seed_record['seed']}"
-        predict_config = json.loads((seed_dir / "predict_classifier" / "config.json").read_text())
-        assert predict_config["config"]["reference_features"] == str(
-            seed_dir / "reference_features")
+        for folder, k in (("predict_classifier", 1), ("predict_classifier_top3", 3)):
+            predict_config = json.loads((seed_dir / folder / "config.json").read_text())
+            assert predict_config["config"]["reference_features"] == str(
+                seed_dir / "reference_features")
+            assert predict_config["config"]["rerank_top"] == k
 
     with open(output_dir / "benchmark.png", "rb") as handle:
         assert handle.read(8) == b"\x89PNG\r\n\x1a\n"

@@ -6,6 +6,8 @@ Blend, PickBestCandidate) on Beam's FnApiRunner with a case built so that the cl
 class is wrong and a lower candidate verifies strongly.
 """
 
+import os
+
 import numpy as np
 import pytest
 from apache_beam import Create
@@ -239,3 +241,51 @@ def test_a_negative_similarity_votes_against_its_class():
         sims, labels, retrieval.AggregationParams.glr2020_third())
     assert verdict.best_class == 3
     assert verdict.per_class[7] == pytest.approx(0.9 ** 9 + (-0.85) ** 9)
+
+
+# ---- the recipe on the demo run: --rerank_top 1 is today's output ------------------------------
+
+
+def _rows(path):
+    import csv
+
+    with open(path) as handle:
+        return {row["id"]: row for row in csv.DictReader(handle)}
+
+
+def test_rerank_top_one_on_the_demo_is_the_recipes_output(demo_run, tmp_path):
+    """``--rerank_top 1`` on the demo's data: the crop vote's class, its own inliers, the
+    recipe's blend. Against the demo's own predict run: the same bytes when that run is the
+    recipe (the default K = 1); with a default K > 1, the same vote columns, and the same
+    local columns wherever the demo's answer is the vote's class (candidate 0)."""
+    from beam_pipelines import stages
+    from beam_pipelines.predict import config as predict_config
+    from beam_pipelines.predict import outputs
+
+    stages.predict_test(demo_run.run_dir, str(tmp_path / "recipe"), "default", 32, 22,
+                        ("--rerank_top", "1"))
+    demo = stages.path(demo_run.run_dir, "predict")
+    recipe = tmp_path / "recipe"
+    text = (recipe / "scores.csv").read_text()
+    assert text.splitlines()[0] == ",".join(outputs.SCORES_HEADER)
+    if predict_config.DEFAULT_RERANK_TOP == 1:
+        for name in ("submission.csv", "scores.csv"):
+            assert (recipe / name).read_bytes() == open(os.path.join(demo, name), "rb").read()
+        return
+    mine, theirs = _rows(recipe / "scores.csv"), _rows(os.path.join(demo, "scores.csv"))
+    assert sorted(mine) == sorted(theirs)
+    top = max(float(row["local_max"]) for row in mine.values())
+    changed = 0
+    for image_id, row in mine.items():
+        other = theirs[image_id]
+        assert row["label"] == row["nn_label"] == other["nn_label"]
+        assert row["nn_confidence"] == other["nn_confidence"]
+        assert float(row["final_score"]) == scores.final_score(
+            float(row["local_max"]), top, float(row["nn_confidence"]), 0.15)
+        if other["candidate_rank"] == "0":
+            for column in ("label", "local_max", "local_mean", "local_best_half"):
+                assert row[column] == other[column]
+        else:
+            changed += 1
+            assert row["label"] != other["label"]
+    assert changed < len(mine)
