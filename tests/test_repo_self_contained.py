@@ -160,6 +160,8 @@ def _code_defaults() -> dict[str, list]:
         "references per class K": [predict.references_per_class,
                                    predict_config.DEFAULT_REFERENCES_PER_CLASS],
         "blend weight w of the classifier": [scores.BlendParams().nn_weight, predict.blend_weight],
+        "candidates of the crop vote verified per test image": [
+            predict.rerank_top, predict_config.DEFAULT_RERANK_TOP],
         "ArcFace heads: embedding width D": [train.model.embedding_dim],
         "ArcFace heads: scale s": [train.model.arcface_scale],
         "arcface head: margin m, radians": [train.model.arcface_margin],
