@@ -30,9 +30,17 @@ Steps (the launcher checks everything it can before a pipeline starts):
        |  +--unreadable--> ScoredImage (no prediction) ---------> Flatten <------+
        |                                     |                      |
        |                                     |                    Blend
+       |                                     |                      | FinalRow
+       |                                     |              PickBestCandidate (--rerank_top > 1)
        |                                     v                      | FinalRow
        +--unparseable--------------> WriteSubmission <--------------+
                         submission.csv, scores.csv, the counts for stats.json
+
+   With ``--rerank_top K`` > 1 (docs/METHOD.md, "Stage 2 with several candidates") each vote
+   carries the crop vote's K candidates, ``Verify`` keys a copy of the test image by each
+   candidate's class (:func:`.transforms.candidate_queries`), ``Blend`` normalises by the
+   largest local score of every candidate and ``PickBestCandidate`` keeps each test image's
+   best final score (a ``CombinePerKey`` by test id).
 
 4. Launcher: ``stats.json`` (counts + seconds), then the completeness checks
    (:func:`completeness_problem`), then ``_SUCCESS`` only if they pass.
