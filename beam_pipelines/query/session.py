@@ -443,10 +443,11 @@ class QuerySession:
             merge.create_accumulator(), self.index.search(embedding, self.config.knn_k)))
         vote = None
         with_classifier = self.config.recognizer == "knn+classifier"
-        if with_classifier:
-            class_index, confidence = voting.vote(probabilities)
-            vote = Vote(int(class_index), float(confidence),
-                        tuple(voting.vote_shares(probabilities).items()))
+        if with_classifier:  # the job's vote, with the classifier factor of the rule
+            from apache_beam.ml.inference.base import PredictionResult
+
+            _, vote = transforms.vote_keyed(
+                (decoded.image_id, PredictionResult(None, probabilities)), class_votes=True)
         _, knn_scores = knn_lib.score_neighbours(decoded.image_id, neighbours, vote, params,
                                                  with_classifier)
         # The job's pairs (neighbour_pairs): every landmark neighbour of a photo with features;
