@@ -193,8 +193,7 @@ class PickBestCandidate(beam.PTransform):
 
     def expand(self, rows):
         candidates = rows | "CandidateRows" >> beam.Filter(transforms.is_candidate_row)
-        others = rows | "OtherRows" >> beam.Filter(
-            lambda row: not transforms.is_candidate_row(row))
+        others = rows | "OtherRows" >> beam.Filter(transforms.is_not_candidate_row)
         best = (
             candidates
             | "KeyById" >> beam.Map(transforms.key_by_image_id)

@@ -512,6 +512,11 @@ def is_candidate_row(row: FinalRow) -> bool:
     return row.candidate is not None
 
 
+def is_not_candidate_row(row: FinalRow) -> bool:
+    """A row that is its image's only one (an unreadable image's)."""
+    return row.candidate is None
+
+
 def key_by_image_id(row: FinalRow):
     return row.image_id, row
 
