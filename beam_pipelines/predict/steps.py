@@ -460,8 +460,9 @@ def write_outputs(rows, output_dir: str, unparseable: int, test_errors: dict,
                   recognizer: str = "classifier", reference_errors=None,
                   rerank_top: int = 1, maxima=None) -> None:
     """Writes ``submission.csv``, ``scores.csv`` (with the kNN columns for a kNN
-    ``recognizer``, the candidate columns for ``rerank_top`` K > 1) and :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the
-    summary of this job's reference extraction failures, when given)."""
+    ``recognizer``, the candidate columns for ``rerank_top`` K > 1) and
+    :data:`PIPELINE_STATS_FILENAME` (with ``reference_errors``, the summary of this job's
+    reference extraction failures, when given; with ``maxima``, ``local_max_top``)."""
     from rescoring import submission
 
     unique_rows, duplicates = outputs.one_row_per_id(rows)
