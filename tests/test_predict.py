@@ -213,9 +213,9 @@ def _args(data: PredictData, output_dir: Path, *extra: str) -> list[str]:
         "--output_dir", str(output_dir),
         "--references_per_class", str(REFERENCES_PER_CLASS),
         "--blend_weight", str(BLEND_WEIGHT),
-        # The recipe: only the crop vote's class is verified (several candidates:
-        # test_candidates.py).
-        "--rerank_top", "1",
+        # The classifier recognizer as the recipe: only the crop vote's class is verified
+        # (several candidates: test_candidates.py).
+        *(() if "--recognizer" in extra else ("--rerank_top", "1")),
         *extra,
     ]
 
