@@ -253,6 +253,7 @@ def _rows(path):
         return {row["id"]: row for row in csv.DictReader(handle)}
 
 
+@pytest.mark.slow
 def test_rerank_top_one_on_the_demo_is_the_recipes_output(demo_run, tmp_path):
     """``--rerank_top 1`` on the demo's data: the crop vote's class, its own inliers, the
     recipe's blend. Against the demo's own predict run: the same bytes when that run is the
