@@ -75,8 +75,8 @@ Each test image retrieves its ``--knn_k`` most similar references of the whole i
 ones' similarities, and only landmark ones vote (GLR-2019 rule for ``knn``; GLR-2020 3rd-place
 rule, votes ``s ** 9`` times the classifier's mean probability of the class, 1e-8 outside its
 top 5, to the power 10, for ``knn+classifier``; :func:`.knn.aggregation_params`). Every
-landmark neighbour is verified against the test image: with its cached local features when it is in the per-class sample of
-``--references_per_class``, else with features extracted in job B (``VerifyNeighbours``: the
+landmark neighbour is verified against the test image: with its cached local features when it
+is in the per-class sample of ``--references_per_class``, else with features extracted in job B (``VerifyNeighbours``: the
 uncached retrieved ids are joined by id with the records of ``--reference_data``, each decoded
 and featurised once by the cache's extractor, written nowhere; ``stats.json``
 ``retrieval.knn_references_featurised_on_demand``, their failures counted as reference
