@@ -221,6 +221,20 @@ def check_ann(config) -> None:
         raise PredictError(f"--ann faiss: {error}") from error
 
 
+def access_paths(config: config_lib.PredictConfig, beam_args: Sequence[str]) -> dict:
+    """Flag -> path of every input and output of the job, Beam's temporary and staging
+    folders included, for :func:`io_utils.check_access` (before any pipeline is built)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    cloud = PipelineOptions(list(beam_args)).view_as(GoogleCloudOptions)
+    paths = {"--model": config.model, "--test_data": config.test_data,
+             "--reference_data": config.reference_data, "--output_dir": config.output_dir,
+             "--reference_features": config.reference_features,
+             "--temp_location": cloud.temp_location,
+             "--staging_location": cloud.staging_location}
+    return {flag: path for flag, path in paths.items() if path}
+
+
 def check_inputs(config: config_lib.PredictConfig) -> None:
     if not io_utils.match(config.test_data):
         raise PredictError(f"no test files match --test_data {config.test_data}")
@@ -685,6 +699,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """
     start = time.monotonic()
     config, beam_args = config_lib.parse_args(argv)
+    io_utils.check_access(access_paths(config, beam_args))
     check_inputs(config)
     label_map = load_label_map(config.label_map)
     geometry = check_model(config.model, label_map)
