@@ -8,6 +8,7 @@ need: telling Beam's flags apart from misspelt ones (:func:`parse_job_args`).
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Optional, Sequence
 
 from tfrecords_schema import InputError
@@ -72,8 +73,9 @@ def runner_flag(beam_args: Sequence[str]) -> Optional[str]:
     for position, argument in enumerate(beam_args):
         if argument.startswith("--runner="):
             runner = argument.split("=", 1)[1]
-        elif argument == "--runner" and position + 1 < len(beam_args):
-            runner = beam_args[position + 1]
+        elif (argument == "--runner" and position + 1 < len(beam_args)
+              and not beam_args[position + 1].startswith("-")):
+            runner = beam_args[position + 1]  # a missing value is the parser's to report
     return runner
 
 
@@ -151,6 +153,28 @@ def parse_job_args(
     Raises:
       InputError: a bad own flag or value, an unknown flag, a bad Beam value.
     """
-    namespace, beam_args = parser.parse_known_args(None if argv is None else list(argv))
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if any(not action.option_strings for action in parser._actions):
+        # A positional list (landmarks-query's PHOTOs) would also take the values of Beam's
+        # flags (``--runner FnApiRunner``): Beam's flags and their values are taken out first.
+        own_args, beam_args = _split_beam_args(argv)
+        namespace, extras = parser.parse_known_intermixed_args(own_args)
+        check_beam_args(extras + beam_args, own_flags=option_strings(parser))
+        return namespace, beam_args
+    namespace, beam_args = parser.parse_known_args(argv)
     check_beam_args(beam_args, own_flags=option_strings(parser))
     return namespace, list(beam_args)
+
+
+def _split_beam_args(argv: Sequence[str]) -> tuple[list[str], list[str]]:
+    """``argv`` -> (everything else, Beam's flags with their values), each in order."""
+    import_runner_module(argv)
+    _, rest = beam_flag_parser().parse_known_args(list(argv))
+    own, beam, position = [], [], 0
+    for argument in argv:
+        if position < len(rest) and rest[position] == argument:
+            own.append(argument)
+            position += 1
+        else:
+            beam.append(argument)
+    return own, beam
