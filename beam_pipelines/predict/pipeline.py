@@ -313,6 +313,38 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def run_reading(pipeline, inputs: dict):
+    """Runs ``pipeline`` to its end; returns its result.
+
+    A TFRecord file that Beam's reader cannot frame (truncated, or not a TFRecord file) is the
+    user's data, not a bug: ``PredictError`` (exit code 2) naming the flag and the first such
+    file of ``inputs`` (flag -> glob).
+    """
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:  # noqa: BLE001 - runners wrap the reader's ValueError variously
+        if "Not a valid TFRecord" not in str(error):
+            raise
+        raise PredictError(_unreadable_records_message(inputs)) from error
+    return result
+
+
+def _unreadable_records_message(inputs: dict) -> str:
+    from beam_pipelines.query import records
+
+    for flag, pattern in inputs.items():
+        for path in io_utils.match(pattern):
+            try:
+                for _ in records.iter_records(path):
+                    pass
+            except records.RecordFileError as error:
+                return f"{flag} {pattern}: {error}"
+    flags = " or ".join(f"{flag} {pattern}" for flag, pattern in inputs.items())
+    return (f"a file matched by {flags} is not a TFRecord file or is damaged (Beam's reader: "
+            "'Not a valid TFRecord'); re-run the job that wrote it")
+
+
 # ---- job A: reference features --------------------------------------------------------------
 
 
@@ -342,8 +374,7 @@ def ensure_reference_features(config, beam_args, extractor_spec: str) -> dict:
         config.reference_data, directory, extractor_spec, config.references_per_class,
         config.num_classes,
     )
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--reference_data": config.reference_data})
     num_written = _distribution_count(result, "reference_features_per_image")
     errors = _read_json_or(io_utils.join(directory, reference_cache.ERRORS_FILENAME),
                            {"count": 0, "causes": []})
@@ -393,8 +424,7 @@ def ensure_reference_embeddings(config, beam_args, embedding_sha256: str) -> dic
     _ = pipeline | "EmbedReferenceImages" >> reference_cache.EmbedReferenceImages(
         config.reference_data, directory, config.embedding, embedding_sha256, config.image_size,
         config.batch_images, config.num_classes)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--reference_data": config.reference_data})
     counts = _read_json_or(io_utils.join(directory, reference_cache.COUNTS_FILENAME), None)
     complete = reference_cache.finish_embeddings(directory, wanted, counts, config.embedding)
     seconds = time.monotonic() - start
@@ -762,8 +792,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_prediction(pipeline, config, crop_spec, verification_params,
                      label_map.landmark_ids, extractor_spec, index)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--test_data": config.test_data,
+                                    "--reference_data": config.reference_data})
     predict_seconds = time.monotonic() - predict_start
 
     stats_part_path = io_utils.join(config.output_dir, steps.PIPELINE_STATS_FILENAME)

@@ -67,9 +67,16 @@ def extraction_stats(session, max_failed_fraction: float) -> dict:
 
     ``failed_fraction`` = (photo + reference extraction failures) / (photos + references given
     to the extractor), the job's rule: references featurised in this run (a reused cache had
-    none fail) and those featurised on demand count as references.
+    none fail) and those featurised on demand count as references. ``extraction_errors``
+    holds the job's cause summaries (causes grouped as the job groups them).
     """
+    from beam_pipelines.predict import pipeline as predict
+
     featurised = session.references if not session.references.get("reused") else {}
+
+    def summary(causes: list) -> dict:
+        return {"count": len(causes), "causes": [[cause, 1] for cause in causes]}
+
     reference_failed = (int(featurised.get("extraction_failures") or 0)
                         + len(session.extraction_failures["reference"]))
     reference_attempts = (int(featurised.get("num_images") or 0)
@@ -77,27 +84,30 @@ def extraction_stats(session, max_failed_fraction: float) -> dict:
     test_failed = len(session.extraction_failures["test"])
     test_attempts = session.extraction_attempts["test"]
     attempts, failed = test_attempts + reference_attempts, test_failed + reference_failed
-    causes: dict = {}
-    for cause in session.extraction_failures["test"] + session.extraction_failures["reference"]:
-        causes[cause] = causes.get(cause, 0) + 1
     return {
         "test_extraction_failures": test_failed,
         "reference_extraction_failures": reference_failed,
         "extraction_attempts": {"test": test_attempts, "reference": reference_attempts},
         "failed_fraction": round(failed / attempts, 6) if attempts else 0.0,
         "max_failed_fraction": max_failed_fraction,
-        "extraction_causes": sorted(causes.items(), key=lambda item: (-item[1], item[0])),
+        "extraction_errors": {
+            "test": predict.merge_error_summaries(summary(session.extraction_failures["test"])),
+            "reference": predict.merge_error_summaries(
+                featurised.get("errors"), summary(session.extraction_failures["reference"]))},
     }
 
 
 def extraction_problem(stats: dict, spec: str) -> Optional[str]:
     """The job's one line when extraction failed on too many images (exit code 4), or None."""
+    from beam_pipelines.predict import pipeline as predict
+
     if stats["failed_fraction"] <= stats["max_failed_fraction"]:
         return None
     attempts = stats["extraction_attempts"]
     failed = stats["test_extraction_failures"] + stats["reference_extraction_failures"]
-    causes = stats["extraction_causes"]
-    cause = f"; most frequent cause ({causes[0][1]} images): {causes[0][0]}" if causes else ""
+    errors = stats["extraction_errors"]
+    dominant = predict._dominant_cause(errors.get("test"), errors.get("reference"))
+    cause = f"; most frequent cause ({dominant[1]} images): {dominant[0]}" if dominant else ""
     return (f"local-feature extraction ({spec}) failed on {failed} of "
             f"{attempts['test'] + attempts['reference']} images "
             f"({stats['failed_fraction']:.1%} > --max_failed_fraction "
