@@ -346,16 +346,18 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     stats = json.loads(io_utils.read_text(counts_path))
     FileSystems.delete([counts_path])
     if header is not None:
-        labelled = header.labelled
-        shards = remove_empty_splits(config.output_dir, config.shards_per_split(labelled),
-                                     stats["written_per_split"], keep=())
+        labelled, shards = header.labelled, config.shards_per_split(header.labelled)
     else:
         labelled = stats["class_histogram"]["num_classes"] > 0
-        shards = remove_empty_splits(config.output_dir, config.shards_per_split(None),
-                                     stats["written_per_split"], keep=())
+        shards = config.shards_per_split(None)
     outcome = stats_lib.assess(
         stats, config.max_rejected_fraction, noun="rows" if header is not None else "records",
         source="the manifest" if header is not None else "--input_tfrecords")
+    if outcome["failure"] is None:
+        shards = remove_empty_splits(config.output_dir, shards, stats["written_per_split"])
+    elif header is None:  # a failed run's shards are set aside below, for inspection
+        shards = remove_empty_splits(config.output_dir, shards, stats["written_per_split"],
+                                     keep=("dev",))
     stats.update({
         "seconds": round(seconds, 3),
         "images_per_second": round(stats["written"] / seconds, 3) if seconds > 0 else 0.0,
