@@ -44,8 +44,11 @@ optimizer) without training; the first unfinished phase resumes from its last co
 
 Exit codes of :func:`main`: 0 success; 2 bad input or config (one line on stderr,
 ``landmarks-train: error: ...``); 3 training diverged (NaN loss: stopped, last good
-checkpoint and backup kept, nothing overwritten with NaN weights); 1 an internal error (a bug:
-traceback logged, then ``landmarks-train: internal error: ...``).
+checkpoint and backup kept, nothing overwritten with NaN weights); 5 a resource cannot be
+reached (a ``gs://`` model dir or data whose storage service does not answer, checked first;
+the ImageNet weights' download); 1 an internal error (a bug: traceback logged, then
+``landmarks-train: internal error: ...``). A run that failed before its first checkpoint does
+not lock its model dir: another config may start there.
 """
 
 from __future__ import annotations

@@ -76,12 +76,15 @@ Exit codes of ``main`` (``run(argv)`` returns the summary or raises):
 * 0: done, ``_SUCCESS`` written.
 * 1: an internal error, i.e. a bug (its traceback is logged, then one
   ``landmarks-predict: internal error: ...`` line).
-* 2: bad input found before any pipeline ran (:class:`PredictError`, one line): flags, files,
-  label map, model, an extractor spec that does not work.
+* 2: bad input (:class:`PredictError`, one line): flags, files, label map, model, an extractor
+  spec that does not work, a bucket that cannot be listed, a record file Beam's reader cannot
+  frame (named).
 * 4: the job ran but did not do its work (:class:`IncompleteRunError`, one line; ``stats.json``
   says what happened, no ``_SUCCESS``): more than ``--max_failed_fraction`` of the local-feature
   extractions failed, no test record was read, no test image was readable, no readable test
   image gave local features, or no reference image was labelled or gave features.
+* 5: an input or output cannot be reached (its storage service does not answer; checked
+  before any pipeline is built, one line naming it and the cause).
 
 What counts in the failed fraction: extraction failures (the extractor raised or returned
 unusable output) over extraction attempts, test and reference images together, counting only
