@@ -20,6 +20,7 @@ from trainer.cli import (  # noqa: F401 - re-exported for the commands of this p
     EXIT_UNREACHABLE,
     ErrorRaisingArgumentParser,
     ResourceUnreachable,
+    check_reachable,
     option_strings,
     parse_bool,
     run_command,

@@ -61,6 +61,18 @@ def test_a_spec_that_does_not_load_exits_2_before_any_pipeline(data, tmp_path, c
     assert not output_dir.exists() and not (tmp_path / "runs" / "reference_features").exists()
 
 
+def test_a_module_url_out_of_reach_exits_5_before_any_pipeline(data, tmp_path, capsys):
+    from remote_servers import free_port
+
+    url = f"https://127.0.0.1:{free_port()}/google/delf/1"
+    output_dir = tmp_path / "out"
+    argv = _args(data, output_dir, "--local_features", f"delf:{url}", "--runner=FnApiRunner")
+    error = _main_error(capsys, argv, 5)
+    assert error.startswith(f"landmarks-predict: error: --local_features {url}: cannot reach "
+                            "127.0.0.1:")
+    assert "ConnectionRefusedError" in error and not output_dir.exists()
+
+
 def test_the_probe_names_the_spec_and_the_cause(tmp_path):
     always = "delf:" + save_delf_standin(tmp_path / "always", fail_when_blue_below=2.0)
     with pytest.raises(pipeline.PredictError, match=(

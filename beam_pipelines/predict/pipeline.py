@@ -265,6 +265,7 @@ def probe_extractor(spec: str):
       ``(extractor, number of features found in the probe image)``.
 
     Raises:
+      ResourceUnreachable: a module URL whose host does not answer (exit code 5).
       PredictError: one line naming the spec and the cause: unknown spec; ``does not load``
         (module missing, no ``default`` signature, ...); ``fails on a test photograph`` (the
         call raised, e.g. a signature with other inputs); ``returns no usable output`` (not
@@ -277,6 +278,8 @@ def probe_extractor(spec: str):
         extractor = local_features.make_extractor(spec)
     except ValueError as error:
         raise PredictError(f"bad {flag}: {error}") from error
+    if spec.startswith(local_features.DELF_PREFIX):  # a TF-Hub URL or a gs:// folder
+        cli.check_reachable({"--local_features": spec[len(local_features.DELF_PREFIX):]})
     try:
         extractor.load()
     except Exception as error:  # noqa: BLE001 - hub.load raises OSError, KeyError, TF errors...
