@@ -201,6 +201,10 @@ def _dev_gaps(text: str) -> list[str]:
 
 
 @pytest.mark.slow
+# Its own waits add up to 3 x WORKER_TIMEOUT_S (the first run up to the kill, the resumed run's
+# two workers); the suite's 600 s default would cut it short on a loaded host (it took ~700 s
+# beside a CPU-bound process and other jobs on 2 cores), before any of those waits expired.
+@pytest.mark.timeout(3 * WORKER_TIMEOUT_S + 60)
 def test_two_workers_resume_after_a_worker_is_killed_mid_epoch(records, tmp_path):
     model_dir = tmp_path / "model"
     # 12 steps per epoch: the second epoch lasts seconds (each step is a forward and backward
