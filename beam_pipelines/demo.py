@@ -167,11 +167,6 @@ def _run_stage(stages: list, number: int, name: str, action, total: int = 6):
     return stage_lib.run_stage(stages, f"[{number}/{total}]", name, action, logger=_LOG)
 
 
-def _check_exit(name: str, code: int) -> None:
-    if code != 0:
-        raise RuntimeError(f"{name} failed with exit code {code}; see the log above")
-
-
 def run(config: DemoConfig) -> dict:
     """Runs the six stages (ten with ``compare``); returns the summary written to ``demo.json``."""
     _prepare_run_dir(config.run_dir)

@@ -21,6 +21,7 @@ from apache_beam.io.filesystem import BeamIOError, CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 
 from tfrecords_schema import InputError
+from trainer.cli import ResourceUnreachable, check_reachable
 
 SUCCESS_MARKER = "_SUCCESS"
 
@@ -39,13 +40,89 @@ def exists(path: str) -> bool:
     return FileSystems.exists(path)
 
 
+def storage_cause(error: BaseException) -> BaseException:
+    """The storage back-end's own exception inside Beam's (nested) ``BeamIOError``s."""
+    seen = set()
+    while isinstance(error, BeamIOError) and id(error) not in seen:
+        seen.add(id(error))
+        details = getattr(error, "exception_details", None) or {}
+        inner = [value for value in details.values() if isinstance(value, BaseException)]
+        if not inner:
+            break
+        error = inner[0]
+    return error
+
+
+_UNREACHABLE_WORDS = ("timeout", "timed out", "connection refused", "connection reset",
+                      "connection aborted", "name or service not known", "failed to resolve",
+                      "temporary failure in name resolution", "max retries exceeded",
+                      "network is unreachable", "no route to host", "service unavailable")
+
+
+def is_unreachable(error: BaseException) -> bool:
+    """True when a storage error says the service could not be reached (network, DNS, timeout,
+    503), not that it answered no (missing bucket, permission denied)."""
+    cause = storage_cause(error)
+    if isinstance(cause, (ConnectionError, TimeoutError)):
+        return True
+    text = f"{type(cause).__name__} {cause}".lower()
+    return "retryerror" in text or any(word in text for word in _UNREACHABLE_WORDS)
+
+
+def storage_failure(path: str, error: BaseException, action: str = "list") -> Exception:
+    """The error to raise for a failed listing or read of ``path``: one line with the path and
+    the storage service's own message; :class:`~trainer.cli.ResourceUnreachable` when the
+    service could not be reached, else ``InputError`` (a missing bucket, no permission: the
+    user must fix the path or its access; not "no files")."""
+    cause = storage_cause(error)
+    lines = [line.strip() for line in str(cause).splitlines() if line.strip()]
+    message = f"{type(cause).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    if is_unreachable(error):
+        return ResourceUnreachable(f"cannot {action} {path}: the storage service could not be "
+                                   f"reached ({message})")
+    return InputError(f"cannot {action} {path}: {message}")
+
+
 def match(pattern: str) -> list[str]:
-    """Sorted paths of the files matching ``pattern`` (``*``, ``?``, ``**``); ``[]`` if none."""
+    """Sorted paths of the files matching ``pattern`` (``*``, ``?``, ``**``); ``[]`` if none.
+
+    Raises:
+      InputError: the listing failed (a missing bucket, permission denied): the message names
+        ``pattern`` and carries the storage service's own message.
+      ResourceUnreachable: the storage service could not be reached.
+    """
     try:
         results = FileSystems.match([pattern])
-    except BeamIOError:
-        return []
+    except BeamIOError as error:
+        raise storage_failure(pattern, error) from error
     return sorted(metadata.path for metadata in results[0].metadata_list)
+
+
+def check_access(paths: dict) -> None:
+    """Checks, before a job builds its pipeline, that it can reach its inputs and outputs.
+
+    For each remote path (``flag -> path``; empty and local ones are skipped): the storage
+    endpoint must accept a connection (:func:`trainer.cli.check_reachable`, seconds instead of
+    the clients' two minutes of retries), and for ``gs://`` its bucket must be listable (a
+    missing bucket or a permission error is one line with the service's message, exit 2).
+
+    Raises:
+      ResourceUnreachable: an endpoint that does not answer.
+      InputError: a bucket that cannot be listed.
+    """
+    check_reachable(paths)
+    buckets = {}
+    for flag, path in paths.items():
+        if path and str(path).startswith("gs://"):
+            bucket = str(path)[len("gs://"):].split("/", 1)[0]
+            buckets.setdefault(bucket, (flag, path))
+    for bucket, (flag, path) in buckets.items():
+        probe = f"gs://{bucket}/.landmarks-access-check-*"
+        try:
+            FileSystems.match([probe])
+        except BeamIOError as error:
+            failure = storage_failure(f"gs://{bucket}", error, action="list the bucket")
+            raise type(failure)(f"{flag} {path}: {failure}") from error
 
 
 def read_bytes(path: str) -> bytes:

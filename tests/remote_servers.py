@@ -45,12 +45,17 @@ class HttpServer:
       ``/slow/<name>``: waits :attr:`slow_seconds` before answering with the file.
       ``/as_jpeg/<name>``: the file served as ``image/jpeg`` whatever it holds (HTML, text).
       ``/no_length/<name>``: the file without a ``Content-Length`` header (read until close).
+      ``/retry_after/<code>/<n>/<value>/<name>``: status ``code`` (429, 503) with the header
+        ``Retry-After: <value>`` for the first ``n`` requests to this URL, then the file.
+
+    :attr:`request_times` holds each path's request arrival times (``time.monotonic()``).
     """
 
     root: Path
     port: int
     slow_seconds: float
     request_counts: dict[str, int]
+    request_times: dict[str, list] = dataclasses.field(default_factory=dict)
 
     def url(self, route: str) -> str:
         """Absolute URL of ``route`` (e.g. ``"files/a.jpg"``)."""
@@ -72,9 +77,12 @@ def _make_handler(server_state: HttpServer):
         def log_message(self, format, *args):  # keep test output quiet
             pass
 
-        def _send(self, code: int, body: bytes, content_type: str, with_length: bool = True):
+        def _send(self, code: int, body: bytes, content_type: str, with_length: bool = True,
+                  headers: dict | None = None):
             self.send_response(code)
             self.send_header("Content-Type", content_type)
+            for name, value in (headers or {}).items():
+                self.send_header(name, value)
             if with_length:
                 self.send_header("Content-Length", str(len(body)))
             self.end_headers()
@@ -100,6 +108,7 @@ def _make_handler(server_state: HttpServer):
             path = urllib.parse.urlparse(self.path).path
             counts = server_state.request_counts
             counts[path] = counts.get(path, 0) + 1
+            server_state.request_times.setdefault(path, []).append(time.monotonic())
             parts = path.lstrip("/").split("/", 1)
             route, rest = parts[0], (parts[1] if len(parts) > 1 else "")
             if route == "files":
@@ -119,6 +128,13 @@ def _make_handler(server_state: HttpServer):
                 self._serve_file(rest, content_type="image/jpeg")
             elif route == "no_length":
                 self._serve_file(rest, with_length=False)
+            elif route == "retry_after":
+                code, failures, value, name = rest.split("/", 3)
+                if counts[path] <= int(failures):
+                    self._send(int(code), b"slow down", "text/plain",
+                               headers={"Retry-After": urllib.parse.unquote(value)})
+                else:
+                    self._serve_file(name)
             else:
                 self._send(404, b"no such route", "text/plain")
 

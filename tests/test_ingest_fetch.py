@@ -122,3 +122,59 @@ def test_params_are_validated():
         FetchParams(max_attempts=0)
     with pytest.raises(ValueError):
         FetchParams(timeout_seconds=0)
+
+
+# ---- Retry-After and jitter (issue 18) --------------------------------------------------------
+
+
+def test_ingest_waits_out_retry_after_before_it_retries(http_server, tmp_path):
+    """Through landmarks-ingest: a 429 with ``Retry-After: 2`` is retried no sooner than 2 s
+    later, although the backoff alone would wait 0.01 s (the server's clock: request times)."""
+    import json
+
+    from beam_pipelines.ingest import pipeline
+    from test_ingest_pipeline import jpeg
+
+    (http_server.root / "a.jpg").write_bytes(jpeg(1))
+    route = "retry_after/429/1/2/a.jpg"
+    (tmp_path / "m.csv").write_text(f"id,url,landmark_id\na,{http_server.url(route)},5\n")
+    assert pipeline.main(["--manifest", str(tmp_path / "m.csv"), "--output_dir",
+                          str(tmp_path / "out"), "--num_shards", "1", "--max_attempts", "3",
+                          "--backoff_seconds", "0.01", "--runner=FnApiRunner"]) == 0
+    assert json.loads((tmp_path / "out" / "stats.json").read_text())["written"] == 1
+    first, second = http_server.request_times["/" + route]
+    assert second - first >= 2.0
+
+
+def test_retry_after_as_an_http_date_on_503_and_too_long_a_wait(http_server):
+    import email.utils
+    import time as time_lib
+    import urllib.parse
+
+    (http_server.root / "a.jpg").write_bytes(PAYLOAD)
+    # An HTTP date 2 s ahead (whole seconds): the retry comes after that second has begun.
+    when = email.utils.formatdate(time_lib.time() + 2, usegmt=True)
+    route = f"retry_after/503/1/{urllib.parse.quote(when, safe='')}/a.jpg"
+    assert fetch_bytes(http_server.url(route), FAST) == PAYLOAD
+    first, second = http_server.request_times["/" + route]
+    assert second - first >= 1.0
+    # A server asking for longer than max_retry_after_seconds: failed at once, not retried.
+    params = FetchParams(timeout_seconds=0.5, max_attempts=3, backoff_seconds=0.01,
+                         max_retry_after_seconds=5)
+    failure = failure_of(http_server.url("retry_after/429/9/3600/a.jpg"), params)
+    assert failure.reason == "http_429" and "Retry-After 3600 s > 5 s" in failure.detail
+    assert http_server.request_counts["/retry_after/429/9/3600/a.jpg"] == 1
+
+
+def test_backoff_waits_are_jittered_within_their_bounds():
+    import random
+
+    from beam_pipelines.ingest.fetch import retry_wait
+
+    params = FetchParams(backoff_seconds=0.5, max_backoff_seconds=8.0)
+    rng = random.Random(0)
+    for attempt, full in enumerate((0.5, 1.0, 2.0, 4.0, 8.0, 8.0)):
+        waits = [retry_wait(attempt, params, None, rng) for _ in range(200)]
+        assert all(full / 2 <= wait <= full for wait in waits)
+        assert len(set(waits)) == len(waits)  # no two workers retry in step
+    assert retry_wait(0, params, 3.0, rng) == 3.0  # never sooner than Retry-After

@@ -61,6 +61,18 @@ def test_a_spec_that_does_not_load_exits_2_before_any_pipeline(data, tmp_path, c
     assert not output_dir.exists() and not (tmp_path / "runs" / "reference_features").exists()
 
 
+def test_a_module_url_out_of_reach_exits_5_before_any_pipeline(data, tmp_path, capsys):
+    from remote_servers import free_port
+
+    url = f"https://127.0.0.1:{free_port()}/google/delf/1"
+    output_dir = tmp_path / "out"
+    argv = _args(data, output_dir, "--local_features", f"delf:{url}", "--runner=FnApiRunner")
+    error = _main_error(capsys, argv, 5)
+    assert error.startswith(f"landmarks-predict: error: --local_features {url}: cannot reach "
+                            "127.0.0.1:")
+    assert "ConnectionRefusedError" in error and not output_dir.exists()
+
+
 def test_the_probe_names_the_spec_and_the_cause(tmp_path):
     always = "delf:" + save_delf_standin(tmp_path / "always", fail_when_blue_below=2.0)
     with pytest.raises(pipeline.PredictError, match=(
@@ -254,3 +266,102 @@ def test_no_labelled_reference_exits_4_before_prediction(data, capsys):
     assert stats["complete"] is False and stats["reference_features"]["num_images"] == 0
     assert not (output_dir / "_SUCCESS").exists() and not (output_dir / "scores.csv").exists()
     assert not (data.root / "refless" / "reference_features" / "_SUCCESS").exists()
+
+
+# ---- landmarks-query: the job's rule, and its inputs' mistakes (issue 18) -----------------------
+
+
+def _photo_files(data, folder: Path, ids) -> list[str]:
+    from PIL import Image
+
+    folder.mkdir(parents=True, exist_ok=True)
+    paths = []
+    for image_id in ids:
+        path = folder / f"{image_id}.png"
+        Image.fromarray(data.test_images[image_id]).save(path)
+        paths.append(str(path))
+    return paths
+
+
+def _query_args(data, tmp_path: Path, cache: Path, *extra) -> list[str]:
+    return ["--model_dir", str(data.model_path.parent), "--references", data.reference_glob,
+            "--reference_features", str(cache), "--references_per_class",
+            str(REFERENCES_PER_CLASS), "--crops", "2", "--output_dir", str(tmp_path / "query"),
+            "--runner=FnApiRunner", *extra]
+
+
+def _query_error(capsys) -> str:
+    lines = [line for line in capsys.readouterr().err.splitlines()
+             if line.startswith("landmarks-query")]
+    assert len(lines) == 1, lines
+    return lines[0]
+
+
+@pytest.mark.slow
+def test_query_applies_the_jobs_extraction_failure_rule(data, flaky_delf, tmp_path, capsys):
+    """As the prediction job: the extractor failed on test_b (coffee) and on class 1's two
+    sampled references (coffee), 3 of 6 images > 1%: exit 4, no _SUCCESS, the counters in
+    answers.json; the photos are still answered (test_b by its classifier score)."""
+    from beam_pipelines.query import main as query
+
+    photos = _photo_files(data, tmp_path / "photos", ["test_a", "test_b"])
+    argv = _query_args(data, tmp_path, tmp_path / "cache", "--local_features", flaky_delf,
+                       *photos)
+    assert query.main(argv) == 4
+    assert _query_error(capsys).startswith(
+        f"landmarks-query: error: local-feature extraction ({flaky_delf}) failed on 3 of 6 "
+        "images (50.0% > --max_failed_fraction 0.01): photos 1 of 2, reference 2 of 4; most "
+        "frequent cause (3 images): InvalidArgumentError: assertion failed: [delf stand-in "
+        "failure")
+    output = tmp_path / "query"
+    assert not (output / "_SUCCESS").exists()
+    answers = json.loads((output / "answers.json").read_text())
+    extraction = answers["extraction"]
+    assert (extraction["test_extraction_failures"],
+            extraction["reference_extraction_failures"]) == (1, 2)
+    assert extraction["extraction_attempts"] == {"test": 2, "reference": 4}
+    assert extraction["failed_fraction"] == pytest.approx(0.5)
+    assert [answer["id"] for answer in answers["answers"]] == ["test_a", "test_b"]
+    assert query.extraction_problem(dict(extraction, max_failed_fraction=0.5), "x") is None
+
+
+@pytest.mark.slow
+def test_query_and_predict_tell_a_bad_reference_folder_or_shard_as_input(data, tmp_path,
+                                                                         capsys):
+    from beam_pipelines.query import main as query
+
+    # --reference_features naming a folder that is not a reference cache: never emptied.
+    foreign = tmp_path / "thesis"
+    foreign.mkdir()
+    (foreign / "thesis.tex").write_text("precious")
+    argv = _args(data, tmp_path / "out", "--reference_features", str(foreign), "--crops", "2",
+                 "--runner=FnApiRunner")
+    error = _main_error(capsys, argv, 2)
+    assert f"--reference_features {foreign} holds files but no metadata.json" in error
+    assert (foreign / "thesis.tex").read_text() == "precious"
+
+    # A cache whose features shard was truncated after it was written.
+    photos = _photo_files(data, tmp_path / "photos", ["test_a"])
+    cache = tmp_path / "cache"
+    assert query.main(_query_args(data, tmp_path, cache, *photos)) == 0
+    capsys.readouterr()
+    shard = sorted(cache.glob("features-*.tfrecord"), key=lambda path: path.stat().st_size)[-1]
+    shard.write_bytes(shard.read_bytes()[:-7])
+    assert query.main(_query_args(data, tmp_path, cache, "--overwrite", *photos)) == 2
+    line = _query_error(capsys)
+    assert line.startswith(f"landmarks-query: error: {shard}: truncated record at byte ")
+    assert "re-run the job that wrote it" in line
+
+    # A truncated reference-data shard: the featurisation (the job's reader) names it.
+    references = tmp_path / "references"
+    references.mkdir()
+    for path in sorted(Path(data.reference_glob).parent.glob("train-*.tfrecord")):
+        (references / path.name).write_bytes(path.read_bytes())
+    damaged = sorted(references.iterdir())[0]
+    damaged.write_bytes(damaged.read_bytes()[:-7])
+    argv = _query_args(data, tmp_path, tmp_path / "cache2", "--overwrite", *photos)
+    argv[argv.index("--references") + 1] = str(references / "train-*.tfrecord")
+    assert query.main(argv) == 2
+    assert _query_error(capsys).startswith(
+        f"landmarks-query: error: --reference_data {references / 'train-*.tfrecord'}: "
+        f"{damaged}: truncated record at byte ")

@@ -326,12 +326,6 @@ def _geometry(parameters: dict) -> dict:
     return {key: value for key, value in parameters.items() if key != "channel_offsets"}
 
 
-def random_matrix(seed, branch: BranchParams, height, width) -> tf.Tensor:
-    """Draws one composed ``[3, 3]`` transform for an image of ``height x width`` from ``branch``."""
-    parameters = branch_parameters(draw_noise(seed), branch, height, width)
-    return transform_matrix(height=height, width=width, **_geometry(parameters))
-
-
 def shift_channels(images: tf.Tensor, offsets: tf.Tensor) -> tf.Tensor:
     """Adds ``offsets`` ``[..., 3]`` to images ``[..., H, W, 3]``, clipped to each image's own
     [min, max] (Keras 2.1's ``random_channel_shift``; any units, as long as both agree)."""

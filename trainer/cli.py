@@ -28,8 +28,13 @@ from tfrecords_schema import InputError
 EXIT_OK = 0
 EXIT_INTERNAL_ERROR = 1
 EXIT_BAD_INPUT = 2
+EXIT_UNREACHABLE = 5
+"""A resource the run needs (a bucket, a host, a weights URL) could not be reached: the network
+or the service, not the user's input and not a bug (:class:`ResourceUnreachable`). Codes 3
+(training diverged) and 4 (a job ran but did not do its work) belong to the commands."""
 
 BUG_HINT = "this is a bug, please report it with the traceback above"
+BUG_HINT_NO_TRACEBACK = "this is a bug, please report it"
 
 
 class CommandFailure(RuntimeError):
@@ -40,6 +45,18 @@ class CommandFailure(RuntimeError):
     """
 
     exit_code = EXIT_INTERNAL_ERROR
+
+
+class ResourceUnreachable(CommandFailure):
+    """A resource the run needs cannot be reached (exit code :data:`EXIT_UNREACHABLE`).
+
+    The message is one line naming the resource (``gs://bucket/path``, a URL, ``host:port``)
+    and the cause (``Connection refused``, a DNS failure, a timeout). Raised before any work
+    where the command can check, so that the run fails in seconds rather than after minutes of
+    retries.
+    """
+
+    exit_code = EXIT_UNREACHABLE
 
 
 # ---------------------------------------------------------------------------------------------
@@ -223,3 +240,77 @@ def run_command(
         print(f"{prog}: internal error: {type(error).__name__}: {first_line(error)} -- {BUG_HINT}",
               file=sys.stderr)
         return EXIT_INTERNAL_ERROR
+
+
+# ---------------------------------------------------------------------------------------------
+# Reachability of remote resources.
+
+REACH_TIMEOUT_SECONDS = 10.0
+"""How long a connection to a storage or web endpoint may take before the resource counts as
+unreachable: far above a working connection's milliseconds, far below the two minutes the
+storage clients spend retrying an endpoint that does not answer."""
+
+
+def remote_endpoint(path: str) -> Optional[tuple[str, int]]:
+    """``(host, port)`` that a read or write of ``path`` connects to first, or None for a local
+    path.
+
+    ``gs://``: the storage emulator of ``STORAGE_EMULATOR_HOST`` when set, else
+    ``storage.googleapis.com:443``; ``http(s)://``: the URL's host. Either through the proxy of
+    ``HTTPS_PROXY``/``HTTP_PROXY`` when one is set (then the proxy is what must answer).
+    """
+    import os
+    import urllib.parse
+    import urllib.request
+
+    if path.startswith("gs://"):
+        emulator = os.environ.get("STORAGE_EMULATOR_HOST")
+        url = emulator if emulator else "https://storage.googleapis.com"
+        if "://" not in url:
+            url = "http://" + url
+    elif path.startswith(("http://", "https://")):
+        url = path
+    else:
+        return None
+    parsed = urllib.parse.urlsplit(url)
+    proxy = urllib.request.getproxies().get(parsed.scheme)
+    if proxy and not urllib.request.proxy_bypass(parsed.hostname or ""):
+        parsed = urllib.parse.urlsplit(proxy if "://" in proxy else "http://" + proxy)
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    return parsed.hostname or "", port
+
+
+def unreachable_cause(host: str, port: int,
+                      timeout: float = REACH_TIMEOUT_SECONDS) -> Optional[str]:
+    """Why a TCP connection to ``host:port`` fails (e.g. ``ConnectionRefusedError: [Errno 111]
+    Connection refused``), or None when it succeeds within ``timeout`` seconds."""
+    import socket
+
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return None
+    except OSError as error:  # refused, reset, DNS failure (gaierror), timeout
+        return f"{type(error).__name__}: {error}" if str(error) else type(error).__name__
+
+
+def check_reachable(paths: dict, timeout: float = REACH_TIMEOUT_SECONDS) -> None:
+    """Checks that the endpoint of every remote path can be connected to, once per endpoint.
+
+    Args:
+      paths: flag (e.g. ``--model_dir``) -> path; empty and local paths are skipped.
+
+    Raises:
+      ResourceUnreachable: one line naming the flag, the path, the endpoint and the cause.
+    """
+    checked: dict = {}
+    for flag, path in paths.items():
+        endpoint = remote_endpoint(str(path)) if path else None
+        if endpoint is None:
+            continue
+        if endpoint not in checked:
+            checked[endpoint] = unreachable_cause(*endpoint, timeout=timeout)
+        cause = checked[endpoint]
+        if cause is not None:
+            raise ResourceUnreachable(
+                f"{flag} {path}: cannot reach {endpoint[0]}:{endpoint[1]} ({cause}); check "
+                "the network, the proxy settings or STORAGE_EMULATOR_HOST")

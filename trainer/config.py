@@ -224,12 +224,18 @@ class DistributionConfig:
         CPU devices beyond the physical ones are created as logical devices.
       mixed_precision: ``none``, ``bfloat16`` or ``float16`` compute (the output stays float32).
       jit_compile: XLA; off by default (made Xception ~10x slower on CPU here).
+      coordination_timeout: seconds, under MultiWorkerMirroredStrategy: how long the
+        coordination service waits for a worker's heartbeat, for all workers to register, and
+        at the shutdown barrier. TensorFlow's 10 s heartbeat default failed a run on a busy
+        2-core host (the chief computing the dev GAP beside other CPU-bound processes); 300 s
+        rides out such stalls, and a dead worker is still reported within 5 minutes.
     """
 
     strategy: str = "auto"
     devices: tuple[str, ...] = ()
     mixed_precision: str = "none"
     jit_compile: bool = False
+    coordination_timeout: int = 300
 
     def validate(self) -> None:
         if self.strategy not in STRATEGY_CHOICES:
@@ -243,6 +249,9 @@ class DistributionConfig:
             raise InputError(f"--devices cannot be combined with --strategy {self.strategy}")
         if len(set(self.devices)) != len(self.devices):
             raise InputError(f"--devices names a device twice: {','.join(self.devices)}")
+        if self.coordination_timeout < 1:
+            raise InputError(
+                f"--coordination_timeout must be >= 1 second, got {self.coordination_timeout}")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -477,6 +486,9 @@ def build_parser() -> argparse.ArgumentParser:
     add("--mixed_precision", "compute dtype; the output stays float32",
         choices=MIXED_PRECISION_CHOICES)
     add("--jit_compile", "XLA compilation (slow for Xception on CPU)", type=cli.parse_bool)
+    add("--coordination_timeout", "multi_worker only: seconds the coordination service waits "
+        "for a worker's heartbeat, for all workers to join and at the shutdown barrier (raise "
+        "it on oversubscribed or preemptible hosts)", type=int)
     add("--verbose", "Keras progress: 0 silent, 1 bar, 2 one line per epoch", type=int,
         choices=(0, 1, 2))
     return parser

@@ -100,6 +100,7 @@ def make_strategy(config: DistributionConfig) -> tuple[tf.distribute.Strategy, S
             kind = "default"
     if kind == "multi_worker":
         _check_tf_config(os.environ.get("TF_CONFIG", ""))
+        configure_coordination(config.coordination_timeout)
         strategy = tf.distribute.MultiWorkerMirroredStrategy()
         devices = tuple(strategy.extended.worker_devices)
     elif kind == "mirrored":
@@ -128,6 +129,39 @@ def make_strategy(config: DistributionConfig) -> tuple[tf.distribute.Strategy, S
     )
     _LOG.info("strategy %s: %d replica(s) on %s", kind, info.num_replicas, ", ".join(devices))
     return strategy, info
+
+
+def configure_coordination(timeout_seconds: int) -> None:
+    """Sets the coordination service of the coming MultiWorkerMirroredStrategy on purpose.
+
+    The strategy configures the service itself only when nothing has (same service type,
+    leader and jobs as here), with TensorFlow's defaults: a 10 s heartbeat timeout, which a
+    worker starved of CPU for a few seconds (the chief computing the dev GAP on a busy host)
+    exceeds, killing the run with "Task ... heartbeat timeout". Here the heartbeat, cluster
+    registration and shutdown-barrier timeouts are all ``timeout_seconds``
+    (``--coordination_timeout``).
+    """
+    from tensorflow.compiler.xla.tsl.protobuf import coordination_config_pb2
+    from tensorflow.python.distribute import multi_worker_util
+    from tensorflow.python.eager import context
+
+    if context.context().coordination_service is not None:
+        return
+    resolver = tf.distribute.cluster_resolver.TFConfigClusterResolver()
+    cluster = resolver.cluster_spec()
+    jobs = [coordination_config_pb2.CoordinatedJob(name=job, num_tasks=cluster.num_tasks(job))
+            for job in ("chief", "worker") if job in cluster.jobs]
+    milliseconds = int(timeout_seconds * 1000)
+    context.context().configure_coordination_service(
+        service_type="standalone",
+        service_leader=multi_worker_util.coordination_leader(cluster),
+        coordinated_jobs=jobs,
+        heartbeat_timeout_in_ms=milliseconds,
+        cluster_register_timeout_in_ms=milliseconds,
+        shutdown_barrier_timeout_in_ms=milliseconds,
+    )
+    _LOG.info("coordination service: heartbeat, registration and shutdown timeouts %d s",
+              timeout_seconds)
 
 
 def _is_chief(task_type: str | None, task_id: int | None, cluster: dict) -> bool:

@@ -40,6 +40,7 @@ import keras
 
 from tfrecords_schema import InputError
 from trainer import layers
+from trainer.cli import ResourceUnreachable
 
 logger = logging.getLogger(__name__)
 
@@ -92,12 +93,25 @@ def build_backbone(image_size, backbone_weights="none"):
     """
     weights = _resolve_backbone_weights(backbone_weights)
     logger.info("Building Xception at %d px, weights=%s", image_size, weights)
-    return keras.applications.Xception(
-        include_top=False,
-        weights=weights,
-        input_shape=(image_size, image_size, 3),
-        name=BACKBONE_NAME,
-    )
+    try:
+        return keras.applications.Xception(
+            include_top=False,
+            weights=weights,
+            input_shape=(image_size, image_size, 3),
+            name=BACKBONE_NAME,
+        )
+    except Exception as error:  # noqa: BLE001 - Keras' get_file raises a bare Exception
+        if weights == "imagenet" and str(error).startswith(_DOWNLOAD_FAILURE):
+            cause = str(error).strip().splitlines()[0]
+            raise ResourceUnreachable(
+                f"--backbone_weights imagenet: the ImageNet weights cannot be downloaded "
+                f"({cause}); without internet, pass --backbone_weights PATH (a local copy of "
+                "Keras' xception_weights_tf_dim_ordering_tf_kernels_notop.h5) or none"
+            ) from error
+        raise
+
+
+_DOWNLOAD_FAILURE = "URL fetch failure"  # Keras' get_file, for an unreachable or failing URL
 
 
 def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.05, gem_p=3.0,

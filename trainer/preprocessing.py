@@ -76,7 +76,3 @@ class ImageContract:
             tf.cast(image, tf.float32), size, method=tf.image.ResizeMethod.BILINEAR, antialias=True
         )
         return resized.numpy() if was_numpy else resized
-
-    def preprocess(self, image):
-        """Eval-mode input: ``scale(resize(image))``, float32 ``[S, S, 3]`` in [-1, 1]."""
-        return self.scale(self.resize(image))

@@ -44,8 +44,11 @@ optimizer) without training; the first unfinished phase resumes from its last co
 
 Exit codes of :func:`main`: 0 success; 2 bad input or config (one line on stderr,
 ``landmarks-train: error: ...``); 3 training diverged (NaN loss: stopped, last good
-checkpoint and backup kept, nothing overwritten with NaN weights); 1 an internal error (a bug:
-traceback logged, then ``landmarks-train: internal error: ...``).
+checkpoint and backup kept, nothing overwritten with NaN weights); 5 a resource cannot be
+reached (a ``gs://`` model dir or data whose storage service does not answer, checked first;
+the ImageNet weights' download); 1 an internal error (a bug: traceback logged, then
+``landmarks-train: internal error: ...``). A run that failed before its first checkpoint does
+not lock its model dir: another config may start there.
 """
 
 from __future__ import annotations
@@ -174,6 +177,7 @@ def _config_for_comparison(config_json: str) -> dict:
     """A config without the fields that may change between a run and its resume."""
     parsed = json.loads(config_json)
     parsed.pop("verbose", None)
+    parsed.get("distribution", {}).pop("coordination_timeout", None)  # changes no result
     return parsed
 
 
@@ -327,6 +331,7 @@ class DevEvaluator:
         info: distribute.StrategyInfo | None = None,
     ):
         self.strategy, self.info = strategy, info
+        self.dev_data = config.data.dev_data
         contract = ImageContract(image_size=config.data.image_size)
         dataset = data_lib.make_dataset(
             config.data.dev_data,
@@ -353,13 +358,14 @@ class DevEvaluator:
             self._model = model
             self._predict = tf.function(lambda images: model(images, training=False))
         labels, classes, scores = [], [], []
-        for images, batch_labels in self.dataset:
-            probabilities = tf.cast(self._predict(images), tf.float32)
-            labels.append(batch_labels.numpy())
-            classes.append(tf.argmax(probabilities, axis=-1).numpy())
-            scores.append(tf.reduce_max(probabilities, axis=-1).numpy())
+        with reading("--dev_data", self.dev_data):
+            for images, batch_labels in self.dataset:
+                probabilities = tf.cast(self._predict(images), tf.float32)
+                labels.append(batch_labels.numpy())
+                classes.append(tf.argmax(probabilities, axis=-1).numpy())
+                scores.append(tf.reduce_max(probabilities, axis=-1).numpy())
         if not labels:
-            raise data_lib.DataError(f"the dev data {self.dataset!r} holds no records")
+            raise data_lib.DataError(f"--dev_data {self.dev_data}: holds no records")
         gap = metrics.gap_from_top1(
             np.concatenate(labels), np.concatenate(classes), np.concatenate(scores)
         )
@@ -553,13 +559,29 @@ def _phase_callbacks(
     return callbacks
 
 
+def _has_training_state(layout: ModelDir) -> bool:
+    """True once a run in ``layout`` saved something a resume continues from: a checkpoint, a
+    phase backup, or ``_SUCCESS``."""
+    return any(tf.io.gfile.exists(path) for path in (
+        layout.last_checkpoint, layout.best_checkpoint, layout.backup, layout.success))
+
+
 def _check_model_dir(layout: ModelDir, config: TrainConfig) -> bool:
-    """True if the model dir already holds this finished run; raises if it holds another run."""
+    """True if the model dir already holds this finished run; raises if it holds another run.
+
+    A run that failed before its first checkpoint (e.g. the ImageNet weights could not be
+    downloaded) locks nothing: its files (config, history, class counts) describe no training,
+    so another config may start there; they are replaced as the new run starts.
+    """
     if not tf.io.gfile.exists(layout.config):
         return False
     with tf.io.gfile.GFile(layout.config, "r") as handle:
         existing = handle.read()
     if _config_for_comparison(existing) != _config_for_comparison(config.to_json()):
+        if not _has_training_state(layout):
+            _LOG.warning("%s holds the config of a run that saved no checkpoint; starting this "
+                         "run there instead", layout.root)
+            return False
         raise tfrecords_schema.InputError(
             f"{layout.root} holds a run with another config ({layout.config}); "
             "use a new --model_dir or repeat that run's flags to resume it"
@@ -567,17 +589,68 @@ def _check_model_dir(layout: ModelDir, config: TrainConfig) -> bool:
     return tf.io.gfile.exists(layout.success)
 
 
+def _forget_untrained_run(layout: ModelDir, config: TrainConfig) -> None:
+    """The chief's part of the rule above: the files of a run with another config that saved no
+    checkpoint are removed before this run writes its own (its history's initial dev GAP and
+    its class counts belong to that config)."""
+    if not tf.io.gfile.exists(layout.config) or _has_training_state(layout):
+        return
+    if _config_for_comparison(_read_text(layout.config)) == _config_for_comparison(
+            config.to_json()):
+        return
+    for path in (layout.history, layout.class_counts):
+        if tf.io.gfile.exists(path):
+            tf.io.gfile.remove(path)
+
+
+def _read_text(path: str) -> str:
+    with tf.io.gfile.GFile(path, "r") as handle:
+        return handle.read()
+
+
+@contextlib.contextmanager
+def reading(flag: str, file_pattern: str):
+    """Data errors raised in the block become one ``DataError`` line that names ``flag`` and,
+    for a damaged record, the file and record (searched in ``file_pattern``'s files only)."""
+    try:
+        yield
+    except tf.errors.OpError as error:
+        if not data_lib.is_data_error(error):
+            raise
+        message = data_lib.explain_data_error(error, file_pattern)
+        raise data_lib.DataError(f"{flag} {file_pattern}: {message}") from error
+    except (data_lib.DataError, FileNotFoundError) as error:
+        if str(error).startswith(flag):
+            raise
+        raise data_lib.DataError(
+            f"{flag} {file_pattern}: {data_lib.explain_data_error(error)}") from error
+
+
+def _check_dev_data(dev_data: str, num_classes: int, check_labels: bool) -> None:
+    """A dev set was asked for: its files must exist and hold records (an empty dev set would
+    train without one, silently), with labels of the label map when ``check_labels``."""
+    with reading("--dev_data", dev_data):
+        files = data_lib.list_files(dev_data)
+        if not list(tf.data.TFRecordDataset(files).take(1).as_numpy_iterator()):
+            raise data_lib.DataError(
+                f"--dev_data {dev_data}: its {len(files)} file(s) hold no record; a dev set "
+                "was asked for (an ingest whose dev split received no record writes no dev "
+                "shards): pass other files or leave --dev_data out")
+        if check_labels:
+            data_lib.check_labels(data_lib.count_labels(dev_data), num_classes)
+
+
 def _check_data(config: TrainConfig, num_classes: int) -> dict[int, int]:
     """Lists the files and checks labels against the label map; returns label counts (or {})."""
-    data_lib.list_files(config.data.train_data)
+    with reading("--train_data", config.data.train_data):
+        data_lib.list_files(config.data.train_data)
     if config.data.dev_data:
-        data_lib.list_files(config.data.dev_data)
+        _check_dev_data(config.data.dev_data, num_classes, config.data.check_labels)
     if not config.data.check_labels:
         return {}
-    counts = data_lib.count_labels(config.data.train_data)
-    data_lib.check_labels(counts, num_classes)
-    if config.data.dev_data:
-        data_lib.check_labels(data_lib.count_labels(config.data.dev_data), num_classes)
+    with reading("--train_data", config.data.train_data):
+        counts = data_lib.count_labels(config.data.train_data)
+        data_lib.check_labels(counts, num_classes)
     return counts
 
 
@@ -612,6 +685,9 @@ def train(config: TrainConfig) -> dict:
       TrainingDiverged: the loss became non-finite.
     """
     layout = ModelDir(config.model_dir)
+    # Seconds, not the storage clients' minutes of retries, when a bucket cannot be reached.
+    cli.check_reachable({"--model_dir": config.model_dir, "--train_data": config.data.train_data,
+                         "--dev_data": config.data.dev_data, "--label_map": config.data.label_map})
     if _check_model_dir(layout, config):
         _LOG.info("%s already holds this finished run (_SUCCESS); nothing to do", layout.root)
         return _read_json(layout.summary)
@@ -654,6 +730,8 @@ def _prepare(config: TrainConfig) -> _Run:
     _LOG.info("%s", head.describe())
 
     tf.io.gfile.makedirs(layout.root)
+    if info.is_chief:
+        _forget_untrained_run(layout, config)
     _write_text(layout.config, config.to_json() + "\n")
     label_map_lib.write_label_map(label_map, layout.label_map)
     class_counts = _write_class_counts(layout, chief, head, counts, num_classes)
@@ -871,7 +949,7 @@ def _run(argv: Sequence[str]) -> int:
         if not data_lib.is_data_error(error):
             raise
         message = data_lib.explain_data_error(error, config.data.train_data)
-        raise data_lib.DataError(message) from error
+        raise data_lib.DataError(f"--train_data {config.data.train_data}: {message}") from error
     print(json.dumps(summary, indent=2))
     return EXIT_OK
 

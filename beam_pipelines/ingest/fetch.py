@@ -4,10 +4,16 @@
 image twice without harm. Failures raise :class:`FetchFailed` with a reason code, never a raw
 exception, so the pipeline routes every failure to ``rejected.csv``.
 
-HTTP: ``urllib`` with a per-attempt timeout; bounded retries with exponential backoff only for
-failures that may pass (connection errors, timeouts, HTTP 5xx and 429), never for 404 and other
-4xx; a byte cap checked against ``Content-Length`` and enforced by a bounded read; redirects only
-to http(s). Everything else goes through Beam's ``FileSystems`` (local, ``file://``, ``gs://``).
+HTTP: ``urllib`` with a per-attempt timeout; bounded retries with exponential backoff and
+jitter only for failures that may pass (connection errors, timeouts, HTTP 5xx and 429), never
+for 404 and other 4xx; on 429 and 503 a server's ``Retry-After`` (seconds or an HTTP date,
+parsed by urllib3's ``Retry``) is waited out first, up to ``max_retry_after_seconds``; a byte
+cap checked against ``Content-Length`` and enforced by a bounded read; redirects only to
+http(s). Everything else goes through Beam's ``FileSystems`` (local, ``file://``, ``gs://``).
+
+urllib3's ``Retry`` as a whole drives urllib3's own connection pools; this module keeps
+``urllib``'s opener (its redirect rule, its error types) and takes from ``Retry`` the header
+parsing, where the corner cases are.
 """
 
 from __future__ import annotations
@@ -15,6 +21,7 @@ from __future__ import annotations
 import dataclasses
 import http.client
 import logging
+import random
 import re
 import socket
 import time
@@ -40,13 +47,15 @@ _CHUNK_BYTES = 1 << 16
 class FetchFailed(Exception):
     """The bytes could not be fetched; ``reason`` is in :data:`REASONS` or ``http_<status>``."""
 
-    def __init__(self, reason: str, detail: str = "", retryable: bool = False):
+    def __init__(self, reason: str, detail: str = "", retryable: bool = False,
+                 retry_after: float | None = None):
         if reason not in REASONS and not _HTTP_REASON.match(reason):
             raise ValueError(f"unknown fetch failure reason {reason!r}")
         super().__init__(f"{reason}: {detail}" if detail else reason)
         self.reason = reason
         self.detail = detail
         self.retryable = retryable
+        self.retry_after = retry_after  # seconds the server asked to wait (Retry-After), if any
 
 
 @dataclasses.dataclass(frozen=True)
@@ -57,7 +66,11 @@ class FetchParams:
       timeout_seconds: per-attempt HTTP timeout (connect and each read), seconds.
       max_attempts: HTTP attempts in all (1 = no retry).
       backoff_seconds: wait before the 2nd attempt; doubles each retry (0.5, 1, 2, ... s).
-      max_backoff_seconds: cap on one wait, seconds.
+      max_backoff_seconds: cap on one backoff wait, seconds. Each wait is drawn uniformly in
+        [1/2, 1] of its exponential value (jitter: parallel workers that failed together do not
+        retry in step).
+      max_retry_after_seconds: the longest ``Retry-After`` (429, 503) waited out, seconds; a
+        server asking for longer fails the fetch at once (no worker sleeps for minutes).
       max_bytes: largest accepted file in bytes; larger ones fail with ``too_large``.
       base_dir: folder against which relative local paths are resolved (the manifest's folder).
     """
@@ -66,6 +79,7 @@ class FetchParams:
     max_attempts: int = 3
     backoff_seconds: float = 0.5
     max_backoff_seconds: float = 8.0
+    max_retry_after_seconds: float = 60.0
     max_bytes: int = 50 * 1024 * 1024
     base_dir: str = ""
 
@@ -74,7 +88,8 @@ class FetchParams:
             raise ValueError(f"timeout_seconds must be > 0, got {self.timeout_seconds}")
         if self.max_attempts < 1:
             raise ValueError(f"max_attempts must be >= 1, got {self.max_attempts}")
-        if self.backoff_seconds < 0 or self.max_backoff_seconds < 0:
+        if (self.backoff_seconds < 0 or self.max_backoff_seconds < 0
+                or self.max_retry_after_seconds < 0):
             raise ValueError("backoff times must be >= 0")
         if self.max_bytes < 1:
             raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
@@ -154,7 +169,9 @@ def _http_attempt(url: str, params: FetchParams) -> bytes:
         raise
     except urllib.error.HTTPError as error:
         retryable = error.code == 429 or error.code >= 500
-        raise FetchFailed(f"http_{error.code}", str(error.reason), retryable) from error
+        retry_after = _retry_after_seconds(error) if error.code in (429, 503) else None
+        raise FetchFailed(f"http_{error.code}", str(error.reason), retryable,
+                          retry_after) from error
     except urllib.error.URLError as error:
         cause = error.reason
         if isinstance(cause, ConnectionRefusedError):
@@ -174,16 +191,46 @@ def _http_attempt(url: str, params: FetchParams) -> bytes:
         raise FetchFailed("bad_url", str(error)) from error
 
 
+def _retry_after_seconds(error: urllib.error.HTTPError) -> float | None:
+    """The ``Retry-After`` of a response in seconds (a number or an HTTP date), or None when
+    absent or unreadable (then the backoff alone decides)."""
+    from urllib3.exceptions import InvalidHeader
+    from urllib3.util.retry import Retry
+
+    value = error.headers.get("Retry-After") if error.headers is not None else None
+    if not value:
+        return None
+    try:
+        return float(Retry().parse_retry_after(value.strip()))
+    except InvalidHeader:
+        return None
+
+
+def retry_wait(attempt: int, params: FetchParams, retry_after: float | None,
+               rng: random.Random | None = None) -> float:
+    """Seconds to wait before attempt ``attempt + 2``: the exponential backoff with jitter
+    (uniform in [1/2, 1] of ``backoff_seconds * 2**attempt``, capped), and never less than the
+    server's ``Retry-After``."""
+    backoff = min(params.backoff_seconds * 2**attempt, params.max_backoff_seconds)
+    wait = backoff * (rng or random).uniform(0.5, 1.0)
+    return max(wait, retry_after or 0.0)
+
+
 def _fetch_http(url: str, params: FetchParams, sleep=time.sleep) -> bytes:
     for attempt in range(params.max_attempts):
         try:
             return _http_attempt(url, params)
         except FetchFailed as failure:
-            if not failure.retryable or attempt + 1 == params.max_attempts:
+            too_long = (failure.retry_after is not None
+                        and failure.retry_after > params.max_retry_after_seconds)
+            if too_long:
+                failure.detail = (f"{failure.detail} (Retry-After {failure.retry_after:g} s > "
+                                  f"{params.max_retry_after_seconds:g} s, not retried)")
+            if not failure.retryable or too_long or attempt + 1 == params.max_attempts:
                 if attempt:
                     failure.detail = f"{failure.detail} (after {attempt + 1} attempts)"
                 raise
-            wait = min(params.backoff_seconds * 2**attempt, params.max_backoff_seconds)
+            wait = retry_wait(attempt, params, failure.retry_after)
             _LOGGER.debug("retrying %s in %.2f s after %s", url, wait, failure)
             sleep(wait)
     raise AssertionError("unreachable")

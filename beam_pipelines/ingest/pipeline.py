@@ -44,7 +44,9 @@ more than ``--max_rejected_fraction`` (default 0.5) of the input rows were rejec
 ``rejected.csv``, ``stats.json`` (``status: failed``, ``failure``, ``rejected_fraction``,
 ``rejected_per_reason``, ``rejected_examples``) and ``config.json`` are written, but neither TFDS
 metadata nor ``_SUCCESS``: the folder is incomplete, and the one-line error names the dominant
-rejection reasons with an example each. 1: the counts do not balance (a bug), or any other bug.
+rejection reasons with an example each. 1: the counts do not balance (a bug: one line, the
+shards set aside as above), or any other bug. 5: an input or output cannot be reached (its
+storage service does not answer; checked before the pipeline is built).
 
 Runs on Beam's local FnApiRunner unless ``--runner`` is given; every read and write goes
 through Beam's FileSystems, so ``gs://`` paths and Dataflow work by flags alone (ship the code
@@ -105,6 +107,15 @@ class IngestIncomplete(CommandFailure):
     def __init__(self, message: str, stats: dict):
         super().__init__(message)
         self.stats = stats
+
+
+class IngestUnbalanced(IngestIncomplete):
+    """Rows in != written + rejected: a bug of the job's bookkeeping, reported like every other
+    failed run (one line, shards set aside, no ``_SUCCESS``) with exit code 1."""
+
+    exit_code = cli.EXIT_INTERNAL_ERROR
+
+
 CONFIG_FILENAME = "config.json"
 DISTRACTOR_PREFIX = "distractor_"
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".gif", ".webp", ".bmp")
@@ -132,7 +143,14 @@ def list_distractors(folder: str) -> list[ManifestRow]:
     :func:`manifest.sanitise_id`); two files with the same stem become duplicate ids.
     """
     paths = io_utils.match(io_utils.join(folder, "*"))
+    if not paths:
+        check_folder_readable(folder, "--distractor_dir")
     images = [path for path in paths if path.lower().endswith(IMAGE_SUFFIXES)]
+    if not images:
+        raise InputError(
+            f"--distractor_dir {folder} holds no image file ({', '.join(IMAGE_SUFFIXES)}; "
+            f"{len(paths)} other entries): without it the model trains with no non-landmark "
+            "image; fix the path or leave the flag out")
     rows = []
     for position, path in enumerate(images, start=1):
         stem = path.rstrip("/").rsplit("/", 1)[-1].rsplit(".", 1)[0]
@@ -141,6 +159,20 @@ def list_distractors(folder: str) -> list[ManifestRow]:
             landmark_id=NON_LANDMARK, line=position, origin=manifest_lib.ORIGIN_DISTRACTOR,
         ))
     return rows
+
+
+def check_folder_readable(folder: str, flag: str) -> None:
+    """Raises ``InputError`` naming ``flag``, ``folder`` and the file system's own message when
+    ``folder`` is not a folder that can be listed (a ``gs://`` prefix without objects counts as
+    missing: object stores have no empty folders)."""
+    if FileSystems.get_scheme(folder) is not None:
+        if not io_utils.match(io_utils.join(folder, "**")):
+            raise InputError(f"{flag} {folder}: no such folder (no object under this prefix)")
+        return
+    try:
+        os.listdir(folder)
+    except OSError as error:
+        raise InputError(f"{flag} {folder}: {error.strerror or error}") from error
 
 
 def with_absolute_local_paths(config: IngestConfig) -> IngestConfig:
@@ -167,6 +199,19 @@ def check_inputs_outside_output(config: IngestConfig) -> None:
         if path and _is_within(path, config.output_dir):
             raise InputError(f"--{name} {path} lies inside --output_dir {config.output_dir}; "
                              "write each run to its own folder")
+
+
+def access_paths(config: IngestConfig, beam_args: list[str]) -> dict[str, str]:
+    """Flag -> path of every input and output the job reads or writes, Beam's temporary and
+    staging folders (Dataflow) included, for :func:`io_utils.check_access`."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    paths = {f"--{name}": getattr(config, name) for name in (
+        "manifest", "input_tfrecords", "distractor_dir", "label_map", "output_dir")}
+    cloud = PipelineOptions(list(beam_args)).view_as(GoogleCloudOptions)
+    paths.update({"--temp_location": cloud.temp_location,
+                  "--staging_location": cloud.staging_location})
+    return {flag: path for flag, path in paths.items() if path}
 
 
 def pipeline_options(beam_args: list[str]) -> PipelineOptions:
@@ -219,10 +264,15 @@ def set_aside_shards(output_dir: str) -> int:
 
 
 def remove_empty_splits(output_dir: str, shards: dict[str, int],
-                        written_per_split: dict[str, int], keep=("dev",)) -> dict[str, int]:
-    """Deletes the (empty) shards of the splits that received no record, except ``keep``;
-    returns the remaining split -> shards. For TFRecord input, whose records decide whether
-    they go to ``train`` or ``test``: a train set does not get empty ``test`` shards."""
+                        written_per_split: dict[str, int], keep=()) -> dict[str, int]:
+    """Deletes the (empty) shards of the splits that received no record, except ``keep``, with
+    a warning for each; returns the remaining split -> shards.
+
+    A split with no record gets no shards: zero-byte shards would pass for a dataset (a
+    ``dev-*`` glob matches them, TFDS fails on them with "corresponds to no data"). E.g.
+    ``--dev_fraction 0.02`` of a small manifest may put no row in ``dev``; with TFRecord
+    input, whose records decide between ``train`` and ``test``, a train set gets no ``test``.
+    """
     remaining = {}
     for split, num_shards in shards.items():
         if split in keep or written_per_split.get(split, 0) > 0:
@@ -231,6 +281,8 @@ def remove_empty_splits(output_dir: str, shards: dict[str, int],
         paths = io_utils.match(io_utils.join(output_dir, f"{split}-*-of-*.tfrecord"))
         if paths:
             FileSystems.delete(paths)
+        _LOGGER.warning("ingest: split %s received no record: no %s shards written (%d empty "
+                        "shard(s) removed)", split, split, len(paths))
     return remaining
 
 
@@ -286,6 +338,7 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         cli.check_beam_args(beam_args)
     config = with_absolute_local_paths(config)
     check_inputs_outside_output(config)
+    io_utils.check_access(access_paths(config, beam_args))
     header = None  # TFRecord input: no header, records are labelled or not one by one
     labels = archive_paths = None
     if config.archives:
@@ -296,8 +349,9 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         if config.dev_fraction > 0 and not header.labelled:
             raise InputError("--dev_fraction needs a labelled manifest (id,url,landmark_id)")
     elif not io_utils.match(config.input_tfrecords):
-        raise InputError(f"no files match --input_tfrecords {config.input_tfrecords!r} (quote "
-                         "the glob so that the shell does not expand it)")
+        hint = (" (quote the glob so that the shell does not expand it)"
+                if FileSystems.get_scheme(config.input_tfrecords) is None else "")
+        raise InputError(f"no files match --input_tfrecords {config.input_tfrecords!r}{hint}")
     given_label_map = None
     if config.label_map:
         if not io_utils.exists(config.label_map):
@@ -360,13 +414,17 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         labelled, shards = header.labelled, config.shards_per_split(header.labelled)
     else:
         labelled = stats["class_histogram"]["num_classes"] > 0
-        shards = remove_empty_splits(config.output_dir, config.shards_per_split(None),
-                                     stats["written_per_split"])
+        shards = config.shards_per_split(None)
     by_rows = not config.input_tfrecords
     source = ("the manifest" if config.manifest else
               "--labels_csv" if config.archives else "--input_tfrecords")
     outcome = stats_lib.assess(stats, config.max_rejected_fraction,
                                noun="rows" if by_rows else "records", source=source)
+    if outcome["failure"] is None:
+        shards = remove_empty_splits(config.output_dir, shards, stats["written_per_split"])
+    elif config.input_tfrecords:  # a failed run's shards are set aside below, for inspection
+        shards = remove_empty_splits(config.output_dir, shards, stats["written_per_split"],
+                                     keep=("dev",))
     stats.update({
         "seconds": round(seconds, 3),
         "images_per_second": round(stats["written"] / seconds, 3) if seconds > 0 else 0.0,
@@ -388,9 +446,6 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         if config.tfds_metadata:
             write_tfds_metadata_if_reachable(config.output_dir)
         io_utils.write_success_marker(config.output_dir)
-    elif failure["kind"] == stats_lib.FAILURE_UNBALANCED:
-        _LOGGER.error("ingest: rows in (%d) != written (%d) + rejected (%d); no _SUCCESS marker",
-                      stats["rows_in"], stats["written"], stats["rejected"])
     else:
         # No TFDS metadata, no _SUCCESS, and no shard under its usual name: nothing here may
         # pass for a complete dataset, not even to a reader that globs '*.tfrecord'.
@@ -398,6 +453,10 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         message = (f"{failure['message']}; outputs in {config.output_dir} are incomplete (no "
                    f"_SUCCESS; {renamed} shard(s) renamed *{INCOMPLETE_SUFFIX}): see "
                    f"{REJECTED_FILENAME} and {STATS_FILENAME} there")
+        if failure["kind"] == stats_lib.FAILURE_UNBALANCED:
+            message = f"the counts do not add up: {message}; {cli.BUG_HINT_NO_TRACEBACK}"
+            _LOGGER.error("ingest: %s", message)
+            raise IngestUnbalanced(message, stats)
         _LOGGER.error("ingest: %s", message)
         raise IngestIncomplete(message, stats)
     _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
@@ -409,8 +468,9 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
 def main(argv=None) -> int:
     """CLI entry point: prints a short summary; returns the exit code.
 
-    0 success; 1 the counts do not balance (no ``_SUCCESS``) or an internal error (a bug: its
-    traceback is logged); 2 bad input, e.g. an unknown flag (one ``landmarks-ingest: error:``
+    0 success; 1 the counts do not balance (:class:`IngestUnbalanced`, one line, no
+    ``_SUCCESS``, shards set aside) or an internal error (a bug: its traceback is logged);
+    5 an input or output cannot be reached; 2 bad input, e.g. an unknown flag (one ``landmarks-ingest: error:``
     line, see :func:`beam_pipelines.cli.run_command`); 4 (:data:`EXIT_INCOMPLETE`) the job ran
     but wrote nothing or rejected too much (:class:`IngestIncomplete`, one such line naming the
     dominant reasons).
@@ -430,7 +490,7 @@ def _main(argv) -> int:
     print(f"rows in {stats['rows_in']}: written {stats['written']} ({per_split or 'none'}), "
           f"rejected {stats['rejected']} ({per_reason}); {stats['seconds']:.1f} s, "
           f"{stats['images_per_second']:.1f} images/s")
-    return 0 if stats["balanced"] else 1
+    return 0
 
 
 if __name__ == "__main__":

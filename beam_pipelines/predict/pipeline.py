@@ -89,12 +89,15 @@ Exit codes of ``main`` (``run(argv)`` returns the summary or raises):
 * 0: done, ``_SUCCESS`` written.
 * 1: an internal error, i.e. a bug (its traceback is logged, then one
   ``landmarks-predict: internal error: ...`` line).
-* 2: bad input found before any pipeline ran (:class:`PredictError`, one line): flags, files,
-  label map, model, an extractor spec that does not work.
+* 2: bad input (:class:`PredictError`, one line): flags, files, label map, model, an extractor
+  spec that does not work, a bucket that cannot be listed, a record file Beam's reader cannot
+  frame (named).
 * 4: the job ran but did not do its work (:class:`IncompleteRunError`, one line; ``stats.json``
   says what happened, no ``_SUCCESS``): more than ``--max_failed_fraction`` of the local-feature
   extractions failed, no test record was read, no test image was readable, no readable test
   image gave local features, or no reference image was labelled or gave features.
+* 5: an input or output cannot be reached (its storage service does not answer; checked
+  before any pipeline is built, one line naming it and the cause).
 
 What counts in the failed fraction: extraction failures (the extractor raised or returned
 unusable output) over extraction attempts, test and reference images together, counting only
@@ -235,6 +238,20 @@ def check_ann(config) -> None:
         raise PredictError(f"--ann faiss: {error}") from error
 
 
+def access_paths(config: config_lib.PredictConfig, beam_args: Sequence[str]) -> dict:
+    """Flag -> path of every input and output of the job, Beam's temporary and staging
+    folders included, for :func:`io_utils.check_access` (before any pipeline is built)."""
+    from apache_beam.options.pipeline_options import GoogleCloudOptions
+
+    cloud = PipelineOptions(list(beam_args)).view_as(GoogleCloudOptions)
+    paths = {"--model": config.model, "--test_data": config.test_data,
+             "--reference_data": config.reference_data, "--output_dir": config.output_dir,
+             "--reference_features": config.reference_features,
+             "--temp_location": cloud.temp_location,
+             "--staging_location": cloud.staging_location}
+    return {flag: path for flag, path in paths.items() if path}
+
+
 def check_inputs(config: config_lib.PredictConfig) -> None:
     if not io_utils.match(config.test_data):
         raise PredictError(f"no test files match --test_data {config.test_data}")
@@ -264,6 +281,7 @@ def probe_extractor(spec: str):
       ``(extractor, number of features found in the probe image)``.
 
     Raises:
+      ResourceUnreachable: a module URL whose host does not answer (exit code 5).
       PredictError: one line naming the spec and the cause: unknown spec; ``does not load``
         (module missing, no ``default`` signature, ...); ``fails on a test photograph`` (the
         call raised, e.g. a signature with other inputs); ``returns no usable output`` (not
@@ -276,6 +294,8 @@ def probe_extractor(spec: str):
         extractor = local_features.make_extractor(spec)
     except ValueError as error:
         raise PredictError(f"bad {flag}: {error}") from error
+    if spec.startswith(local_features.DELF_PREFIX):  # a TF-Hub URL or a gs:// folder
+        cli.check_reachable({"--local_features": spec[len(local_features.DELF_PREFIX):]})
     try:
         extractor.load()
     except Exception as error:  # noqa: BLE001 - hub.load raises OSError, KeyError, TF errors...
@@ -315,6 +335,38 @@ def pipeline_options(beam_args: Sequence[str]) -> PipelineOptions:
     return options
 
 
+def run_reading(pipeline, inputs: dict):
+    """Runs ``pipeline`` to its end; returns its result.
+
+    A TFRecord file that Beam's reader cannot frame (truncated, or not a TFRecord file) is the
+    user's data, not a bug: ``PredictError`` (exit code 2) naming the flag and the first such
+    file of ``inputs`` (flag -> glob).
+    """
+    try:
+        result = pipeline.run()
+        result.wait_until_finish()
+    except Exception as error:  # noqa: BLE001 - runners wrap the reader's ValueError variously
+        if "Not a valid TFRecord" not in str(error):
+            raise
+        raise PredictError(_unreadable_records_message(inputs)) from error
+    return result
+
+
+def _unreadable_records_message(inputs: dict) -> str:
+    from beam_pipelines.query import records
+
+    for flag, pattern in inputs.items():
+        for path in io_utils.match(pattern):
+            try:
+                for _ in records.iter_records(path):
+                    pass
+            except records.RecordFileError as error:
+                return f"{flag} {pattern}: {error}"
+    flags = " or ".join(f"{flag} {pattern}" for flag, pattern in inputs.items())
+    return (f"a file matched by {flags} is not a TFRecord file or is damaged (Beam's reader: "
+            "'Not a valid TFRecord'); re-run the job that wrote it")
+
+
 # ---- job A: reference features --------------------------------------------------------------
 
 
@@ -344,8 +396,7 @@ def ensure_reference_features(config, beam_args, extractor_spec: str) -> dict:
         config.reference_data, directory, extractor_spec, config.references_per_class,
         config.num_classes,
     )
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--reference_data": config.reference_data})
     num_written = _distribution_count(result, "reference_features_per_image")
     errors = _read_json_or(io_utils.join(directory, reference_cache.ERRORS_FILENAME),
                            {"count": 0, "causes": []})
@@ -395,8 +446,7 @@ def ensure_reference_embeddings(config, beam_args, embedding_sha256: str) -> dic
     _ = pipeline | "EmbedReferenceImages" >> reference_cache.EmbedReferenceImages(
         config.reference_data, directory, config.embedding, embedding_sha256, config.image_size,
         config.batch_images, config.num_classes)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--reference_data": config.reference_data})
     counts = _read_json_or(io_utils.join(directory, reference_cache.COUNTS_FILENAME), None)
     complete = reference_cache.finish_embeddings(directory, wanted, counts, config.embedding)
     seconds = time.monotonic() - start
@@ -714,6 +764,7 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     """
     start = time.monotonic()
     config, beam_args = config_lib.parse_args(argv)
+    io_utils.check_access(access_paths(config, beam_args))
     check_inputs(config)
     label_map = load_label_map(config.label_map)
     geometry = check_model(config.model, label_map)
@@ -776,8 +827,8 @@ def run(argv: Optional[Sequence[str]] = None) -> dict:
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     build_prediction(pipeline, config, crop_spec, verification_params,
                      label_map.landmark_ids, extractor_spec, index)
-    result = pipeline.run()
-    result.wait_until_finish()
+    result = run_reading(pipeline, {"--test_data": config.test_data,
+                                    "--reference_data": config.reference_data})
     predict_seconds = time.monotonic() - predict_start
 
     stats_part_path = io_utils.join(config.output_dir, steps.PIPELINE_STATS_FILENAME)

@@ -52,7 +52,7 @@ from apache_beam.io.filesystems import FileSystems
 from beam_pipelines import io_utils
 from beam_pipelines.predict import knn, steps, transforms
 from beam_pipelines.predict.elements import DecodedImage, ReferenceEmbedding
-from tfrecords_schema import SCHEMA_VERSION, SchemaError
+from tfrecords_schema import SCHEMA_VERSION, InputError, SchemaError
 
 _LOG = logging.getLogger(__name__)
 
@@ -76,7 +76,7 @@ def file_fingerprint(pattern: str) -> list[list]:
     try:
         results = FileSystems.match([pattern])
     except Exception as error:  # Beam raises BeamIOError for a bad pattern or bucket
-        raise ValueError(f"cannot list {pattern}: {error}") from error
+        raise io_utils.storage_failure(pattern, error) from error
     return sorted([item.path, int(item.size_in_bytes)] for item in results[0].metadata_list)
 
 
@@ -179,7 +179,7 @@ def clear_for_recompute(directory: str, keep: tuple = (EMBEDDINGS_DIRNAME,)) -> 
         if not any(path.rstrip("/") == folder or path.startswith(folder + "/") for folder in kept)
     ]
     if contents and not io_utils.exists(metadata_path):
-        raise ValueError(
+        raise InputError(
             f"--reference_features {directory} holds files but no {METADATA_FILENAME}; "
             "refusing to delete them, choose another folder"
         )

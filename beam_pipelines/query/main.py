@@ -30,8 +30,11 @@ for these photos (candidates included), so that one photo's weak answer does not
 its few inliers were the best evidence there is.
 
 Exit codes: 0 every photo answered; 2 bad flags or inputs (model, label map, references,
-extractor), one line; 4 some photo could not be read (one line per photo; the others are still
-answered and written, without ``_SUCCESS``); 1 a bug (traceback).
+extractor, a truncated record file), one line; 4 some photo could not be read (one line per
+photo; the others are still answered and written, without ``_SUCCESS``), or, as
+``landmarks-predict``, the local-feature extractor failed on more than
+``--max_failed_fraction`` of the images (counters in ``answers.json``: ``extraction``);
+5 a remote input or output cannot be reached; 1 a bug (traceback).
 """
 
 from __future__ import annotations
@@ -59,6 +62,66 @@ class SomePhotosFailed(CommandFailure):
     exit_code = EXIT_SOME_PHOTOS_FAILED
 
 
+def extraction_stats(session, max_failed_fraction: float) -> dict:
+    """The prediction job's extraction counters for this query (``answers.json``).
+
+    ``failed_fraction`` = (photo + reference extraction failures) / (photos + references given
+    to the extractor), the job's rule: references featurised in this run (a reused cache had
+    none fail) and those featurised on demand count as references. ``extraction_errors``
+    holds the job's cause summaries (causes grouped as the job groups them).
+    """
+    from beam_pipelines.predict import pipeline as predict
+
+    featurised = session.references if not session.references.get("reused") else {}
+
+    def summary(causes: list) -> dict:
+        return {"count": len(causes), "causes": [[cause, 1] for cause in causes]}
+
+    reference_failed = (int(featurised.get("extraction_failures") or 0)
+                        + len(session.extraction_failures["reference"]))
+    reference_attempts = (int(featurised.get("num_images") or 0)
+                          + session.extraction_attempts["reference"])
+    test_failed = len(session.extraction_failures["test"])
+    test_attempts = session.extraction_attempts["test"]
+    attempts, failed = test_attempts + reference_attempts, test_failed + reference_failed
+    return {
+        "test_extraction_failures": test_failed,
+        "reference_extraction_failures": reference_failed,
+        "extraction_attempts": {"test": test_attempts, "reference": reference_attempts},
+        "failed_fraction": round(failed / attempts, 6) if attempts else 0.0,
+        "max_failed_fraction": max_failed_fraction,
+        "extraction_errors": {
+            "test": predict.merge_error_summaries(summary(session.extraction_failures["test"])),
+            "reference": predict.merge_error_summaries(
+                featurised.get("errors"), summary(session.extraction_failures["reference"]))},
+    }
+
+
+def extraction_problem(stats: dict, spec: str) -> Optional[str]:
+    """The job's one line when extraction failed on too many images (exit code 4), or None."""
+    from beam_pipelines.predict import pipeline as predict
+
+    if stats["failed_fraction"] <= stats["max_failed_fraction"]:
+        return None
+    attempts = stats["extraction_attempts"]
+    failed = stats["test_extraction_failures"] + stats["reference_extraction_failures"]
+    errors = stats["extraction_errors"]
+    dominant = predict._dominant_cause(errors.get("test"), errors.get("reference"))
+    cause = f"; most frequent cause ({dominant[1]} images): {dominant[0]}" if dominant else ""
+    return (f"local-feature extraction ({spec}) failed on {failed} of "
+            f"{attempts['test'] + attempts['reference']} images "
+            f"({stats['failed_fraction']:.1%} > --max_failed_fraction "
+            f"{stats['max_failed_fraction']:g}): photos {stats['test_extraction_failures']} of "
+            f"{attempts['test']}, reference {stats['reference_extraction_failures']} of "
+            f"{attempts['reference']}{cause}")
+
+
+class ExtractionFailed(CommandFailure):
+    """The extractor failed on more than ``--max_failed_fraction`` of the images (exit 4)."""
+
+    exit_code = EXIT_SOME_PHOTOS_FAILED
+
+
 @dataclasses.dataclass(frozen=True)
 class QueryConfig(session_lib.SessionSettings):
     """The command line, resolved (written to ``config.json``): the session's settings plus
@@ -68,6 +131,7 @@ class QueryConfig(session_lib.SessionSettings):
     photos: tuple = ()
     local_max_top: float = 0.0
     overwrite: bool = False
+    max_failed_fraction: float = config_lib.DEFAULT_MAX_FAILED_FRACTION
 
     def __post_init__(self):
         if not self.photos:
@@ -89,6 +153,9 @@ class QueryConfig(session_lib.SessionSettings):
             raise InputError("--rerank_top must be >= 1 and needs --recognizer classifier")
         if self.max_side < 32:
             raise InputError(f"--max_side must be >= 32, got {self.max_side}")
+        if not 0.0 <= self.max_failed_fraction <= 1.0:
+            raise InputError(
+                f"--max_failed_fraction must lie in [0, 1], got {self.max_failed_fraction}")
 
     def settings(self) -> session_lib.SessionSettings:
         return session_lib.SessionSettings(**{
@@ -142,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
         help="weight of the classifier's confidence in the final score" + default)
     add("--max_side", type=int, default=defaults.max_side,
         help="longer side a photo is normalised to, as landmarks-ingest --max_side" + default)
+    add("--max_failed_fraction", type=float, default=defaults.max_failed_fraction,
+        help="exit code 4 (no _SUCCESS) when the local-feature extractor fails on more than "
+             "this fraction of the images it is given (photos, references), as "
+             "landmarks-predict" + default)
     add("--overwrite", action="store_true",
         help="replace a non-empty --output_dir (default: off, a non-empty folder is refused)")
     return parser
@@ -197,6 +268,9 @@ def run(config: QueryConfig, beam_args: Sequence[str] = ()) -> dict:
       SomePhotosFailed: after writing everything else, when a photo could not be answered.
     """
     start = time.monotonic()
+    io_utils.check_access({"--model_dir": config.model_dir, "--references": config.references,
+                           "--reference_features": config.reference_features,
+                           "--output_dir": config.output_dir})
     io_utils.prepare_output_dir(config.output_dir, config.overwrite)
     session = session_lib.QuerySession(config.settings(), beam_args)
     answers, failures = [], []
@@ -223,10 +297,12 @@ def run(config: QueryConfig, beam_args: Sequence[str] = ()) -> dict:
     io_utils.write_text(io_utils.join(config.output_dir, "scores.csv"), outputs.scores_csv(
         [answer.row for answer in answers], config.recognizer))
     seconds = [answer.seconds for answer in answers]
+    extraction = extraction_stats(session, config.max_failed_fraction)
     summary = {
         "photos": len(config.photos), "answered": len(answers), "failed": len(failures),
         "failures": [{"photo": photo, "reason": reason} for photo, reason in failures],
         "local_max_top": maxima[0],
+        "extraction": extraction,
         "seconds": {"load": round(session.load_seconds, 3),
                     "per_photo_mean": round(sum(seconds) / len(seconds), 3) if seconds else None,
                     "total": round(time.monotonic() - start, 3)},
@@ -246,6 +322,9 @@ def run(config: QueryConfig, beam_args: Sequence[str] = ()) -> dict:
     print(f"{len(answers)} of {len(config.photos)} photos answered; load "
           f"{session.load_seconds:.1f} s, {summary['seconds']['per_photo_mean']} s per photo; "
           f"pictures and index.html in {config.output_dir}")
+    problem = extraction_problem(extraction, session.extractor.spec)
+    if problem is not None:
+        raise ExtractionFailed(f"{problem}; no _SUCCESS in {config.output_dir}")
     if failures:
         raise SomePhotosFailed(f"{len(failures)} of {len(config.photos)} photos could not be "
                                f"answered (see above); no _SUCCESS in {config.output_dir}")

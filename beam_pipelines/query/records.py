@@ -23,6 +23,7 @@ from typing import Callable, Hashable, Iterator, Optional
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import io_utils
+from tfrecords_schema import InputError
 
 _LOG = logging.getLogger(__name__)
 
@@ -31,8 +32,16 @@ _FOOTER_BYTES = 4  # crc32c of the payload
 INDEX_VERSION = 1
 
 
-class RecordFileError(ValueError):
-    """A TFRecord file ends in the middle of a frame (truncated or not a TFRecord file)."""
+class RecordFileError(InputError):
+    """A TFRecord file ends in the middle of a frame (truncated or not a TFRecord file), or an
+    index points where no record is (the file changed since it was indexed): the user's data,
+    one line and exit code 2."""
+
+
+_REWRITE_HINT = ("the file is truncated or not a TFRecord file: re-run the job that wrote it "
+                 "(landmarks-predict for a reference cache, landmarks-ingest for records)")
+_STALE_HINT = ("the file changed since it was indexed or is truncated: delete the cache's "
+               "index (query_index.json) or re-run the job that wrote the file")
 
 
 def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
@@ -44,12 +53,14 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
             if not header:
                 return
             if len(header) < _HEADER.size:
-                raise RecordFileError(f"{path}: truncated record header at byte {offset}")
+                raise RecordFileError(f"{path}: truncated record header at byte {offset}; "
+                                      f"{_REWRITE_HINT}")
             length, _ = _HEADER.unpack(header)
             payload = handle.read(length)
             footer = handle.read(_FOOTER_BYTES)
             if len(payload) < length or len(footer) < _FOOTER_BYTES:
-                raise RecordFileError(f"{path}: truncated record at byte {offset}")
+                raise RecordFileError(f"{path}: truncated record at byte {offset}; "
+                                      f"{_REWRITE_HINT}")
             yield offset, payload
             offset += _HEADER.size + length + _FOOTER_BYTES
 
@@ -60,11 +71,11 @@ def read_record_at(path: str, offset: int) -> bytes:
         handle.seek(offset)
         header = handle.read(_HEADER.size)
         if len(header) < _HEADER.size:
-            raise RecordFileError(f"{path}: no record at byte {offset}")
+            raise RecordFileError(f"{path}: no record at byte {offset}; {_STALE_HINT}")
         length, _ = _HEADER.unpack(header)
         payload = handle.read(length)
         if len(payload) < length:
-            raise RecordFileError(f"{path}: truncated record at byte {offset}")
+            raise RecordFileError(f"{path}: truncated record at byte {offset}; {_STALE_HINT}")
         return payload
 
 

@@ -216,6 +216,7 @@ class QuerySession:
         self.crop_spec = predict.crop_spec_for(settings.crops)
         self.normalise_params = normalise.NormaliseParams(max_side=settings.max_side)
         references = predict.ensure_reference_features(self.config, beam_args, extractor.spec)
+        self.references = references  # the featurisation's counts (extraction failures)
         problem = predict.reference_problem(references, self.config)
         if problem is not None:
             raise QueryInputError(problem)
@@ -226,6 +227,10 @@ class QuerySession:
         self._images_by_id = indexes["reference_images_by_id"]
         self._class_references: dict = {}
         self._on_demand: dict = {}  # reference id -> features extracted by this session
+        # Per-image extractions of this session and the causes of those that failed, by kind
+        # ("test": the photos, "reference": references featurised on demand), as the job counts.
+        self.extraction_attempts = {"test": 0, "reference": 0}
+        self.extraction_failures: dict = {"test": [], "reference": []}
         self.embedding_model = None
         self.index: Optional[embedding_index.EmbeddingIndex] = None
         self.knn_params = None
@@ -331,10 +336,13 @@ class QuerySession:
         return DecodedImage(image_id, -1, transforms.decode_rgb(normalised.jpeg_bytes))
 
     def _extract(self, image: np.ndarray, what: str):
+        kind = "test" if what.startswith("photo") else "reference"
+        self.extraction_attempts[kind] += 1
         try:
             return transforms.check_features(self.extractor.extract(image))
         except Exception as error:  # noqa: BLE001 - as the job's ExtractFeatures: any failure
             _LOG.warning("features of %s failed: %s", what, transforms.error_summary(error))
+            self.extraction_failures[kind].append(transforms.error_summary(error))
             return np.zeros((0, 2), np.float32), np.zeros((0, 1), np.float32)
 
     def _forward(self, model, image: np.ndarray) -> np.ndarray:
