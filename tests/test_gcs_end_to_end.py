@@ -179,7 +179,7 @@ def test_ingest_and_predict_with_everything_on_gcs(gcs_emulator, tmp_path):
             "--reference_features", features_dir,
             "--output_dir", run_dir,
             "--references_per_class", str(REFERENCES_PER_CLASS),
-            "--crops", "2", RUNNER,
+            "--crops", "2", "--rerank_top", "1", RUNNER,  # the recipe: its blend is checked below
         ])
 
     summary = predict_run(output_dir)
