@@ -31,7 +31,7 @@ import dataclasses
 import posixpath
 import re
 
-from beam_pipelines.ingest.manifest import ManifestRow, Rejection, is_safe_id
+from beam_pipelines.ingest.manifest import ManifestHeader, ManifestRow, Rejection, is_safe_id
 from tfrecords_schema import InputError
 from tfrecords_schema.image_record import NON_LANDMARK
 
@@ -68,18 +68,11 @@ _MD5_LINE = re.compile(r"^([0-9a-fA-F]{32}) [ *](.+)$")
 
 
 @dataclasses.dataclass(frozen=True)
-class LabelsFormat:
-    """A recognised label CSV: its kind (a file name of the release) and column order."""
+class LabelsFormat(ManifestHeader):
+    """A recognised label CSV: its column order (``labelled``, ``index`` as a manifest's
+    header) and its kind (a file name of the release)."""
 
-    kind: str
-    columns: tuple[str, ...]
-
-    @property
-    def labelled(self) -> bool:
-        return "landmark_id" in self.columns
-
-    def index(self, name: str) -> int:
-        return self.columns.index(name)
+    kind: str = ""
 
 
 def parse_labels_header(line: str, source: str = "--labels_csv") -> LabelsFormat:
@@ -93,7 +86,7 @@ def parse_labels_header(line: str, source: str = "--labels_csv") -> LabelsFormat
     columns = tuple(field.strip().lower() for field in fields)
     for known, kind in _HEADERS.items():
         if sorted(columns) == sorted(known) and len(set(columns)) == len(columns):
-            return LabelsFormat(kind, columns)
+            return LabelsFormat(columns=columns, kind=kind)
     wanted = "; ".join(f"'{','.join(known)}' ({kind})" for known, kind in _HEADERS.items())
     raise InputError(f"{source}: header {line.strip()!r} is none of GLDv2's label files: "
                      f"want {wanted}")
