@@ -246,3 +246,35 @@ def test_on_demand_features_filter_the_reference_images_where_they_are_read():
                     equal_to(["i07", "i42"]))
     query = p.result.metrics().query(MetricsFilter().with_name("knn_reference_images_kept"))
     assert sum(item.committed for item in query["counters"]) == 2
+
+
+def test_the_reference_sample_side_input_holds_one_threshold_per_class():
+    """The per-class sample (K smallest sha1 keys) is selected through one threshold per class
+    (~30 MB at 203k classes), not K (class, id) pairs, and picks exactly the K smallest keys
+    (an id present twice: both copies, as before)."""
+    from tfrecords_schema.image_record import ImageRecord
+
+    from beam_pipelines.predict import reference_cache
+
+    rng = np.random.default_rng(5)
+    records = [ImageRecord(image_id=f"id{index:04d}", jpeg_bytes=b"", label=int(label),
+                           height=1, width=1)
+               for index, label in enumerate(rng.integers(0, 7, 400))]
+    records.append(records[3])  # the same image twice
+    k = 5
+    keys: dict = {}
+    for record in records:
+        label, key = reference_cache._selection_key(record)
+        keys.setdefault(label, []).append(key)
+    thresholds = dict(reference_cache._class_threshold((label, sorted(values)[:k]))
+                      for label, values in keys.items())
+    assert len(thresholds) == 7  # one entry per class
+    chosen = [record for record in records if reference_cache._is_selected(record, thresholds)]
+    expected = []
+    for label, values in keys.items():
+        smallest = set(sorted(values)[:k])
+        expected += [record for record in records
+                     if record.label == label and reference_cache._selection_key(record)[1]
+                     in smallest]
+    assert sorted(r.image_id for r in chosen) == sorted(r.image_id for r in expected)
+    assert 7 * k <= len(chosen) <= 7 * k + 1

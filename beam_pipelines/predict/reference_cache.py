@@ -25,9 +25,9 @@ failed are used by the run that made them but never reused, so the next run reco
 Reference sample (deterministic, so reruns and other machines pick the same images): per class,
 the K records with the smallest ``sha1(image_id)`` among records with ``0 <= label <
 num_classes``. Selection runs on ids only (``Top.SmallestPerKey`` over ``(label, (sha1, id))``);
-the chosen ``(label, id)`` pairs then filter the records through a dict side input, so image
-bytes are never shuffled. At full scale that side input holds ~15k x 32 id pairs (tens of MB),
-not features.
+each class's K-th smallest key then filters the records through a dict side input (a record is
+kept when its key is at most its class's threshold), so image bytes are never shuffled and the
+side input holds one entry per class (~30 MB at GLDv2's 203,094 classes), not K per class.
 
 Reference embeddings (``embeddings/``, :func:`embedding_cache_metadata`): *every* reference
 record with a label in ``[-1, num_classes)`` (non-landmarks, label -1, included: they give the
@@ -233,13 +233,18 @@ def _selection_key(record) -> tuple[int, tuple[str, str]]:
     return int(record.label), (transforms.reference_sort_key(record.image_id), record.image_id)
 
 
-def _selected_pairs(element) -> list[tuple[tuple[int, str], bool]]:
+def _class_threshold(element) -> tuple[int, tuple[str, str]]:
+    """``(label, the K smallest selection keys)`` -> ``(label, the largest of them)``."""
     label, chosen = element
-    return [((label, image_id), True) for _, image_id in chosen]
+    return label, max(chosen)
 
 
-def _is_selected(record, selected) -> bool:
-    return (int(record.label), record.image_id) in selected
+def _is_selected(record, thresholds) -> bool:
+    """A record is in its class's sample when its selection key is at most the class's K-th
+    smallest: the same records as the K smallest keys themselves (an id present twice has one
+    key, so both copies pass, as they did when the chosen pairs were looked up)."""
+    threshold = thresholds.get(int(record.label))
+    return threshold is not None and _selection_key(record)[1] <= threshold
 
 
 class ParseRecord(beam.DoFn):
@@ -308,7 +313,7 @@ class FeaturiseReferences(beam.PTransform):
             records
             | "SelectionKeys" >> beam.Map(_selection_key)
             | "SmallestSha1PerClass" >> beam.combiners.Top.SmallestPerKey(self._k)
-            | "SelectedPairs" >> beam.FlatMap(_selected_pairs)
+            | "ClassThresholds" >> beam.Map(_class_threshold)
         )
         featurised = (
             records
