@@ -25,7 +25,6 @@ How the pieces fit, and the memory each holds:
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
 from typing import NamedTuple, Optional
@@ -105,9 +104,9 @@ def num_buckets(num_rows: int, shard_size: int) -> int:
 
 
 def bucket_of(image_id: str, buckets: int) -> int:
-    """A stable bucket of ``image_id`` in ``[0, buckets)`` (the same in every process)."""
-    digest = hashlib.sha1(image_id.encode("utf-8")).digest()
-    return int.from_bytes(digest[:8], "big") % buckets
+    """A stable bucket of ``image_id`` in ``[0, buckets)`` (the same in every process):
+    :func:`beam_pipelines.grouping.stable_bucket`."""
+    return grouping.stable_bucket(image_id, buckets)
 
 
 def key_by_bucket(reference: ReferenceEmbedding, buckets: int):
@@ -329,12 +328,12 @@ def score_joined(element, params, with_classifier: bool):
     """``(test_id, {"neighbours": [Neighbours], "votes": [Vote]})`` -> ``(test_id, KnnScores)``
     (a duplicated test id: its first neighbour list and most confident vote)."""
     test_id, grouped = element
-    neighbours = list(grouped.get("neighbours", []))
-    votes = sorted(grouped.get("votes", []), key=lambda vote: (-vote.confidence, vote.class_index))
-    if with_classifier and not votes:
+    neighbours = next(iter(grouped.get("neighbours", ())), None)
+    vote = min(grouped.get("votes", ()), key=lambda vote: (-vote.confidence, vote.class_index),
+               default=None)
+    if with_classifier and vote is None:
         return  # not a readable test image of this run: nothing to score
-    yield score_neighbours(test_id, neighbours[0] if neighbours else None,
-                           votes[0] if votes else None, params, with_classifier)
+    yield score_neighbours(test_id, neighbours, vote, params, with_classifier)
 
 
 # ---- verification of each (test image, neighbour) pair -------------------------------------------

@@ -385,8 +385,7 @@ class ScoreAgainstReferences(beam.DoFn):
         self._group_sizes = Metrics.distribution(NAMESPACE, "tests_per_group")
 
     def process(self, element):
-        key, tagged_values = element
-        class_index = key[0] if isinstance(key, tuple) else key
+        (class_index, _), tagged_values = element  # keyed (class, sub-key) by SpreadHotKeys
         small, tests = grouping.split_tagged(tagged_values, (TAG_REFERENCES,), TAG_TESTS)
         references = unique_references(small[TAG_REFERENCES])
         _LOG.debug("class %s: %d references", class_index, len(references))
