@@ -98,6 +98,23 @@ def match(pattern: str) -> list[str]:
     return sorted(metadata.path for metadata in results[0].metadata_list)
 
 
+def file_size(path: str) -> int:
+    """The size of the file ``path`` in bytes (local or remote).
+
+    Raises:
+      InputError: no such file, or the listing failed; ResourceUnreachable: the storage
+        service could not be reached.
+    """
+    try:
+        results = FileSystems.match([path])
+    except BeamIOError as error:
+        raise storage_failure(path, error) from error
+    files = results[0].metadata_list
+    if not files:
+        raise InputError(f"not found: {path}")
+    return files[0].size_in_bytes
+
+
 def check_access(paths: dict) -> None:
     """Checks, before a job builds its pipeline, that it can reach its inputs and outputs.
 

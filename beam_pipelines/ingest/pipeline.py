@@ -69,6 +69,7 @@ import logging
 import os
 import sys
 import time
+from typing import Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
@@ -77,6 +78,7 @@ from apache_beam.metrics.metric import MetricsFilter
 from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
 
 from beam_pipelines import cli, io_utils
+from beam_pipelines.ingest import archives, gldv2
 from beam_pipelines.ingest import manifest as manifest_lib
 from beam_pipelines.ingest import tfds_metadata
 from beam_pipelines.ingest.config import IngestConfig, parse_args
@@ -314,6 +316,19 @@ def archive_inputs(config: IngestConfig):
     return labels, paths
 
 
+@dataclasses.dataclass(frozen=True)
+class InputPlan:
+    """What the checks before the pipeline found: the manifest's ``header`` (manifest input),
+    the label CSV's format and the archive paths (``--archives``; both None otherwise), the
+    ``--label_map`` given, and the distractor rows."""
+
+    header: Optional[manifest_lib.ManifestHeader]
+    labels: Optional[gldv2.LabelsFormat]
+    archive_paths: Optional[list[str]]
+    given_label_map: Optional[LabelMap]
+    distractors: list[ManifestRow]
+
+
 def run(argv=None, config: IngestConfig | None = None) -> dict:
     """Runs one ingest and returns the ``stats.json`` contents.
 
@@ -331,12 +346,32 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
       IngestIncomplete: the job ran but wrote nothing or rejected more than
         ``--max_rejected_fraction`` of its input (``error.stats`` is ``stats.json``).
     """
+    config, beam_args = _config_and_beam_args(argv, config)
+    plan = check_inputs(config, beam_args)
+    io_utils.prepare_output_dir(config.output_dir, config.overwrite)
+    _log_plan(config, plan)
+    result, seconds = _run_pipeline(config, beam_args, plan)
+    stats = _collect_stats(config, plan, result, seconds)
+    _write_outcome(config, beam_args, stats)
+    _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
+                 stats["rows_in"], stats["written"], stats["rejected"], seconds,
+                 stats["images_per_second"])
+    return stats
+
+
+def _config_and_beam_args(argv, config: Optional[IngestConfig]):
+    """``(config with absolute local paths, Beam's flags)`` from the command line or ``config``."""
     if config is None:
         config, beam_args = parse_args(argv)
     else:
         beam_args = list(argv or [])
         cli.check_beam_args(beam_args)
-    config = with_absolute_local_paths(config)
+    return with_absolute_local_paths(config), beam_args
+
+
+def check_inputs(config: IngestConfig, beam_args: list[str]) -> InputPlan:
+    """Every check that needs no pipeline: paths reachable and outside the output folder, the
+    input's header or archives, ``--label_map``, the distractor folder (see :func:`run`)."""
     check_inputs_outside_output(config)
     io_utils.check_access(access_paths(config, beam_args))
     header = None  # TFRecord input: no header, records are labelled or not one by one
@@ -359,28 +394,33 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         given_label_map = LabelMap.from_csv_text(io_utils.read_text(config.label_map),
                                                  source=config.label_map)
     distractors = list_distractors(config.distractor_dir) if config.distractor_dir else []
-    io_utils.prepare_output_dir(config.output_dir, config.overwrite)
+    return InputPlan(header, labels, archive_paths, given_label_map, distractors)
 
-    if labels is not None:
+
+def _log_plan(config: IngestConfig, plan: InputPlan) -> None:
+    if plan.labels is not None:
         _LOGGER.info("ingest: %d archives of %s with %s (%s) + %d distractor files -> %s",
-                     len(archive_paths), config.archives, config.labels_csv, labels.kind,
-                     len(distractors), config.output_dir)
-    elif header is not None:
+                     len(plan.archive_paths), config.archives, config.labels_csv,
+                     plan.labels.kind, len(plan.distractors), config.output_dir)
+    elif plan.header is not None:
         _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
-                     "labelled" if header.labelled else "unlabelled", len(distractors),
-                     config.output_dir)
+                     "labelled" if plan.header.labelled else "unlabelled",
+                     len(plan.distractors), config.output_dir)
     else:
         _LOGGER.info("ingest: TFRecords %s + %d distractor files -> %s", config.input_tfrecords,
-                     len(distractors), config.output_dir)
+                     len(plan.distractors), config.output_dir)
+
+
+def _run_pipeline(config: IngestConfig, beam_args: list[str], plan: InputPlan):
+    """Builds and runs the Beam job: ``(result, wall seconds)``."""
     start = time.monotonic()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
-    if labels is not None:
-        from beam_pipelines.ingest import archives
-
-        archives.build_archive_pipeline(pipeline, config, archive_paths, labels, distractors,
-                                        given_label_map)
+    if plan.labels is not None:
+        archives.build_archive_pipeline(
+            pipeline, config, plan.archive_paths, plan.labels, plan.distractors,
+            plan.given_label_map, io_utils.file_size(config.labels_csv))
     else:
-        build_pipeline(pipeline, config, header, distractors, given_label_map)
+        build_pipeline(pipeline, config, plan.header, plan.distractors, plan.given_label_map)
     try:
         result = pipeline.run()
         state = result.wait_until_finish()
@@ -392,29 +432,35 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
                 "the glob and the files' sizes, outputs in "
                 f"{config.output_dir} are incomplete") from error
         raise
-    seconds = time.monotonic() - start
     if state not in (None, "DONE", beam.runners.runner.PipelineState.DONE):
         raise RuntimeError(f"ingest pipeline ended in state {state}")
+    return result, time.monotonic() - start
 
-    counts_path = io_utils.join(config.output_dir, COUNTS_FILENAME)
-    stats = json.loads(io_utils.read_text(counts_path))
-    FileSystems.delete([counts_path])
+
+def _read_and_delete_json(path: str) -> dict:
+    """A job's intermediate JSON file, removed once read (its content goes to stats.json)."""
+    contents = json.loads(io_utils.read_text(path))
+    FileSystems.delete([path])
+    return contents
+
+
+def _collect_stats(config: IngestConfig, plan: InputPlan, result, seconds: float) -> dict:
+    """``stats.json``: the job's counts, shards, the archive summary and the verdict of
+    :func:`.stats.assess` (``failure`` None when the run did its work)."""
+    stats = _read_and_delete_json(io_utils.join(config.output_dir, COUNTS_FILENAME))
     archive_summary = None
-    if labels is not None:
-        from beam_pipelines.ingest.archives import ARCHIVES_FILENAME
-
-        summary_path = io_utils.join(config.output_dir, ARCHIVES_FILENAME)
-        archive_summary = json.loads(io_utils.read_text(summary_path))
-        FileSystems.delete([summary_path])
-        labelled, shards = labels.labelled, config.shards_per_split(labels.labelled)
+    if plan.labels is not None:
+        archive_summary = _read_and_delete_json(
+            io_utils.join(config.output_dir, archives.ARCHIVES_FILENAME))
+        labelled = plan.labels.labelled
         if not archive_summary["members_balanced"]:
             _LOGGER.error("ingest: archive members do not reconcile: %s",
                           archive_summary["members"])
-    elif header is not None:
-        labelled, shards = header.labelled, config.shards_per_split(header.labelled)
+    elif plan.header is not None:
+        labelled = plan.header.labelled
     else:
         labelled = stats["class_histogram"]["num_classes"] > 0
-        shards = config.shards_per_split(None)
+    shards = config.shards_per_split(labelled if not config.input_tfrecords else None)
     by_rows = not config.input_tfrecords
     source = ("the manifest" if config.manifest else
               "--labels_csv" if config.archives else "--input_tfrecords")
@@ -437,7 +483,14 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
     })
     if archive_summary is not None:
         stats["archives"] = archive_summary
-        stats["labels_csv"] = {"path": config.labels_csv, "kind": labels.kind}
+        stats["labels_csv"] = {"path": config.labels_csv, "kind": plan.labels.kind}
+    return stats
+
+
+def _write_outcome(config: IngestConfig, beam_args: list[str], stats: dict) -> None:
+    """``stats.json`` and ``config.json``; then ``_SUCCESS`` (and TFDS metadata) for a run that
+    did its work, or, for one that did not, its shards set aside and
+    :class:`IngestIncomplete` raised."""
     io_utils.write_json(io_utils.join(config.output_dir, STATS_FILENAME), stats)
     io_utils.write_json(io_utils.join(config.output_dir, CONFIG_FILENAME),
                         {**config.to_dict(), "beam_args": list(beam_args)})
@@ -446,23 +499,19 @@ def run(argv=None, config: IngestConfig | None = None) -> dict:
         if config.tfds_metadata:
             write_tfds_metadata_if_reachable(config.output_dir)
         io_utils.write_success_marker(config.output_dir)
-    else:
-        # No TFDS metadata, no _SUCCESS, and no shard under its usual name: nothing here may
-        # pass for a complete dataset, not even to a reader that globs '*.tfrecord'.
-        renamed = set_aside_shards(config.output_dir)
-        message = (f"{failure['message']}; outputs in {config.output_dir} are incomplete (no "
-                   f"_SUCCESS; {renamed} shard(s) renamed *{INCOMPLETE_SUFFIX}): see "
-                   f"{REJECTED_FILENAME} and {STATS_FILENAME} there")
-        if failure["kind"] == stats_lib.FAILURE_UNBALANCED:
-            message = f"the counts do not add up: {message}; {cli.BUG_HINT_NO_TRACEBACK}"
-            _LOGGER.error("ingest: %s", message)
-            raise IngestUnbalanced(message, stats)
+        return
+    # No TFDS metadata, no _SUCCESS, and no shard under its usual name: nothing here may pass
+    # for a complete dataset, not even to a reader that globs '*.tfrecord'.
+    renamed = set_aside_shards(config.output_dir)
+    message = (f"{failure['message']}; outputs in {config.output_dir} are incomplete (no "
+               f"_SUCCESS; {renamed} shard(s) renamed *{INCOMPLETE_SUFFIX}): see "
+               f"{REJECTED_FILENAME} and {STATS_FILENAME} there")
+    if failure["kind"] == stats_lib.FAILURE_UNBALANCED:
+        message = f"the counts do not add up: {message}; {cli.BUG_HINT_NO_TRACEBACK}"
         _LOGGER.error("ingest: %s", message)
-        raise IngestIncomplete(message, stats)
-    _LOGGER.info("ingest: %d rows in, %d written, %d rejected in %.1f s (%.1f images/s)",
-                 stats["rows_in"], stats["written"], stats["rejected"], seconds,
-                 stats["images_per_second"])
-    return stats
+        raise IngestUnbalanced(message, stats)
+    _LOGGER.error("ingest: %s", message)
+    raise IngestIncomplete(message, stats)
 
 
 def main(argv=None) -> int:

@@ -36,7 +36,8 @@ from beam_pipelines.ingest import tfrecord_input
 from beam_pipelines.ingest.config import IngestConfig
 from beam_pipelines.ingest.fetch import FetchFailed, FetchParams, fetch_bytes
 from beam_pipelines.ingest.manifest import ManifestHeader, ManifestRow, Rejection
-from beam_pipelines.ingest.normalise import ImageRejected, NormaliseParams, normalise_image
+from beam_pipelines.ingest.normalise import (ImageRejected, NormalisedImage, NormaliseParams,
+                                             normalise_image)
 from tfrecords_schema.image_record import NON_LANDMARK, ImageRecord, serialize_record
 from tfrecords_schema.label_map import LABEL_MAP_FILENAME, LabelMap
 
@@ -192,7 +193,7 @@ def assign_dev_split(keyed: tuple[int, list[LabelledRow]], fraction: float,
         yield LabelledRow(member.row, member.label, split)
 
 
-class _Progress:
+class ImagesProgress:
     """Logs images done and images/s every ``every`` images or ``seconds`` s (per worker)."""
 
     def __init__(self, every: int = 500, seconds: float = 10.0):
@@ -222,7 +223,7 @@ class FetchAndNormalise(beam.DoFn):
         self._progress = None
 
     def setup(self):
-        self._progress = _Progress()
+        self._progress = ImagesProgress()
 
     def process(self, labelled: LabelledRow):
         row = labelled.row
@@ -235,13 +236,20 @@ class FetchAndNormalise(beam.DoFn):
                 image_id=row.image_id, url=row.url, reason=failure.reason, detail=failure.detail,
                 line=row.line, origin=row.origin))
             return
-        record = ImageRecord(
-            image_id=row.image_id, jpeg_bytes=image.jpeg_bytes, label=labelled.label,
-            height=image.height, width=image.width, landmark_id=row.landmark_id,
-            source_format=image.source_format,
-        )
-        Metrics.counter("ingest", f"written_{labelled.split}").inc()
-        yield WrittenImage(labelled.split, labelled.label, serialize_record(record), len(data))
+        yield written_image(labelled, image, len(data))
+
+
+def written_image(labelled: LabelledRow, image: NormalisedImage, bytes_in: int) -> WrittenImage:
+    """The shard record of ``labelled``'s normalised image (counted ``written_<split>``);
+    ``bytes_in``: the size of the file it came from."""
+    row = labelled.row
+    record = ImageRecord(
+        image_id=row.image_id, jpeg_bytes=image.jpeg_bytes, label=labelled.label,
+        height=image.height, width=image.width, landmark_id=row.landmark_id,
+        source_format=image.source_format,
+    )
+    Metrics.counter("ingest", f"written_{labelled.split}").inc()
+    return WrittenImage(labelled.split, labelled.label, serialize_record(record), bytes_in)
 
 
 def has_split(written: WrittenImage, split: str) -> bool:
@@ -389,8 +397,8 @@ def build_pipeline(pipeline: beam.Pipeline, config: IngestConfig, header: Manife
                           given_label_map)
     images = normalise_images(labelled.rows, config, base_dir)
     write_shards_rejected_and_counts(
-        images, shards, config.output_dir,
-        rejected=[parsed[_REJECTED], *labelled.rejected],
+        images.written, shards, config.output_dir,
+        rejected=[parsed[_REJECTED], *labelled.rejected, images[_REJECTED]],
         rows_in=[lines, distractor_rows], num_classes=labelled.num_classes)
 
 
@@ -470,20 +478,21 @@ def normalise_images(rows, config: IngestConfig, base_dir: str = "", spread: boo
     )).with_outputs(_REJECTED, main="written")
 
 
-def write_shards_rejected_and_counts(images, shards: dict[str, int], out: str, rejected: list,
+def write_shards_rejected_and_counts(written, shards: dict[str, int], out: str, rejected: list,
                                      rows_in: list, num_classes) -> None:
     """The shards per split, ``rejected.csv`` and the counts file (:data:`COUNTS_FILENAME`).
 
     Args:
-      images: :func:`normalise_images`' result.
+      written: :class:`WrittenImage` s (:func:`normalise_images`' ``written``).
       shards: split name -> number of shards.
-      rejected: PCollections of :class:`Rejection` (the normaliser's are added here).
+      rejected: PCollections of :class:`Rejection`, every one of the run (the normaliser's
+        too).
       rows_in: PCollections with one element per input row (each counts as a row in).
       num_classes: :attr:`LabelledRows.num_classes`.
     """
     for split, num_shards in shards.items():
         (
-            images.written
+            written
             | f"Only_{split}" >> beam.Filter(has_split, split)
             | f"Serialized_{split}" >> beam.Map(serialized_of)
             | f"Write_{split}" >> beam.io.WriteToTFRecord(
@@ -491,7 +500,7 @@ def write_shards_rejected_and_counts(images, shards: dict[str, int], out: str, r
         )
 
     all_rejected = (
-        (*rejected, images[_REJECTED])
+        rejected
         | "AllRejected" >> beam.Flatten()
         | "CountRejected" >> beam.Map(count_rejection)
     )
@@ -509,7 +518,7 @@ def write_shards_rejected_and_counts(images, shards: dict[str, int], out: str, r
     events = (
         (
             *row_events,
-            images.written | "WrittenEvents" >> beam.Map(written_event),
+            written | "WrittenEvents" >> beam.Map(written_event),
             all_rejected | "RejectedEvents" >> beam.Map(rejected_event),
         )
         | "AllEvents" >> beam.Flatten()
