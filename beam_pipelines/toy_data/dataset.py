@@ -154,7 +154,8 @@ def _distractors(run: _Run, split: str) -> tuple[dict[str, int], list[tuple[str,
     for index, image_id in enumerate(ids):
         rng = streams.image_rng(run.config.seed, role, index)
         aux = streams.aux_rng(run.config.seed, role, index)
-        extras = run.test_extras.draw(aux, "distractors") if split == "test" else camera.ViewExtras()
+        extras = (run.test_extras.draw(aux, "distractors") if split == "test"
+                  else camera.ViewExtras())
         kind, scene = _distractor_scene(run, index, role, rng, aux)
         url = f"{folder}/{image_id}.jpg"
         run.writer.write(url, run.render(scene, rng, params, extras), rng)
