@@ -11,7 +11,7 @@ from __future__ import annotations
 import dataclasses
 import functools
 import time
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
 import numpy as np
 from PIL import Image
@@ -45,9 +45,12 @@ class _ImageWriter:
 
 
 class _TestViewExtras:
-    """Draws each test view's extras (partial view, occluder) and counts them per split."""
+    """Draws each test view's extras (partial view, occluder) and counts them per split
+    (``counts``: toy_data.json's ``hard_views``). Occluder patches come from
+    ``occluder_photos`` (RGB uint8 ``[H, W, 3]`` each; non-class photos)."""
 
-    def __init__(self, config: config_lib.ToyDataConfig, occluder_photos):
+    def __init__(self, config: config_lib.ToyDataConfig,
+                 occluder_photos: Sequence[np.ndarray]):
         self._partial_fraction = config.partial_fraction
         self._occluder_fraction = config.occluder_fraction
         self._occluder_photos = occluder_photos
@@ -79,6 +82,7 @@ class _Run:
     def render(self, scene: np.ndarray, rng: np.random.Generator,
                params: view_geometry.ViewParams,
                extras: camera.ViewExtras = camera.ViewExtras()) -> Image.Image:
+        """:func:`~.camera.render_view` at the run's image sizes."""
         return camera.render_view(scene, rng, params, self.config.min_size,
                                   self.config.max_size, extras)
 
@@ -126,8 +130,9 @@ def _landmark_views(run: _Run) -> tuple[list[tuple[str, str, int]], list[tuple[s
 
 def _distractor_scene(run: _Run, index: int, role: int, rng: np.random.Generator,
                       aux: np.random.Generator) -> tuple[str, np.ndarray]:
-    """(kind, content) of distractor ``index`` of ``role``: hard ones draw their class photo
-    from ``aux``, after the view's extras (the order the standard streams need)."""
+    """(kind, content) of distractor ``index`` of ``role``, RGB uint8 ``[H, W, 3]``, before the
+    camera. A hard one draws its class photo from ``aux``: call this after the view's extras
+    were drawn from ``aux``, the order the files have always been made in."""
     fraction = run.config.hard_distractor_fraction
     photos = run.classes.distractor_photos
     if hard_distractors.is_hard_distractor(index, fraction):

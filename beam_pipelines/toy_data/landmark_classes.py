@@ -34,6 +34,7 @@ class LandmarkClasses:
 
     @property
     def count(self) -> int:
+        """How many classes."""
         return len(self.names)
 
     def photo(self, position: int, aux: np.random.Generator) -> np.ndarray:
