@@ -531,3 +531,30 @@ def test_method_doc_states_the_difficulty_presets_of_the_code():
             value = getattr(toy_data.DIFFICULTIES[preset], name)
             expected = list(value) if isinstance(value, tuple) else [value]
             assert numbers(cell) == pytest.approx(expected), (name, preset, cell)
+
+
+def test_package_modules_import_only_the_ones_listed_before_them():
+    """The package docstring lists its modules so that each imports (at module level or inside
+    a function) only modules listed above it: no import cycle, and the list is a reading order."""
+    import ast
+    import pathlib
+
+    folder = pathlib.Path(toy_data.__file__).parent
+    listing = toy_data.__doc__.split("one part per module", 1)[1]
+    order = re.findall(r"^    (\w+)  ", listing, flags=re.MULTILINE)
+    assert sorted(order) == sorted(
+        path.stem for path in folder.glob("*.py") if not path.stem.startswith("__"))
+    for position, module in enumerate(order):
+        siblings = set()
+        for node in ast.walk(ast.parse((folder / f"{module}.py").read_text())):
+            if isinstance(node, ast.ImportFrom) and node.level:  # from . import x, from .x import
+                siblings.update([node.module.split(".")[0]] if node.module else [
+                    alias.name for alias in node.names])
+            elif isinstance(node, ast.ImportFrom) and node.module == toy_data.__name__:
+                siblings.update(alias.name for alias in node.names)
+            elif isinstance(node, (ast.Import, ast.ImportFrom)):
+                names = [node.module or ""] if isinstance(node, ast.ImportFrom) else [
+                    alias.name for alias in node.names]
+                siblings.update(name.split(".")[2] for name in names
+                                if name.startswith(toy_data.__name__ + "."))
+        assert siblings <= set(order[:position]), (module, siblings - set(order[:position]))
