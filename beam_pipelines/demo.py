@@ -167,24 +167,70 @@ def _run_stage(stages: list, number: int, name: str, action, total: int = 6):
     return stage_lib.run_stage(stages, f"[{number}/{total}]", name, action, logger=_LOG)
 
 
+_OUTPUT_FOLDERS = ("toy_data", "ingest_train", "ingest_test", "model", "predict", "evaluation",
+                   "predict_1view", "evaluation_1view", "predict_knn", "evaluation_knn",
+                   "reference_features")
+
+
 def run(config: DemoConfig) -> dict:
     """Runs the six stages (ten with ``compare``); returns the summary written to ``demo.json``."""
     _prepare_run_dir(config.run_dir)
+    paths = {name: os.path.join(config.run_dir, name) for name in _OUTPUT_FOLDERS}
     # Marks the folder as a demo folder from the start, so a crashed demo can be rerun in place.
-    paths = {
-        name: os.path.join(config.run_dir, name)
-        for name in ("toy_data", "ingest_train", "ingest_test", "model", "predict", "evaluation",
-                     "predict_1view", "evaluation_1view", "predict_knn", "evaluation_knn",
-                     "reference_features")
-    }
-    with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
-        json.dump({"status": "running", "config": dataclasses.asdict(config)}, handle, indent=2)
+    _write_marker(config.run_dir, {"status": "running", "config": dataclasses.asdict(config)})
     stages: list[_Stage] = []
     total_start = time.perf_counter()
-    root = config.run_dir
+    steps = _DemoStages(config, stages, total=10 if config.compare else 6)
+    train_summary, report = steps.main_stages()
+    views = predict_views_per_image(paths["predict"])
+    comparison = steps.comparison(report, views, paths) if config.compare else None
+    summary = {
+        "status": "done",
+        "config": dataclasses.asdict(config),
+        **_figures(report, train_summary),
+        "views_per_image": views,
+        "comparison": comparison,
+        "seconds_total": round(time.perf_counter() - total_start, 1),
+        "stages": [dataclasses.asdict(stage) for stage in stages],
+        "outputs": _outputs(paths, report, config.compare),
+    }
+    _write_marker(config.run_dir, summary, sort_keys=True)
+    return summary
 
-    def make_toy_data():
-        return stage_lib.make_toy_data(root, config.seed, [
+
+class _DemoStages:
+    """The demo's stages as the user would run them, numbered ``[n/total]`` in ``stages``."""
+
+    def __init__(self, config: DemoConfig, stages: list, total: int):
+        self.config, self.stages, self.total = config, stages, total
+        self.root = config.run_dir
+
+    def main_stages(self) -> tuple[dict, dict]:
+        """Stages 1-6, toy data to evaluation; ``(train summary, evaluation report)``."""
+        self._run(1, "toy data", self.make_toy_data)
+        self._run(2, "ingest train", lambda: stage_lib.ingest_train(self.root))
+        self._run(3, "ingest test", lambda: stage_lib.ingest_test(self.root))
+        train_summary = self._run(4, "train", self.train_model)
+        self._run(5, "predict", self.predict_test)
+        report = self._run(6, "evaluate", self.evaluate_submission)
+        return train_summary, report
+
+    def comparison(self, report: dict, views: int, paths: dict) -> list:
+        """Stages 7-10: one view, then the kNN recognizer; the five recognizers' rows."""
+        self._run(7, "predict 1 view", lambda: self.predict_test("predict_1view", crops=1))
+        one_view_report = self._run(
+            8, "evaluate 1 view",
+            lambda: self.evaluate_submission("predict_1view", "evaluation_1view"))
+        self._run(9, "predict knn",
+                  lambda: self.predict_test("predict_knn", extra=("--recognizer", "knn")))
+        knn_report = self._run(
+            10, "evaluate knn", lambda: self.evaluate_submission("predict_knn", "evaluation_knn"))
+        knn_k = _recorded_config(paths["predict_knn"], "knn_k")
+        return comparison_rows(report, one_view_report, knn_report, views, knn_k)
+
+    def make_toy_data(self):
+        config = self.config
+        return stage_lib.make_toy_data(self.root, config.seed, [
             "--num_classes", str(config.num_classes),
             "--train_per_class", str(config.train_per_class),
             "--test_per_class", str(config.test_per_class),
@@ -192,45 +238,27 @@ def run(config: DemoConfig) -> dict:
             "--num_test_distractors", str(config.num_test_distractors),
         ])
 
-    def train_model():
+    def train_model(self):
+        config = self.config
         return stage_lib.train_model(
-            root, config.train_preset, config.image_size, config.seed,
+            self.root, config.train_preset, config.image_size, config.seed,
             [*DEMO_TRAIN_FLAGS, *config.extra_train_flags])
 
-    def predict_test(output: str = "predict", extra: Sequence[str] = (), crops: int = 0):
-        return stage_lib.predict_test(root, output, config.local_features,
+    def predict_test(self, output: str = "predict", extra: Sequence[str] = (), crops: int = 0):
+        config = self.config
+        return stage_lib.predict_test(self.root, output, config.local_features,
                                       config.references_per_class, crops or config.crops, extra)
 
-    def evaluate_submission(predicted: str = "predict", output: str = "evaluation"):
-        return stage_lib.evaluate_submission(root, predicted, output)
+    def evaluate_submission(self, predicted: str = "predict", output: str = "evaluation"):
+        return stage_lib.evaluate_submission(self.root, predicted, output)
 
-    total = 10 if config.compare else 6
-    _run_stage(stages, 1, "toy data", make_toy_data, total)
-    _run_stage(stages, 2, "ingest train", lambda: stage_lib.ingest_train(root), total)
-    _run_stage(stages, 3, "ingest test", lambda: stage_lib.ingest_test(root), total)
-    train_summary = _run_stage(stages, 4, "train", train_model, total)
-    _run_stage(stages, 5, "predict", predict_test, total)
-    report = _run_stage(stages, 6, "evaluate", evaluate_submission, total)
-    views = predict_views_per_image(paths["predict"])
-    one_view_report = knn_report = None
-    knn_k = None
-    if config.compare:
-        _run_stage(stages, 7, "predict 1 view",
-                   lambda: predict_test("predict_1view", crops=1), total)
-        one_view_report = _run_stage(
-            stages, 8, "evaluate 1 view",
-            lambda: evaluate_submission("predict_1view", "evaluation_1view"), total)
-        _run_stage(
-            stages, 9, "predict knn",
-            lambda: predict_test("predict_knn", extra=("--recognizer", "knn")), total)
-        knn_report = _run_stage(
-            stages, 10, "evaluate knn",
-            lambda: evaluate_submission("predict_knn", "evaluation_knn"), total)
-        knn_k = _recorded_config(paths["predict_knn"], "knn_k")
+    def _run(self, number: int, name: str, action):
+        return _run_stage(self.stages, number, name, action, self.total)
 
-    summary = {
-        "status": "done",
-        "config": dataclasses.asdict(config),
+
+def _figures(report: dict, train_summary: dict) -> dict:
+    """The summary's figures: GAP and top-1 from evaluate, dev GAP from training."""
+    return {
         "gap": report.get("gap"),
         "gap_nn_only": report.get("gap_nn_only"),
         "gap_landmarks_only": report.get("gap_landmarks_only"),
@@ -238,28 +266,32 @@ def run(config: DemoConfig) -> dict:
         "top1_accuracy_nn_only": report.get("top1_accuracy_nn_only"),
         "dev_gap_initial": train_summary.get("dev_gap_initial"),
         "dev_gap_final": train_summary.get("dev_gap_final"),
-        "views_per_image": views,
-        "comparison": comparison_rows(report, one_view_report, knn_report, views, knn_k)
-        if config.compare else None,
-        "seconds_total": round(time.perf_counter() - total_start, 1),
-        "stages": [dataclasses.asdict(stage) for stage in stages],
-        "outputs": {
-            "report": os.path.join(paths["evaluation"], "report.json"),
-            "plots": [os.path.join(paths["evaluation"], name) for name in report.get("plots", [])],
-            "submission": os.path.join(paths["predict"], "submission.csv"),
-            "scores": os.path.join(paths["predict"], "scores.csv"),
-            "model": os.path.join(paths["model"], "model.keras"),
-            "train_records": paths["ingest_train"],
-            "test_records": paths["ingest_test"],
-            "toy_data": paths["toy_data"],
-            **({"report_1view": os.path.join(paths["evaluation_1view"], "report.json"),
-                "report_knn": os.path.join(paths["evaluation_knn"], "report.json"),
-                "ref_features": paths["reference_features"]} if config.compare else {}),
-        },
     }
-    with open(os.path.join(config.run_dir, DEMO_MARKER), "w") as handle:
-        json.dump(summary, handle, indent=2, sort_keys=True)
-    return summary
+
+
+def _outputs(paths: dict, report: dict, compare: bool) -> dict:
+    """Where the summary's outputs are (the comparison's too with ``compare``)."""
+    outputs = {
+        "report": os.path.join(paths["evaluation"], "report.json"),
+        "plots": [os.path.join(paths["evaluation"], name) for name in report.get("plots", [])],
+        "submission": os.path.join(paths["predict"], "submission.csv"),
+        "scores": os.path.join(paths["predict"], "scores.csv"),
+        "model": os.path.join(paths["model"], "model.keras"),
+        "train_records": paths["ingest_train"],
+        "test_records": paths["ingest_test"],
+        "toy_data": paths["toy_data"],
+    }
+    if compare:
+        outputs.update({"report_1view": os.path.join(paths["evaluation_1view"], "report.json"),
+                        "report_knn": os.path.join(paths["evaluation_knn"], "report.json"),
+                        "ref_features": paths["reference_features"]})
+    return outputs
+
+
+def _write_marker(run_dir: str, content: dict, sort_keys: bool = False) -> None:
+    """``demo.json``: the demo's marker (a run in progress) and, at the end, its summary."""
+    with open(os.path.join(run_dir, DEMO_MARKER), "w") as handle:
+        json.dump(content, handle, indent=2, sort_keys=sort_keys)
 
 
 # Shared with landmarks-benchmark (beam_pipelines.stages); kept under their names here.

@@ -124,41 +124,88 @@ def _fit_dataset(strategy, config, num_classes: int, batch: int, steps: int):
     return distribute.distribute_dataset(strategy, batch, per_replica)
 
 
+# The order of measure_one's figures (one JSON object per configuration).
+MEASURED_FIGURES = (
+    "head", "classes", "image_size", "global_batch", "params", "params_analytic",
+    "head_params_analytic", "backbone_params_analytic", "trainable_finetune",
+    "trainable_finetune_analytic", "optimizer_variables", "weights_file_bytes",
+    "weights_file_bytes_analytic", "backup_file_bytes", "backup_file_bytes_analytic",
+    "weights_file_seconds", "backup_file_seconds", "build_seconds", "first_step_seconds",
+    "step_seconds_median", "steps", "rss_after_build_bytes", "rss_after_fit_bytes",
+    "rss_peak_bytes", "allreduce_bytes_analytic", "backbone_trainable",
+)
+
+
 def measure_one(head_name: str, num_classes: int, image_size: int, batch: int, steps: int,
                 scratch: str) -> dict:
     """One configuration in this process (module docstring); returns the figures."""
-    import keras
-    import numpy as np
     import tensorflow as tf
 
     from trainer import heads as heads_lib
-    from trainer import model as model_lib
-    from trainer import train as train_lib
 
     config = _config(head_name, image_size, batch)
     head = heads_lib.make_head(config.model)
     strategy = tf.distribute.get_strategy()
+    model, figures = _build_timed(num_classes, image_size, head)
+    figures.update(_parameter_figures(model, num_classes, head))
+    training_model, fit_figures = _fit_timed(model, config, head, strategy, num_classes, batch,
+                                             steps)
+    figures.update(fit_figures)
+    figures.update(_checkpoint_figures(model, training_model, scratch))
+    figures.update(head=head_name, classes=num_classes, image_size=image_size,
+                   global_batch=batch, steps=steps, rss_peak_bytes=_rss_peak_bytes())
+    return {key: figures[key] for key in MEASURED_FIGURES}
+
+
+def _build_timed(num_classes: int, image_size: int, head):
+    """The classifier, and the seconds its build took and the peak memory after it."""
+    from trainer import model as model_lib
+
     started = time.perf_counter()
     model = model_lib.build_model(num_classes, image_size=image_size, head=head)
-    build_seconds = time.perf_counter() - started
-    rss_after_build = _rss_peak_bytes()
+    return model, {"build_seconds": round(time.perf_counter() - started, 2),
+                   "rss_after_build_bytes": _rss_peak_bytes()}
 
-    params = int(model.count_params())
+
+def _parameter_figures(model, num_classes: int, head) -> dict:
+    """Parameters counted in the model next to their closed forms, and the closed-form sizes
+    of the checkpoint files and of each phase's all-reduce (module docstring)."""
+    from trainer import model as model_lib
+
     params_analytic = model_lib.parameter_count(num_classes, head)
     head_all, head_trainable = head.parameter_counts(num_classes)
-    phases = {phase.name: phase for phase in config.phases}
     backbone_trainable = {name: _backbone_trainable(model, trainable_from)
                           for name, trainable_from in (("head", None), ("finetune", 85),
                                                        ("deep", 25))}
-    allreduce_analytic = {name: FLOAT32 * (count + 1 + head_trainable)
-                          for name, count in backbone_trainable.items()}
+    finetune_trainable = backbone_trainable["finetune"] + 1 + head_trainable  # + GeM's p
+    return {
+        "params": int(model.count_params()),
+        "params_analytic": params_analytic,
+        "head_params_analytic": head_all,
+        "backbone_params_analytic": model_lib.XCEPTION_NO_TOP_PARAMS,
+        "trainable_finetune_analytic": finetune_trainable,
+        "weights_file_bytes_analytic": FLOAT32 * params_analytic,
+        # Adam: two slots per trainable weight, + its iterations and learning rate.
+        "backup_file_bytes_analytic": FLOAT32 * (params_analytic + 2 * finetune_trainable + 2),
+        "allreduce_bytes_analytic": {name: FLOAT32 * (count + 1 + head_trainable)
+                                     for name, count in backbone_trainable.items()},
+        "backbone_trainable": backbone_trainable,
+    }
+
+
+def _fit_timed(model, config, head, strategy, num_classes: int, batch: int, steps: int):
+    """``steps`` steps of the finetune phase on random images: the compiled model, and the
+    trainable weights, optimizer variables, step times and peak memory after the fit."""
+    import keras
+    import numpy as np
+
+    from trainer import train as train_lib
 
     class_counts = np.ones(num_classes, np.int64) if head.uses_class_counts else None
-    phase = phases["finetune"]
+    phase = {p.name: p for p in config.phases}["finetune"]
     training_model = train_lib.compile_for_phase(model, phase, config, strategy,
                                                  class_counts=class_counts)
     trainable_measured = sum(_size(weight.shape) for weight in training_model.trainable_weights)
-
     step_ends = []
 
     class Timer(keras.callbacks.Callback):
@@ -170,51 +217,38 @@ def measure_one(head_name: str, num_classes: int, image_size: int, batch: int, s
     training_model.fit(dataset, epochs=1, steps_per_epoch=steps, verbose=0,
                        callbacks=[Timer()], shuffle=False)
     durations = np.diff([fit_started] + step_ends)
-    rss_after_fit = _rss_peak_bytes()
-    optimizer_variables = sum(_size(v.shape) for v in training_model.optimizer.variables)
-
-    weights_path = os.path.join(scratch, "classifier.weights.h5")
-    started = time.perf_counter()
-    train_lib.save_classifier_weights(model, weights_path)
-    weights_seconds = time.perf_counter() - started
-    weights_bytes = os.path.getsize(weights_path)
-    os.remove(weights_path)
-    backup_path = os.path.join(scratch, "backup.weights.h5")
-    started = time.perf_counter()
-    training_model.save_weights(backup_path)  # what BackupAndRestore writes
-    backup_seconds = time.perf_counter() - started
-    backup_bytes = os.path.getsize(backup_path)
-    os.remove(backup_path)
-
-    return {
-        "head": head_name,
-        "classes": num_classes,
-        "image_size": image_size,
-        "global_batch": batch,
-        "params": params,
-        "params_analytic": params_analytic,
-        "head_params_analytic": head_all,
-        "backbone_params_analytic": model_lib.XCEPTION_NO_TOP_PARAMS,
+    return training_model, {
         "trainable_finetune": trainable_measured,
-        "trainable_finetune_analytic": backbone_trainable["finetune"] + 1 + head_trainable,
-        "optimizer_variables": optimizer_variables,
-        "weights_file_bytes": weights_bytes,
-        "weights_file_bytes_analytic": FLOAT32 * params_analytic,
-        "backup_file_bytes": backup_bytes,
-        "backup_file_bytes_analytic": FLOAT32 * (params_analytic + 2 * (
-            backbone_trainable["finetune"] + 1 + head_trainable) + 2),  # + iterations, lr
-        "weights_file_seconds": round(weights_seconds, 2),
-        "backup_file_seconds": round(backup_seconds, 2),
-        "build_seconds": round(build_seconds, 2),
+        "rss_after_fit_bytes": _rss_peak_bytes(),
+        "optimizer_variables": sum(_size(v.shape) for v in training_model.optimizer.variables),
         "first_step_seconds": round(float(durations[0]), 2),
         "step_seconds_median": round(float(statistics.median(durations[1:])), 3),
-        "steps": steps,
-        "rss_after_build_bytes": rss_after_build,
-        "rss_after_fit_bytes": rss_after_fit,
-        "rss_peak_bytes": _rss_peak_bytes(),
-        "allreduce_bytes_analytic": allreduce_analytic,
-        "backbone_trainable": backbone_trainable,
     }
+
+
+def _checkpoint_figures(model, training_model, scratch: str) -> dict:
+    """Size and write time of the two checkpoint kinds the trainer writes (files removed)."""
+    from trainer import train as train_lib
+
+    weights_seconds, weights_bytes = _timed_file(
+        lambda path: train_lib.save_classifier_weights(model, path),
+        os.path.join(scratch, "classifier.weights.h5"))
+    backup_seconds, backup_bytes = _timed_file(
+        training_model.save_weights,  # what BackupAndRestore writes
+        os.path.join(scratch, "backup.weights.h5"))
+    return {"weights_file_bytes": weights_bytes, "backup_file_bytes": backup_bytes,
+            "weights_file_seconds": round(weights_seconds, 2),
+            "backup_file_seconds": round(backup_seconds, 2)}
+
+
+def _timed_file(save, path: str) -> tuple[float, int]:
+    """``save(path)``'s seconds and the bytes of the file it wrote, which is then removed."""
+    started = time.perf_counter()
+    save(path)
+    seconds = time.perf_counter() - started
+    size = os.path.getsize(path)
+    os.remove(path)
+    return seconds, size
 
 
 def inspect_gradients(head_name: str, num_classes: int, image_size: int, batch: int) -> dict:
@@ -558,6 +592,27 @@ def write_tables(rows: list[dict], gradients: list[dict], output_dir: str, comma
 
 
 def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    if args.one:
+        print(json.dumps(_measure_in_scratch(args)))
+    elif args.inspect_gradients:
+        print(json.dumps(inspect_gradients(args.inspect_gradients, args.gradient_classes,
+                                           args.image_size, args.batch)))
+    else:
+        os.makedirs(args.output_dir, exist_ok=True)
+        if args.probe_memory:
+            print(json.dumps(probe_memory(args.probe_memory[0], int(args.probe_memory[1]),
+                                          args.output_dir), indent=2))
+        elif args.project:
+            _write_projection(args.output_dir)
+        elif args.cli:
+            _run_cli_per_head(args)
+        else:
+            _sweep(args, argv)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--classes", default="1000,20000,203094",
                         help="comma-separated class counts")
@@ -586,68 +641,81 @@ def main(argv=None) -> int:
                         help="(internal) measure one configuration in this process")
     parser.add_argument("--inspect_gradients", metavar="HEAD",
                         help="(internal) the 2-replica gradient inspection of one head")
-    args = parser.parse_args(argv)
+    return parser
 
-    if args.one:
-        with tempfile.TemporaryDirectory(dir=args.output_dir if os.path.isdir(args.output_dir)
-                                         else None) as scratch:
-            figures = measure_one(args.one[0], int(args.one[1]), args.image_size, args.batch,
-                                  args.steps, scratch)
-        print(json.dumps(figures))
-        return 0
-    if args.inspect_gradients:
-        print(json.dumps(inspect_gradients(args.inspect_gradients, args.gradient_classes,
-                                           args.image_size, args.batch)))
-        return 0
 
-    os.makedirs(args.output_dir, exist_ok=True)
-    if args.probe_memory:
-        print(json.dumps(probe_memory(args.probe_memory[0], int(args.probe_memory[1]),
-                                      args.output_dir), indent=2))
-        return 0
-    if args.project:
-        result = projection()
-        with open(os.path.join(args.output_dir, "many_classes_projection.json"), "w") as handle:
+def _measure_in_scratch(args) -> dict:
+    """``--one``: :func:`measure_one` with a scratch folder for its checkpoint files."""
+    with tempfile.TemporaryDirectory(dir=args.output_dir if os.path.isdir(args.output_dir)
+                                     else None) as scratch:
+        return measure_one(args.one[0], int(args.one[1]), args.image_size, args.batch,
+                           args.steps, scratch)
+
+
+def _write_projection(output_dir: str) -> None:
+    """``--project``: the projection's JSON into ``output_dir``, its tables on stdout."""
+    result = projection()
+    with open(os.path.join(output_dir, "many_classes_projection.json"), "w") as handle:
+        json.dump(result, handle, indent=2)
+    print(projection_markdown(result))
+
+
+def _run_cli_per_head(args) -> None:
+    """``--cli``: landmarks-train once per head, each run's figures in their own file."""
+    for head in args.heads.split(","):
+        _wait_for_memory(args)
+        print(f"landmarks-train, {head}, {args.cli:,} classes (MemAvailable "
+              f"{_mem_available_bytes() / GIB:.1f} GiB) ...", file=sys.stderr, flush=True)
+        result = run_cli(head, args.cli, args.output_dir)
+        name = f"many_classes_cli_{args.cli}_{head}.json"  # one file per run: none lost
+        with open(os.path.join(args.output_dir, name), "w") as handle:
             json.dump(result, handle, indent=2)
-        print(projection_markdown(result))
-        return 0
-    if args.cli:
-        for head in args.heads.split(","):
-            waited = 0
-            while (args.cli > 100_000 and _mem_available_bytes() < args.min_free_gb * GIB
-                   and waited < args.wait_for_memory):
-                time.sleep(10)  # the machine is shared: wait for memory, do not OOM others
-                waited += 10
-            print(f"landmarks-train, {head}, {args.cli:,} classes (MemAvailable "
-                  f"{_mem_available_bytes() / GIB:.1f} GiB) ...", file=sys.stderr, flush=True)
-            result = run_cli(head, args.cli, args.output_dir)
-            name = f"many_classes_cli_{args.cli}_{head}.json"  # one file per run: none lost
-            with open(os.path.join(args.output_dir, name), "w") as handle:
-                json.dump(result, handle, indent=2)
-            print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
-        return 0
+        print(json.dumps({k: v for k, v in result.items() if k != "log"}, indent=2))
+
+
+def _wait_for_memory(args) -> None:
+    """Above 100k classes, waits up to ``--wait_for_memory`` seconds for ``--min_free_gb``."""
+    waited = 0
+    while (args.cli > 100_000 and _mem_available_bytes() < args.min_free_gb * GIB
+           and waited < args.wait_for_memory):
+        time.sleep(10)  # the machine is shared: wait for memory, do not OOM others
+        waited += 10
+
+
+def _sweep(args, argv) -> None:
+    """The default run: every (head, classes) pair in its own process, then the gradient
+    inspection per head; the tables are rewritten after each configuration and printed."""
     command = "bench/bench_many_classes.py " + " ".join(argv if argv is not None else sys.argv[1:])
     rows = []
     for head in args.heads.split(","):
         for classes in (int(value) for value in args.classes.split(",")):
             available = _mem_available_bytes()
             if classes > 100_000 and available < args.min_free_gb * GIB:
-                print(f"skipping {head} x {classes}: MemAvailable {available / GIB:.1f} GiB < "
-                      f"--min_free_gb {args.min_free_gb}", file=sys.stderr)
-                rows.append({"head": head, "classes": classes,
-                             "skipped": f"MemAvailable {available / GIB:.1f} GiB"})
+                rows.append(_skipped(head, classes, available, args.min_free_gb))
                 continue
-            print(f"{head} x {classes:,} classes (MemAvailable {available / GIB:.1f} GiB) ...",
-                  file=sys.stderr, flush=True)
-            row = _child(args, ["--one", head, str(classes), "--output_dir", args.output_dir])
-            rows.append(row)
-            print(json.dumps(row), file=sys.stderr, flush=True)
+            rows.append(_measure_in_child(args, head, classes, available))
             write_tables(rows, [], args.output_dir, command)
     gradients = [_child(args, ["--inspect_gradients", head, "--gradient_classes",
                                str(args.gradient_classes)]) for head in args.heads.split(",")]
     write_tables(rows, gradients, args.output_dir, command)
     print(open(os.path.join(args.output_dir, "many_classes.md")).read())
-    return 0
+
+
+def _skipped(head: str, classes: int, available: int, min_free_gb: float) -> dict:
+    """The row of a configuration left out for lack of memory (said on stderr)."""
+    print(f"skipping {head} x {classes}: MemAvailable {available / GIB:.1f} GiB < "
+          f"--min_free_gb {min_free_gb}", file=sys.stderr)
+    return {"head": head, "classes": classes,
+            "skipped": f"MemAvailable {available / GIB:.1f} GiB"}
+
+
+def _measure_in_child(args, head: str, classes: int, available: int) -> dict:
+    """One configuration measured in a fresh process (``--one``); its row, also on stderr."""
+    print(f"{head} x {classes:,} classes (MemAvailable {available / GIB:.1f} GiB) ...",
+          file=sys.stderr, flush=True)
+    row = _child(args, ["--one", head, str(classes), "--output_dir", args.output_dir])
+    print(json.dumps(row), file=sys.stderr, flush=True)
+    return row
 
 
 if __name__ == "__main__":

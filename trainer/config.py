@@ -414,11 +414,21 @@ def build_parser() -> argparse.ArgumentParser:
         formatter_class=argparse.RawDescriptionHelpFormatter,
         epilog=TRAIN_EPILOG,
     )
+    add = _preset_flag_adder(parser)
+    _add_input_flags(parser, add)
+    _add_data_flags(add)
+    _add_model_flags(add)
+    _add_phase_flags(add)
+    _add_distribution_flags(add)
+    return parser
 
+
+def _preset_flag_adder(parser: argparse.ArgumentParser):
+    """``add(flag, text, **kwargs)``: a flag of ``parser`` whose help ends in its default under
+    the presets, ``(default: X)`` or ``(full: X; quick: Y)``."""
     full, quick = preset_defaults("full"), preset_defaults("quick")
 
     def add(flag: str, text: str, **kwargs) -> None:
-        """A flag whose help ends in its default: ``(default: X)`` or ``(full: X; quick: Y)``."""
         dest = flag[2:]
         full_text, quick_text = format_flag_value(full[dest]), format_flag_value(quick[dest])
         if full_text == quick_text:
@@ -427,6 +437,11 @@ def build_parser() -> argparse.ArgumentParser:
             text += f" (full: {full_text}; quick: {quick_text})"
         parser.add_argument(flag, help=text, **kwargs)
 
+    return add
+
+
+def _add_input_flags(parser: argparse.ArgumentParser, add) -> None:
+    """Where the records, the label map and the output are; the preset."""
     parser.add_argument("--train_data", help="glob of training TFRecord shards (required)")
     parser.add_argument("--label_map", help="label_map.csv written by landmarks-ingest; its size "
                         "is the number of classes (required)")
@@ -437,6 +452,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--preset", choices=sorted(PRESETS),
         help="full = the recipe; quick = a few steps at 96 px (tests, demo) "
         f"(default: {DEFAULT_PRESET})")
+
+
+def _add_data_flags(add) -> None:
+    """Input size, augmentation, epochs and seed (:class:`DataConfig`)."""
     add("--image_size", "side of the square network input, pixels, >= 71", type=int)
     add("--augment", "the recipe's augmentation on training batches", type=cli.parse_bool)
     add("--augment_on_device", "run the warp and channel shift batched on the accelerator "
@@ -451,6 +470,10 @@ def build_parser() -> argparse.ArgumentParser:
         type=cli.parse_bool)
     add("--seed", "seed of initialisation, shuffling and augmentation (none = random)",
         type=_optional_int)
+
+
+def _add_model_flags(add) -> None:
+    """Backbone, pooling and head (:class:`ModelConfig`)."""
     add("--backbone_weights", "imagenet (download), none (random init) or a path to Xception "
         "no-top weights")
     add("--dropout", "dropout rate after GeM pooling, before the head, in [0, 1)", type=float)
@@ -470,6 +493,10 @@ def build_parser() -> argparse.ArgumentParser:
         "a * n^(-lambda) + b", type=float)
     add("--calibrate_batchnorm_images", "with --backbone_weights none only: training images used "
         "to set the backbone's BatchNorm statistics (0 = off)", type=int)
+
+
+def _add_phase_flags(add) -> None:
+    """Five flags per training phase (:class:`PhaseConfig`), phase by phase."""
     for name in PHASE_NAMES:
         add(f"--{name}_epochs", f"epochs of the {name} phase (0 = skip it)", type=int)
         add(f"--{name}_batch_size", f"global batch of the {name} phase, images", type=int)
@@ -479,6 +506,10 @@ def build_parser() -> argparse.ArgumentParser:
             "(none = constant)", type=_optional_float)
         add(f"--{name}_trainable_from", f"first trainable backbone layer index in the {name} "
             "phase (none = backbone frozen)", type=_optional_int)
+
+
+def _add_distribution_flags(add) -> None:
+    """Devices, precision and compilation (:class:`DistributionConfig`); Keras' verbosity."""
     add("--strategy", "auto = multi_worker with TF_CONFIG, else mirrored over --devices or all "
         "GPUs, else default (one device)", choices=STRATEGY_CHOICES)
     add("--devices", "comma-separated devices for mirrored, e.g. /cpu:0,/cpu:1 or /gpu:0,/gpu:1 "
@@ -491,7 +522,6 @@ def build_parser() -> argparse.ArgumentParser:
         "it on oversubscribed or preemptible hosts)", type=int)
     add("--verbose", "Keras progress: 0 silent, 1 bar, 2 one line per epoch", type=int,
         choices=(0, 1, 2))
-    return parser
 
 
 def _resolve(values: dict[str, Any], preset: dict[str, Any], name: str, default: Any) -> Any:

@@ -39,6 +39,7 @@ record position (:func:`locate_bad_record`); the training loop raises ``DataErro
 from __future__ import annotations
 
 import collections
+import functools
 import logging
 import re
 
@@ -318,6 +319,25 @@ def make_dataset(
       FileNotFoundError: no file matches. DataError: schema-version mismatch in the first
         record, or labels/arguments that cannot work. ValueError: bad arguments.
     """
+    _check_arguments(batch_size, shuffle_buffer, num_classes, max_images_per_class)
+    all_files = _files(file_pattern)
+    _check_first_record(all_files, file_pattern)
+    files, element_shard = shard_files(all_files, input_context)
+    records = functools.partial(
+        _records, files, _parse_fn(num_classes), training=training, seed=seed,
+        deterministic=deterministic, element_shard=element_shard, input_context=input_context)
+    dataset = _epochs(records, all_files, training=training, shuffle_buffer=shuffle_buffer,
+                      seed=seed, repeat=repeat, max_images_per_class=max_images_per_class)
+    dataset = tf.data.Dataset.zip((dataset, _element_seeds(seed)))
+    dataset = dataset.map(_example_fn(contract, augment, augment_on_device),
+                          num_parallel_calls=AUTOTUNE, deterministic=deterministic)
+    dataset = dataset.batch(
+        batch_size, drop_remainder=training if drop_remainder is None else drop_remainder)
+    return _with_options(dataset, deterministic, input_context).prefetch(AUTOTUNE)
+
+
+def _check_arguments(batch_size, shuffle_buffer, num_classes, max_images_per_class) -> None:
+    """Raises ``ValueError`` for a size or count that cannot work (before any file is read)."""
     if batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {batch_size}")
     if shuffle_buffer < 1:
@@ -326,39 +346,42 @@ def make_dataset(
         raise ValueError(f"num_classes must be >= 1, got {num_classes}")
     if max_images_per_class is not None and max_images_per_class < 1:
         raise ValueError(f"max_images_per_class must be >= 1, got {max_images_per_class}")
-    if drop_remainder is None:
-        drop_remainder = training
 
-    all_files = _files(file_pattern)
-    _check_first_record(all_files, file_pattern)
-    files, element_shard = shard_files(all_files, input_context)
-    parse = _parse_fn(num_classes)
 
-    def records():
-        return _records(files, parse, training=training, seed=seed, deterministic=deterministic,
-                        element_shard=element_shard, input_context=input_context)
+def _epochs(records, all_files, *, training, shuffle_buffer, seed, repeat, max_images_per_class):
+    """Parsed records in epoch order: every record once per epoch, or a class-balanced
+    selection (:func:`_balanced`); shuffled when training; repeated forever with ``repeat``.
 
+    ``records``: a function returning a fresh dataset of this pipeline's parsed records.
+    """
     if max_images_per_class is None:
         dataset = records()
-        if training:
-            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
-        if repeat:
-            dataset = dataset.repeat()
-    else:
+    else:  # repeats through its per-epoch salts, so that each epoch draws a new selection
         dataset = _balanced(records, all_files, max_images_per_class, seed, repeat)
-        if training:
-            dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if training:
+        dataset = dataset.shuffle(shuffle_buffer, seed=seed, reshuffle_each_iteration=True)
+    if repeat and max_images_per_class is None:
+        dataset = dataset.repeat()
+    return dataset
 
-    # One stateless seed [2] per element; new values on each iteration, reproducible with seed.
-    element_seeds = tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
-    dataset = tf.data.Dataset.zip((dataset, element_seeds))
 
-    def to_example(record, element_seed):
-        if augment is not None and augment_on_device:
-            features = augment_lib.prepare_jpeg_for_device(
-                record["jpeg"], element_seed, augment, contract)
-            features[augment_lib.IMAGES] = contract.scale(features[augment_lib.IMAGES])
-            return features, record["label"]
+def _element_seeds(seed) -> tf.data.Dataset:
+    """One stateless seed ``int64 [2]`` per element; new values on each iteration (each epoch),
+    reproducible with ``seed``."""
+    return tf.data.Dataset.random(seed=seed, rerandomize_each_iteration=True).batch(2)
+
+
+def _example_fn(contract: ImageContract, augment, augment_on_device: bool):
+    """``(record, element_seed) -> (model input, label)``, per element (module docstring):
+    split mode's device-input dict, host mode's augmented image, or eval mode's resized image."""
+
+    def split_mode(record, element_seed):
+        features = augment_lib.prepare_jpeg_for_device(
+            record["jpeg"], element_seed, augment, contract)
+        features[augment_lib.IMAGES] = contract.scale(features[augment_lib.IMAGES])
+        return features, record["label"]
+
+    def image_mode(record, element_seed):
         if augment is None:
             image = contract.resize(tf.io.decode_jpeg(record["jpeg"], channels=3))
         else:
@@ -366,14 +389,17 @@ def make_dataset(
         image = tf.ensure_shape(contract.scale(image), [contract.image_size] * 2 + [3])
         return image, record["label"]
 
-    dataset = dataset.map(to_example, num_parallel_calls=AUTOTUNE, deterministic=deterministic)
-    dataset = dataset.batch(batch_size, drop_remainder=drop_remainder)
+    return split_mode if augment is not None and augment_on_device else image_mode
+
+
+def _with_options(dataset, deterministic: bool, input_context) -> tf.data.Dataset:
+    """``dataset`` with its element order fixed or not, and no auto-sharding under
+    tf.distribute (the files or records were sharded here, tf.distribute must not shard again)."""
     options = tf.data.Options()
     options.deterministic = deterministic
     if input_context is not None:
-        # We sharded ourselves; tf.distribute must not shard again.
         options.experimental_distribute.auto_shard_policy = tf.data.experimental.AutoShardPolicy.OFF
-    return dataset.with_options(options).prefetch(AUTOTUNE)
+    return dataset.with_options(options)
 
 
 def _balanced(records, all_files, max_per_class, seed, repeat):

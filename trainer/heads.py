@@ -101,8 +101,7 @@ from typing import ClassVar, Mapping, Sequence
 import keras
 import numpy as np
 
-from trainer import layers, losses, metrics
-from trainer import model as model_lib
+from trainer import architecture, layers, losses, metrics
 from trainer.config import HEAD_CHOICES, ModelConfig
 
 _LOG = logging.getLogger(__name__)
@@ -175,7 +174,7 @@ class Head(abc.ABC):
 
     @abc.abstractmethod
     def parameter_counts(self, num_classes: int,
-                         features: int = model_lib.EMBEDDING_WIDTH) -> tuple[int, int]:
+                         features: int = architecture.EMBEDDING_WIDTH) -> tuple[int, int]:
         """``(all, trainable)`` weights of the head's layers for ``num_classes`` classes on
         ``features``-wide pooled features: the closed form, no model built (docs/SCALE.md;
         ``trainer.model.parameter_count`` adds the backbone and GeM)."""
@@ -223,9 +222,9 @@ class SigmoidHead(Head):
 
     @property
     def embedding_dim(self) -> int:
-        return model_lib.EMBEDDING_WIDTH
+        return architecture.EMBEDDING_WIDTH
 
-    def parameter_counts(self, num_classes, features=model_lib.EMBEDDING_WIDTH):
+    def parameter_counts(self, num_classes, features=architecture.EMBEDDING_WIDTH):
         total = features * num_classes + num_classes  # Dense kernel [F, C] + bias [C]
         return total, total
 
@@ -233,11 +232,11 @@ class SigmoidHead(Head):
         x = keras.layers.Activation("relu", name=RELU)(features)
         logits = keras.layers.Dense(num_classes, dtype="float32", name=LOGITS)(x)  # [B, C]
         return keras.layers.Activation(
-            "sigmoid", dtype="float32", name=model_lib.OUTPUT_NAME
+            "sigmoid", dtype="float32", name=architecture.OUTPUT_NAME
         )(logits)
 
     def embedding(self, model: keras.Model):
-        pooled = model.get_layer(model_lib.GEM_NAME).output  # [B, 2048], compute dtype
+        pooled = model.get_layer(architecture.GEM_NAME).output  # [B, 2048], compute dtype
         return keras.layers.UnitNormalization(axis=-1, dtype="float32", name=EMBEDDING)(pooled)
 
     def loss(self, class_counts=None) -> keras.losses.Loss:
@@ -269,7 +268,7 @@ class ArcFaceHead(Head):
     def subcenters_per_class(self) -> int:
         return 1
 
-    def parameter_counts(self, num_classes, features=model_lib.EMBEDDING_WIDTH):
+    def parameter_counts(self, num_classes, features=architecture.EMBEDDING_WIDTH):
         d = self.dimension
         projection = features * d + d  # Dense kernel [F, D] + bias [D]
         centres = d * num_classes * self.subcenters_per_class  # CosineClassifier [D, C * K]
@@ -290,7 +289,7 @@ class ArcFaceHead(Head):
         )(embedding)  # [B, C] in [-1, 1]
         logits = keras.layers.Rescaling(self.scale, dtype="float32", name=LOGITS)(cosines)
         return keras.layers.Activation(
-            "softmax", dtype="float32", name=model_lib.OUTPUT_NAME
+            "softmax", dtype="float32", name=architecture.OUTPUT_NAME
         )(logits)
 
     def training_model(self, model: keras.Model) -> keras.Model:

@@ -39,16 +39,14 @@ import os
 import keras
 
 from tfrecords_schema import InputError
-from trainer import layers
+from trainer import heads, layers
+# Names and widths shared with trainer.heads; kept importable from here (model_lib.GEM_NAME).
+from trainer.architecture import BACKBONE_NAME, EMBEDDING_WIDTH, GEM_NAME, OUTPUT_NAME
 from trainer.cli import ResourceUnreachable
 
 logger = logging.getLogger(__name__)
 
-BACKBONE_NAME = "xception"
-GEM_NAME = "gem"
-OUTPUT_NAME = "probabilities"
 MIN_IMAGE_SIZE = 71  # Xception's smallest accepted input
-EMBEDDING_WIDTH = 2048  # channels of Xception's last block
 # Weights of Xception without its top (include_top=False), whatever the input size: Keras'
 # documented 22,910,480 for the full network minus its 1000-class top (2048 x 1000 + 1000).
 # 54,528 of them are BatchNorm moving statistics (never trained), 20,806,952 can train.
@@ -147,8 +145,6 @@ def build_model(num_classes, image_size=299, backbone_weights="none", dropout=0.
     pooled = layers.GeMPooling(p_init=gem_p, name=GEM_NAME)(features)  # [B, 2048]
     x = keras.layers.Dropout(dropout, name="dropout")(pooled)
     if head is None:
-        from trainer import heads  # heads imports this module
-
         head = heads.SigmoidHead()
     probabilities = head.build(x, num_classes)  # [B, C] float32
     model = keras.Model(images, probabilities, name="landmark_classifier")
@@ -162,8 +158,6 @@ def parameter_count(num_classes, head=None):
     (``trainer.heads.Head.parameter_counts``). At 203,094 classes the recipe's sigmoid head is
     416.1M of the 437.0M weights (docs/SCALE.md, "Training with many classes")."""
     if head is None:
-        from trainer import heads  # heads imports this module
-
         head = heads.SigmoidHead()
     head_all, _ = head.parameter_counts(int(num_classes), EMBEDDING_WIDTH)
     return XCEPTION_NO_TOP_PARAMS + 1 + head_all
