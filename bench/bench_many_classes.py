@@ -533,6 +533,12 @@ def _gb(value: float) -> str:
     return f"{value / 1e9:.3f}"
 
 
+def _image_size(rows: list[dict]) -> str:
+    """The image size of the measured rows ('-' when every configuration was skipped)."""
+    sizes = {row["image_size"] for row in rows if "image_size" in row}
+    return ", ".join(map(str, sorted(sizes))) or "-"
+
+
 def write_tables(rows: list[dict], gradients: list[dict], output_dir: str, command: str) -> None:
     os.makedirs(output_dir, exist_ok=True)
     with open(os.path.join(output_dir, "many_classes.json"), "w") as handle:
@@ -550,12 +556,13 @@ def write_tables(rows: list[dict], gradients: list[dict], output_dir: str, comma
         writer.writeheader()
         for row in rows:
             flat = dict(row)
+            allreduce = row.get("allreduce_bytes_analytic", {})  # absent from a skipped row
             for phase in ("head", "finetune", "deep"):
-                flat[f"allreduce_{phase}_phase_bytes"] = row["allreduce_bytes_analytic"][phase]
+                flat[f"allreduce_{phase}_phase_bytes"] = allreduce.get(phase, "")
             writer.writerow(flat)
     lines = [
         "# Trainer with many classes (bench/bench_many_classes.py)", "",
-        f"Command: `{command}`. Image size {rows[0]['image_size'] if rows else '-'} px, global "
+        f"Command: `{command}`. Image size {_image_size(rows)} px, global "
         "batch 8, quick preset's finetune phase (backbone from layer 85), 1 replica, 2 shared "
         "CPU cores. Measured / analytic; sizes in GB (10^9 bytes).", "",
         "| head | classes | params measured | params analytic | weights file measured | "

@@ -12,6 +12,7 @@ import csv
 import math
 import os
 import pathlib
+import json
 import subprocess
 import sys
 import textwrap
@@ -169,3 +170,16 @@ def test_one_tiny_rung_gives_one_row_per_stage(tmp_path):
     assert sum(line.startswith("| 64 | ") for line in table_lines) == 6
     assert (output / "scale.png").stat().st_size > 0
     assert math.isfinite(float(rows[0]["seconds"]))
+
+
+def test_many_classes_tables_keep_a_skipped_configuration(tmp_path):
+    """A sweep that skipped a configuration for lack of memory still writes all three tables,
+    with the skipped row's reason and empty measured columns."""
+    import bench_many_classes
+
+    skipped = {"head": "sigmoid", "classes": 203094, "skipped": "MemAvailable 9.1 GiB"}
+    bench_many_classes.write_tables([skipped], [], str(tmp_path), "bench_many_classes.py")
+    csv_lines = (tmp_path / "many_classes.csv").read_text().splitlines()
+    assert csv_lines[1].startswith("sigmoid,203094,") and csv_lines[1].endswith(",,,")
+    assert "skipped: MemAvailable 9.1 GiB" in (tmp_path / "many_classes.md").read_text()
+    assert json.loads((tmp_path / "many_classes.json").read_text())["configurations"] == [skipped]
