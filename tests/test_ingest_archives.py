@@ -70,6 +70,9 @@ def runs(release, tmp_path_factory):
                   str(root / "md5sum" / "index"), "--split_name", "index",
                   "--num_shards", "1"],
     }
+    # The same train and (damaged) test ingests with each archive cut into 3 units of work.
+    flags["train_parts"] = [*flags["train"], "--archive_parts", "3"]
+    flags["test_parts"] = [*flags["test"], "--archive_parts", "3"]
     results = {}
     for name, run_flags in flags.items():
         code, stats = ingest(out / name, *run_flags)
@@ -299,7 +302,7 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
 def _read(data: bytes) -> tuple[list[str], str]:
     names = []
     try:
-        every_member = lambda _image_id: True  # noqa: E731
+        every_member = lambda _index, _image_id: True  # noqa: E731
         for _, name, _, _, _, _ in archives.iter_members(io.BytesIO(data), every_member, 1 << 20):
             names.append(name)
     except archives.ArchiveDamaged as damage:
@@ -431,3 +434,55 @@ def test_retrieval_index_needs_a_knn_recognizer(tmp_path, capsys):
                      "knn+classifier (the index is searched with their --embedding)")
     assert predict.main([*flags, "--recognizer", "knn"]) == 2  # then: no test files match
     assert "no test files match" in capsys.readouterr().err
+
+
+def _outcome(folder: Path, stats: dict) -> tuple:
+    """What a run wrote and rejected, and its counts, without timings."""
+    shards = {}
+    for split_name in stats["written_per_split"]:
+        shards[split_name] = {image_id: (record.label, record.jpeg_bytes)
+                              for image_id, record in records(folder, split_name).items()}
+    rejected = sorted((row["id"], row["reason"], row["detail"]) for row in rejected_rows(folder))
+    counts = {key: stats[key] for key in ("rows_in", "written", "rejected", "rejected_per_reason",
+                                          "written_per_split", "class_histogram", "archives")}
+    return shards, rejected, counts, stats["counters"]["archive_images_decoded"]
+
+
+@pytest.mark.parametrize("name", ["train", "test"])
+def test_archives_cut_into_parts_give_the_same_records_rejections_and_counts(runs, name):
+    one_part, three_parts = runs[name], runs[f"{name}_parts"]
+    assert one_part[1] == three_parts[1] == 0
+    whole = _outcome(one_part[0], one_part[2])
+    assert whole[0] and whole[3] > 0  # something written and decoded
+    assert _outcome(three_parts[0], three_parts[2]) == whole
+
+
+def test_parts_per_archive_and_the_runners_worker_count():
+    assert [archives.parts_per_archive(a, 8) for a in (1, 3, 8, 500)] == [8, 3, 1, 1]
+    assert archives.parts_per_archive(20, 0) == 1
+    options = pipeline.PipelineOptions
+    assert pipeline.runner_workers(options(["--direct_num_workers=3"])) == 3
+    assert pipeline.runner_workers(options([])) == 1
+    assert pipeline.runner_workers(options(["--runner=DataflowRunner",
+                                            "--max_num_workers=40"])) == 40
+    assert pipeline.runner_workers(options(["--runner=DataflowRunner"])) == 1
+    units = list(archives.archive_units(("a.tar", ""), 3))
+    assert units == [("a.tar", 0, 3, ""), ("a.tar", 1, 3, ""), ("a.tar", 2, 3, "")]
+    assert list(archives.archive_units(("b.tar", "md5 differs"), 3)) == [
+        ("b.tar", 0, 1, "md5 differs")]
+
+
+def test_a_listed_member_whose_part_stopped_early_is_a_rejected_row():
+    """Part 0 listed the member (so it has a decision) but the part that decodes it met a read
+    error first: the row is rejected archive_damaged and counted used, not lost."""
+    row = ManifestRow(image_id="0123456789abcdef", url="images_000.tar:0/1/2/0123456789abcdef.jpg",
+                      landmark_id=7, line=2)
+    decision = archives.LabelledRow(row, 0, "train")
+    outputs = list(archives.AttachImages().process(
+        (("images_000.tar", 5), {"decisions": [decision], "members": []})))
+    tagged = [(output.tag, output.value) for output in outputs]
+    assert tagged[0] == (archives.TAG_KINDS, archives.KIND_USED)
+    tag, rejection = tagged[1]
+    assert tag == "rejected" and len(tagged) == 2
+    assert (rejection.image_id, rejection.reason) == (row.image_id, "archive_damaged")
+    assert "stopped before it" in rejection.detail

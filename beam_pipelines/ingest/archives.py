@@ -10,7 +10,9 @@ quarter of the raw bytes at ``--max_side 512``, are then spread over workers by 
 gives them their rows. Decoding before the shuffle instead of after it is what makes this input
 as fast per image as a folder of files (``bench/bench_ingest_archives.py``): the shuffle of raw
 JPEGs cost more than reading the files one by one. GLDv2 ships enough archives (500 train, 100
-index, 20 test) to keep that many workers decoding.
+index, 20 test) to keep that many workers decoding; with fewer archives than workers, each
+archive is cut into ``--archive_parts`` units (:func:`parts_per_archive`), each streaming the
+whole archive and decoding every K-th member, so the decoding is still spread over all workers.
 
 Data flow (every label row ends in exactly one shard record or one ``rejected.csv`` row)::
 
@@ -19,8 +21,8 @@ Data flow (every label row ends in exactly one shard record or one ``rejected.cs
          (transforms.label_rows: the manifest input's steps, ids only)       |   input's steps)
                          | LabelledRow by id --> Bloom filter of the ids     |
                          |                             | side input          |
-    archive paths -> ReadArchive (MD5 check, then one stream per archive;    |
-                     a member the filter rules out: without_label_row)       |
+    archive paths -> CheckArchive (MD5) -> parts -> ReadArchive (one stream  |
+                     per unit; a member the filter rules out: without_label_row)
         members: (id, (archive, index, name))  --+                           |
         refused / cut-short ids               --+-> MatchIds (CoGroupByKey by id, ids only):
                                                  |   the first member of each labelled id gets
@@ -136,15 +138,15 @@ def _error_text(error: BaseException) -> str:
     return f"{type(error).__name__}: {error}"[:300]
 
 
-def _read_none(_image_id: str) -> bool:
+def _read_none(_index: int, _image_id: str) -> bool:
     return False
 
 
-def iter_members(fileobj, read_data: Callable[[str], bool], max_bytes: int):
+def iter_members(fileobj, read_data: Callable[[int, str], bool], max_bytes: int):
     """The members of a tar stream, in order: ``(index, name, kind, image_id, size, data)``.
 
     ``kind`` is a :mod:`.gldv2` ``MEMBER_*`` kind; ``data`` the bytes of an image member when
-    ``read_data(image_id)`` and its size is at most ``max_bytes``, else None (the stream skips
+    ``read_data(index, image_id)`` and its size is at most ``max_bytes``, else None (the stream skips
     the member's data without copying it). Raises
     :class:`ArchiveDamaged` when the stream breaks off or ends without tar's end-of-archive
     block (after yielding everything read before).
@@ -171,7 +173,7 @@ def iter_members(fileobj, read_data: Callable[[str], bool], max_bytes: int):
             kind, image_id = gldv2.member_kind_and_id(info.name)
             data = None
             if (kind == gldv2.MEMBER_IMAGE and info.size <= max_bytes
-                    and read_data(image_id)):
+                    and read_data(index, image_id)):
                 try:
                     data = tar.extractfile(info).read()
                 except (tarfile.TarError, EOFError, OSError) as error:
@@ -218,29 +220,61 @@ def checksum_problem(path: str, md5_dir: str) -> str:
     return ""
 
 
+class CheckArchive(beam.DoFn):
+    """Archive path -> ``(path, problem)``: its MD5 against ``md5_dir`` (``problem`` empty when
+    it matches or when there is no ``md5_dir``). One stream over the archive."""
+
+    def __init__(self, md5_dir: str):
+        self._md5_dir = md5_dir
+
+    def process(self, path: str):
+        problem = checksum_problem(path, self._md5_dir) if self._md5_dir else ""
+        if problem:
+            _LOGGER.warning("ingest: %s refused: %s", path, problem)
+        yield path, problem
+
+
+def archive_units(checked: tuple[str, str], parts: int):
+    """``(path, problem)`` -> the units of reading work ``(path, part, parts, problem)``: one
+    for a refused archive, else ``parts`` (each decodes every ``parts``-th member)."""
+    path, problem = checked
+    if problem:
+        yield path, 0, 1, problem
+    else:
+        for part in range(parts):
+            yield path, part, parts, ""
+
+
+def parts_per_archive(num_archives: int, workers: int) -> int:
+    """How many units to cut each archive into so that ``workers`` all have an archive's part to
+    decode: ``ceil(workers / num_archives)`` (1 when there are at least as many archives)."""
+    return max(1, -(-max(workers, 1) // max(num_archives, 1)))
+
+
 class ReadArchive(beam.DoFn):
-    """Archive path -> ``((archive, index), payload)`` for each image member that a label row may
-    ask for (main output; ``index``: position in the archive, as a tar may hold one name twice;
-    ``payload``: the member decoded and normalised here, see :func:`decode_member`), the same
+    """Unit ``(path, part, parts, problem)`` -> for each image member of that part that a label
+    row may ask for, ``((archive, index), payload)`` (main output; ``index``: position in the
+    archive, as a tar may hold one name twice; ``payload``: the member decoded and normalised
+    here, see :func:`decode_member`). Part 0 also gives, for the whole archive, the labelled
     members' ``(image id, (archive, index, name))`` without bytes (:data:`TAG_IDS`), the kind
     :data:`KIND_WITHOUT_LABEL_ROW` of every other image member (:data:`TAG_KINDS`), one
-    :class:`ArchiveEvent` (:data:`TAG_EVENTS`), ``(image id, archive name)`` of a refused
-    archive's image names (:data:`TAG_REFUSED`) and ``(image id, detail)`` of a member cut
-    short (:data:`TAG_CUT`).
+    :class:`ArchiveEvent` (:data:`TAG_EVENTS`) and ``(image id, detail)`` of a member cut short
+    (:data:`TAG_CUT`). A refused unit (``problem``: its MD5) gives ``(image id, archive name)``
+    of its image names (:data:`TAG_REFUSED`) and its event.
 
-    Decoding here, in the worker that holds the bytes, instead of after a shuffle: the join
+    Decoding here, in the worker that streams the bytes, instead of after a shuffle: the join
     that follows then moves normalised JPEGs (a quarter of the raw bytes at ``--max_side 512``)
-    instead of raw ones, and the archives are the units of parallel work (GLDv2: 500 train,
-    100 index, 20 test). Whether a row may ask for a member is the side input's answer, an
-    :class:`.id_filter.IdFilter` of the labelled ids (no false negatives; a false positive is
-    decoded in vain and counted ``without_label_row`` after the join).
+    instead of raw ones. The units of work are the archives (GLDv2: 500 train, 100 index, 20
+    test), each cut into ``parts`` when there are fewer archives than workers: every part
+    streams the whole archive (reading is cheap next to decoding) and decodes its share of the
+    members (``index % parts == part``). Whether a row may ask for a member is the side input's
+    answer, an :class:`.id_filter.IdFilter` of the labelled ids (no false negatives; a false
+    positive is decoded in vain and counted ``without_label_row`` after the join).
 
-    Reads the archive as one stream (after a first stream for the MD5 when ``md5_dir``).
     Idempotent: read-only, so Beam's bundle retries are harmless.
     """
 
-    def __init__(self, md5_dir: str, max_bytes: int, normalise_params: NormaliseParams):
-        self._md5_dir = md5_dir
+    def __init__(self, max_bytes: int, normalise_params: NormaliseParams):
         self._max_bytes = max_bytes
         self._normalise_params = normalise_params
         self._progress = None
@@ -248,43 +282,56 @@ class ReadArchive(beam.DoFn):
     def setup(self):
         self._progress = transforms.ImagesProgress()
 
-    def process(self, path: str, labelled_ids):
-        problem = checksum_problem(path, self._md5_dir) if self._md5_dir else ""
+    def process(self, unit: tuple, labelled_ids):
+        path, part, parts, problem = unit
         if problem:
-            _LOGGER.warning("ingest: %s refused: %s", path, problem)
             yield from self._refuse(path, gldv2.archive_name(path), problem)
         else:
-            yield from self._read(path, id_filter_lib.IdFilter.from_value(labelled_ids))
+            yield from self._read(path, part, parts,
+                                  id_filter_lib.IdFilter.from_value(labelled_ids))
 
-    def _read(self, path: str, labelled_ids: id_filter_lib.IdFilter):
-        """A verified (or unchecked) archive: its image members, decoded if a row may want them."""
+    def _read(self, path: str, part: int, parts: int, labelled_ids: id_filter_lib.IdFilter):
+        """Part ``part`` of a verified (or unchecked) archive (see the class docstring)."""
+        whole_archive = part == 0  # the part that accounts for every member
         counts: dict[str, int] = {}
         kind, detail = EVENT_READ, ""
+
+        def wanted(index: int, image_id: str) -> bool:
+            # Part 0 reads the bytes of every labelled member (and decodes its share): so it
+            # meets a member cut short exactly as a single reader would, and reports it.
+            return ((whole_archive or index % parts == part)
+                    and labelled_ids.might_contain(image_id))
+
         try:
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
                 for index, member, member_kind, image_id, size, data in iter_members(
-                        raw, labelled_ids.might_contain, self._max_bytes):
+                        raw, wanted, self._max_bytes):
                     counts[member_kind] = counts.get(member_kind, 0) + 1
                     if member_kind != gldv2.MEMBER_IMAGE:
                         continue
                     if not labelled_ids.might_contain(image_id):
-                        yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
+                        if whole_archive:
+                            yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
                         continue
-                    yield beam.pvalue.TaggedOutput(TAG_IDS, (image_id, (path, index, member)))
-                    yield (path, index), decode_member(size, data, self._max_bytes,
-                                                       self._normalise_params)
-                    _DECODED.inc()
-                    self._progress.tick()
+                    if whole_archive:
+                        yield beam.pvalue.TaggedOutput(TAG_IDS, (image_id, (path, index, member)))
+                    if index % parts == part:
+                        yield (path, index), decode_member(size, data, self._max_bytes,
+                                                           self._normalise_params)
+                        _DECODED.inc()
+                        self._progress.tick()
         except (ArchiveDamaged, OSError) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
-            _LOGGER.warning("ingest: archive %s damaged: %s", path, detail)
+            _LOGGER.warning("ingest: archive %s (part %d of %d) damaged: %s", path, part + 1,
+                            parts, detail)
             cut = getattr(error, "cut", None)
-            if cut is not None and cut[0]:
+            if whole_archive and cut is not None and cut[0]:
                 yield beam.pvalue.TaggedOutput(
                     TAG_CUT, (cut[0], f"{gldv2.archive_name(path)}: {detail}"))
-        yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-            kind, path, detail, tuple(sorted(counts.items()))))
+        if whole_archive:
+            yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
+                kind, path, detail, tuple(sorted(counts.items()))))
 
     def _refuse(self, path: str, name: str, problem: str):
         """A refused archive: its image names only (their bytes are never used)."""
@@ -402,7 +449,14 @@ class AttachImages(beam.DoFn):
         decision = None
         for value in groups["decisions"]:
             decision = value
-        for size, jpeg, height, width, source_format, reason, detail in groups["members"]:
+        payloads = groups["members"]
+        if isinstance(decision, LabelledRow) and not payloads:
+            # Part 0 listed the member, but the part that decodes it stopped before it (a read
+            # error that part 0 did not meet): still one rejected row, not a silent loss.
+            payloads = [(0, b"", 0, 0, "", "archive_damaged",
+                         "member not decoded: the reading of its part of the archive stopped "
+                         "before it (see the warnings of the ingest log)")]
+        for size, jpeg, height, width, source_format, reason, detail in payloads:
             if decision is None:
                 yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
                 continue
@@ -542,9 +596,11 @@ def write_archive_summary(summary: dict, output_dir: str) -> None:
 
 def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archive_paths: list[str],
                            labels: gldv2.LabelsFormat, distractors: list[ManifestRow],
-                           given_label_map: Optional[LabelMap], labels_size: int) -> None:
+                           given_label_map: Optional[LabelMap], labels_size: int,
+                           parts: int = 1) -> None:
     """Adds the ``--archives`` ingest to ``pipeline`` (see the module docstring);
-    ``labels_size``: the size of ``--labels_csv`` in bytes (sizes the filter of labelled ids)."""
+    ``labels_size``: the size of ``--labels_csv`` in bytes (sizes the filter of labelled ids);
+    ``parts``: the units of reading work per archive (:func:`parts_per_archive`)."""
     out = config.output_dir
     main_split = config.main_split(labels.labelled)
     shards = config.shards_per_split(labels.labelled)
@@ -573,8 +629,11 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
         pipeline
         | "ArchivePaths" >> beam.Create(archive_paths)
         | "SpreadArchives" >> beam.Reshuffle()
+        | "CheckArchives" >> beam.ParDo(CheckArchive(config.md5_dir))
+        | "ArchiveParts" >> beam.FlatMap(archive_units, parts)
+        | "SpreadParts" >> beam.Reshuffle()
         | "ReadArchives" >> beam.ParDo(
-            ReadArchive(config.md5_dir, config.max_bytes, config.normalise_params()),
+            ReadArchive(config.max_bytes, config.normalise_params()),
             beam.pvalue.AsSingleton(labelled_ids),
         ).with_outputs(TAG_IDS, TAG_EVENTS, TAG_REFUSED, TAG_CUT, TAG_KINDS, main="members")
     )

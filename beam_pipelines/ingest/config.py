@@ -38,6 +38,10 @@ class IngestConfig:
       md5_dir: with ``archives``: folder of the release's ``md5.images_NNN.txt`` files for these
         archives (``md5sum/train`` for ``train/images_*.tar``); each archive is checked
         before its members are used.
+      archive_parts: with ``archives``: units of reading work per archive, each streaming the
+        archive and decoding every ``archive_parts``-th member; 0 (default) = enough for every
+        worker of the runner to have one (``ceil(workers / archives)``; 1 when the runner's
+        worker count is not given).
       output_dir: run folder (must be empty unless ``overwrite``).
       distractor_dir: optional folder of non-landmark images (label -1), listed non-recursively.
       label_map: optional existing ``label_map.csv`` to reuse (e.g. the train map for a dev set);
@@ -61,6 +65,7 @@ class IngestConfig:
     archives: str = ""
     labels_csv: str = ""
     md5_dir: str = ""
+    archive_parts: int = 0
     distractor_dir: str = ""
     label_map: str = ""
     split_name: str = ""
@@ -93,6 +98,11 @@ class IngestConfig:
         if (self.labels_csv or self.md5_dir) and not self.archives:
             raise InputError(f"--{'labels_csv' if self.labels_csv else 'md5_dir'} goes with "
                              "--archives")
+        if self.archive_parts < 0:
+            raise InputError(f"--archive_parts must be >= 0 (0: automatic), got "
+                             f"{self.archive_parts}")
+        if self.archive_parts and not self.archives:
+            raise InputError("--archive_parts goes with --archives")
         if not self.output_dir:
             raise InputError("--output_dir is required")
         if self.num_shards < 1:
@@ -194,6 +204,11 @@ def build_arg_parser() -> argparse.ArgumentParser:
         help="with --archives: folder of the release's md5.images_NNN.txt files for these "
              "archives (e.g. md5sum/train); an archive whose MD5 does not match is not used and "
              "its labelled rows are rejected checksum_mismatch (default: no check)")
+    add("--archive_parts", type=int, default=defaults.archive_parts,
+        help="with --archives: units of reading work per archive, each streaming the archive "
+             "and decoding every K-th member, for runs with fewer archives than workers; 0 = "
+             "ceil(workers / archives) from --direct_num_workers, --max_num_workers or "
+             "--num_workers, else 1 (default: 0)")
     add("--output_dir", default="",
         help="run folder for shards, label_map.csv, rejected.csv, stats.json (required)")
     add("--distractor_dir", default="",

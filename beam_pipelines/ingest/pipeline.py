@@ -75,7 +75,8 @@ import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics.metric import MetricsFilter
-from apache_beam.options.pipeline_options import PipelineOptions, StandardOptions
+from apache_beam.options.pipeline_options import (DirectOptions, PipelineOptions,
+                                                  StandardOptions, WorkerOptions)
 
 from beam_pipelines import cli, io_utils
 from beam_pipelines.ingest import archives, gldv2
@@ -224,6 +225,17 @@ def pipeline_options(beam_args: list[str]) -> PipelineOptions:
     if not standard.runner:
         standard.runner = "FnApiRunner"
     return options
+
+
+def runner_workers(options: PipelineOptions) -> int:
+    """The workers the runner was told to use: on Dataflow ``--max_num_workers`` or
+    ``--num_workers`` (1 when neither is given); on the local runners
+    ``--direct_num_workers`` (0: one per core)."""
+    if "dataflow" in str(options.view_as(StandardOptions).runner or "").lower():
+        worker = options.view_as(WorkerOptions)
+        return worker.max_num_workers or worker.num_workers or 1
+    direct = options.view_as(DirectOptions).direct_num_workers
+    return direct if direct else (os.cpu_count() or 1)
 
 
 def beam_counters(result) -> dict[str, int]:
@@ -416,9 +428,12 @@ def _run_pipeline(config: IngestConfig, beam_args: list[str], plan: InputPlan):
     start = time.monotonic()
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     if plan.labels is not None:
+        parts = config.archive_parts or archives.parts_per_archive(
+            len(plan.archive_paths), runner_workers(pipeline.options))
+        _LOGGER.info("ingest: %d unit(s) of reading work per archive", parts)
         archives.build_archive_pipeline(
             pipeline, config, plan.archive_paths, plan.labels, plan.distractors,
-            plan.given_label_map, io_utils.file_size(config.labels_csv))
+            plan.given_label_map, io_utils.file_size(config.labels_csv), parts)
     else:
         build_pipeline(pipeline, config, plan.header, plan.distractors, plan.given_label_map)
     try:
