@@ -9,7 +9,8 @@ and ``--embedding`` work (:func:`check_knn`), and the extractor of ``--local_fea
 and finds features in a photograph (:func:`probe_extractor`). A failed check raises
 :class:`PredictError` (an ``InputError``: one line, exit code 2).
 
-``landmarks-query`` loads its model, label map and extractor with the same functions.
+``landmarks-query`` reads its label map, probes its extractor and checks its embedding model
+with the same functions.
 """
 
 from __future__ import annotations
@@ -66,7 +67,8 @@ def check_all(config: config_lib.PredictConfig, beam_args: Sequence[str]) -> Che
     Raises:
       ResourceUnreachable: an input or output whose storage service does not answer (exit
         code 5).
-      PredictError: the first check that fails (exit code 2).
+      InputError: a bucket that cannot be listed (exit code 2).
+      PredictError: the first other check that fails (exit code 2).
     """
     io_utils.check_access(access_paths(config, beam_args))
     check_inputs(config)
