@@ -23,7 +23,7 @@ import tensorflow as tf
 
 from beam_pipelines import io_utils
 from beam_pipelines.predict import config as config_lib
-from beam_pipelines.predict import pipeline, reference_cache, transforms
+from beam_pipelines.predict import completeness, input_checks, pipeline, reference_cache, transforms
 from delf_standin import save_delf_standin
 from test_predict import REFERENCES_PER_CLASS, _args, build_data
 
@@ -77,7 +77,7 @@ def test_the_probe_names_the_spec_and_the_cause(tmp_path):
     always = "delf:" + save_delf_standin(tmp_path / "always", fail_when_blue_below=2.0)
     with pytest.raises(pipeline.PredictError, match=(
             r"fails on a test photograph: InvalidArgumentError: .*stand-in failure")):
-        pipeline.probe_extractor(always)
+        input_checks.probe_extractor(always)
 
     class OtherSignature(tf.Module):
         @tf.function(input_signature=[tf.TensorSpec([None, None, 3], tf.float32)])
@@ -88,10 +88,10 @@ def test_the_probe_names_the_spec_and_the_cause(tmp_path):
     tf.saved_model.save(module, str(tmp_path / "other"),
                         signatures={"serving_default": module.serve})
     with pytest.raises(pipeline.PredictError, match=r"does not load: KeyError: 'default'"):
-        pipeline.probe_extractor(f"delf:{tmp_path / 'other'}")
+        input_checks.probe_extractor(f"delf:{tmp_path / 'other'}")
     with pytest.raises(pipeline.PredictError, match="bad --local_features surf"):
-        pipeline.probe_extractor("surf")
-    extractor, num_features = pipeline.probe_extractor("default")
+        input_checks.probe_extractor("surf")
+    extractor, num_features = input_checks.probe_extractor("default")
     assert extractor.spec == "orb" and num_features > 100
 
 
@@ -161,24 +161,24 @@ def _stats(**changes) -> dict:
 def test_completeness_problems():
     config = config_lib.PredictConfig(model="m/model.keras", test_data="t-*", reference_data="r",
                                       output_dir="runs/x", max_failed_fraction=0.1)
-    assert pipeline.completeness_problem(_stats(), config) is None
-    assert "no test images" in pipeline.completeness_problem(
+    assert completeness.completeness_problem(_stats(), config) is None
+    assert "no test images" in completeness.completeness_problem(
         _stats(test_images=0, predicted=0, unparseable_test_records=3), config)
-    assert "none of the 10 test images is readable" in pipeline.completeness_problem(
+    assert "none of the 10 test images is readable" in completeness.completeness_problem(
         _stats(predicted=0), config)
     # At the threshold is fine, above it is not; the message gives counts and the main cause.
     errors = {"test": {"count": 1, "causes": [["E: x", 1]]},
               "reference": {"count": 2, "causes": [["E: y", 2]]}}
     at_limit = _stats(test_extraction_failures=1, failed_fraction=0.1)
-    assert pipeline.completeness_problem(at_limit, config) is None
+    assert completeness.completeness_problem(at_limit, config) is None
     above = _stats(test_extraction_failures=1, reference_extraction_failures=2,
                    failed_fraction=0.2, extraction_errors=errors)
-    assert pipeline.completeness_problem(above, config) == (
+    assert completeness.completeness_problem(above, config) == (
         "local-feature extraction (default) failed on 3 of 15 images (20.0% > "
         "--max_failed_fraction 0.1): test 1 of 9, reference 2 of 6; most frequent cause "
         "(2 images): E: y")
     featureless = _stats(features_per_image={"images": 9, "zero": 9})
-    assert "no readable test image gave local features" in pipeline.completeness_problem(
+    assert "no readable test image gave local features" in completeness.completeness_problem(
         featureless, config)
     with pytest.raises(ValueError, match="--max_failed_fraction"):
         config_lib.PredictConfig(model="m", test_data="t", reference_data="r", output_dir="o",

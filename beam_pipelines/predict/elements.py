@@ -246,3 +246,17 @@ class KnnDetails(NamedTuple):
     non_landmark_penalty: float
     nn_label: Optional[int] = None
     nn_confidence: Optional[float] = None
+
+    def with_landmark_ids(self, landmark_ids) -> "KnnDetails":
+        """Class indices -> ORIGINAL landmark ids (-1 stays -1) in the labels of this row
+        (``landmark_ids``: the label map's tuple, class index -> landmark id)."""
+        def landmark(class_index):
+            if class_index is None:
+                return None
+            return -1 if class_index < 0 else int(landmark_ids[class_index])
+
+        return self._replace(
+            knn_label=landmark(self.knn_label),
+            neighbour_labels=tuple(landmark(label) for label in self.neighbour_labels),
+            nn_label=landmark(self.nn_label),
+        )

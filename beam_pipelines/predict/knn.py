@@ -51,7 +51,7 @@ from beam_pipelines.predict.elements import (
     ScoredImage,
     Vote,
 )
-from beam_pipelines.predict.transforms import NAMESPACE
+from beam_pipelines.predict.transforms import NAMESPACE, decode_rgb
 from rescoring import crops, retrieval, scores, verification
 
 _LOG = logging.getLogger(__name__)
@@ -476,8 +476,6 @@ class DecodeRetrievedImage(beam.DoFn):
         self._undecodable = Metrics.counter(NAMESPACE, "knn_references_undecodable")
 
     def process(self, element):
-        from beam_pipelines.predict import transforms
-
         reference_id, tagged = element
         wanted = False
         record = None
@@ -493,7 +491,7 @@ class DecodeRetrievedImage(beam.DoFn):
             _LOG.warning("retrieved reference %s is not in the reference data", reference_id)
             return
         try:
-            image = transforms.decode_rgb(record.jpeg_bytes)
+            image = decode_rgb(record.jpeg_bytes)
         except ValueError as error:
             self._undecodable.inc()
             _LOG.warning("retrieved reference %s is undecodable: %s", reference_id, error)
@@ -668,16 +666,3 @@ def rerank_scored(test_id: str, knn: KnnScores, num_features: int, inlier_pairs,
         knn=details,
     ), reranked
 
-
-def details_with_landmark_ids(details: KnnDetails, landmark_ids) -> KnnDetails:
-    """Class indices -> ORIGINAL landmark ids (-1 stays -1) in a row's :class:`KnnDetails`."""
-    def landmark(class_index):
-        if class_index is None:
-            return None
-        return -1 if class_index < 0 else int(landmark_ids[class_index])
-
-    return details._replace(
-        knn_label=landmark(details.knn_label),
-        neighbour_labels=tuple(landmark(label) for label in details.neighbour_labels),
-        nn_label=landmark(details.nn_label),
-    )

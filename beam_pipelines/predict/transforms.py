@@ -470,11 +470,7 @@ def blend_row(scored: ScoredImage, maxima, blend_weight: float, landmark_ids):
     its ``KnnDetails.confidence``; its ``nn_label`` / ``nn_confidence`` columns are the
     classifier's crop vote (``knn+classifier``) or empty (``knn``).
     """
-    knn = scored.knn
-    if knn is not None:
-        from beam_pipelines.predict import knn as knn_lib
-
-        knn = knn_lib.details_with_landmark_ids(knn, landmark_ids)
+    knn = None if scored.knn is None else scored.knn.with_landmark_ids(landmark_ids)
     if scored.class_index is None:
         nn_label = knn.nn_label if knn is not None else None
         nn_confidence = knn.nn_confidence if knn is not None else 0.0

@@ -70,7 +70,7 @@ def extraction_stats(session, max_failed_fraction: float) -> dict:
     none fail) and those featurised on demand count as references. ``extraction_errors``
     holds the job's cause summaries (causes grouped as the job groups them).
     """
-    from beam_pipelines.predict import pipeline as predict
+    from beam_pipelines.predict import completeness
 
     featurised = session.references if not session.references.get("reused") else {}
 
@@ -91,22 +91,23 @@ def extraction_stats(session, max_failed_fraction: float) -> dict:
         "failed_fraction": round(failed / attempts, 6) if attempts else 0.0,
         "max_failed_fraction": max_failed_fraction,
         "extraction_errors": {
-            "test": predict.merge_error_summaries(summary(session.extraction_failures["test"])),
-            "reference": predict.merge_error_summaries(
+            "test": completeness.merge_error_summaries(
+                summary(session.extraction_failures["test"])),
+            "reference": completeness.merge_error_summaries(
                 featurised.get("errors"), summary(session.extraction_failures["reference"]))},
     }
 
 
 def extraction_problem(stats: dict, spec: str) -> Optional[str]:
     """The job's one line when extraction failed on too many images (exit code 4), or None."""
-    from beam_pipelines.predict import pipeline as predict
+    from beam_pipelines.predict import completeness
 
     if stats["failed_fraction"] <= stats["max_failed_fraction"]:
         return None
     attempts = stats["extraction_attempts"]
     failed = stats["test_extraction_failures"] + stats["reference_extraction_failures"]
     errors = stats["extraction_errors"]
-    dominant = predict._dominant_cause(errors.get("test"), errors.get("reference"))
+    dominant = completeness.dominant_cause(errors.get("test"), errors.get("reference"))
     cause = f"; most frequent cause ({dominant[1]} images): {dominant[0]}" if dominant else ""
     return (f"local-feature extraction ({spec}) failed on {failed} of "
             f"{attempts['test'] + attempts['reference']} images "

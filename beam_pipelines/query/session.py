@@ -186,12 +186,13 @@ class QuerySession:
     """
 
     def __init__(self, settings: SessionSettings, beam_args: Sequence[str] = ()):
+        from beam_pipelines.predict import completeness, input_checks
         from beam_pipelines.predict import pipeline as predict
 
         start = time.monotonic()
         self.settings = settings
         model_path = io_utils.join(settings.model_dir, "model.keras")
-        label_map = _load(lambda: predict.load_label_map(
+        label_map = _load(lambda: input_checks.load_label_map(
             io_utils.join(settings.model_dir, "label_map.csv")))
         self.model = _load(lambda: model_handler.load_keras_model(model_path))
         geometry = _load(lambda: model_handler.model_geometry(self.model))
@@ -210,14 +211,14 @@ class QuerySession:
             knn_k=settings.knn_k if settings.recognizer != "classifier" else 0,
             rerank_top=settings.rerank_top if settings.recognizer == "classifier" else 0,
         ).resolved(geometry.image_size, geometry.num_classes)
-        extractor, _ = _load(lambda: predict.probe_extractor(spec))
+        extractor, _ = _load(lambda: input_checks.probe_extractor(spec))
         self.extractor = extractor
-        self.verification = predict.make_verification_params(extractor)
-        self.crop_spec = predict.crop_spec_for(settings.crops)
+        self.verification = input_checks.make_verification_params(extractor)
+        self.crop_spec = input_checks.crop_spec_for(settings.crops)
         self.normalise_params = normalise.NormaliseParams(max_side=settings.max_side)
         references = predict.ensure_reference_features(self.config, beam_args, extractor.spec)
         self.references = references  # the featurisation's counts (extraction failures)
-        problem = predict.reference_problem(references, self.config)
+        problem = completeness.reference_problem(references, self.config)
         if problem is not None:
             raise QueryInputError(problem)
         indexes = records.cached_indexes(io_utils.join(cache_dir, INDEX_FILENAME), {
@@ -269,12 +270,13 @@ class QuerySession:
                 settings.references_per_class)
 
     def _load_knn(self, beam_args) -> None:
+        from beam_pipelines.predict import completeness, input_checks
         from beam_pipelines.predict import pipeline as predict
 
-        _, sha256 = _load(lambda: predict.check_embedding_model(
+        _, sha256 = _load(lambda: input_checks.check_embedding_model(
             self.config.embedding, self.image_size))
         embeddings = predict.ensure_reference_embeddings(self.config, beam_args, sha256)
-        problem = predict.embedding_problem(embeddings, self.config)
+        problem = completeness.embedding_problem(embeddings, self.config)
         if problem is not None:
             raise QueryInputError(problem)
         # On disk, searched a block at a time (embedding_index: memory independent of N).
