@@ -20,6 +20,7 @@ INSTALL_REQUIRES = [
     "numpy>=1.26",
     "Pillow>=11",
     "google-cloud-storage>=2.18",
+    "google-crc32c>=1.5",  # TFRecord frame checksums (beam_pipelines/query/records.py)
     "matplotlib>=3.9",
 ]
 

@@ -15,6 +15,7 @@ The failing extractor is the DELF stand-in of ``tests/delf_standin.py`` saved wi
 from __future__ import annotations
 
 import json
+import random
 from pathlib import Path
 
 import numpy as np
@@ -351,6 +352,12 @@ def test_query_and_predict_tell_a_bad_reference_folder_or_shard_as_input(data, t
     line = _query_error(capsys)
     assert line.startswith(f"landmarks-query: error: {shard}: truncated record at byte ")
     assert "re-run the job that wrote it" in line
+    # The same shard replaced by random bytes: its length field says up to 2**64 bytes, which
+    # is never read (the length's own checksum does not match).
+    shard.write_bytes(random.Random(0).randbytes(4096))
+    assert query.main(_query_args(data, tmp_path, cache, "--overwrite", *photos)) == 2
+    line = _query_error(capsys)
+    assert line.startswith(f"landmarks-query: error: {shard}: no valid record header at byte 0")
 
     # A truncated reference-data shard: the featurisation (the job's reader) names it.
     references = tmp_path / "references"

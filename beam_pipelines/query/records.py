@@ -20,6 +20,7 @@ import logging
 import struct
 from typing import Callable, Hashable, Iterator, Optional
 
+import google_crc32c
 from apache_beam.io.filesystems import FileSystems
 
 from beam_pipelines import io_utils
@@ -44,6 +45,12 @@ _STALE_HINT = ("the file changed since it was indexed or is truncated: delete th
                "index (query_index.json) or re-run the job that wrote the file")
 
 
+def masked_crc32c(data: bytes) -> int:
+    """TFRecord's checksum of ``data``: CRC-32C, rotated right by 15 bits plus a constant."""
+    crc = google_crc32c.value(data)
+    return (((crc >> 15) | (crc << 17)) + 0xA282EAD8) & 0xFFFFFFFF
+
+
 def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
     """``(offset of the frame in bytes, payload)`` of every record of one TFRecord file."""
     with FileSystems.open(path, compression_type="uncompressed") as handle:
@@ -55,7 +62,11 @@ def iter_records(path: str) -> Iterator[tuple[int, bytes]]:
             if len(header) < _HEADER.size:
                 raise RecordFileError(f"{path}: truncated record header at byte {offset}; "
                                       f"{_REWRITE_HINT}")
-            length, _ = _HEADER.unpack(header)
+            length, length_crc = _HEADER.unpack(header)
+            if masked_crc32c(header[:8]) != length_crc:
+                # Random bytes would give a length of up to 2**64: never read it.
+                raise RecordFileError(f"{path}: no valid record header at byte {offset} (its "
+                                      f"length checksum does not match); {_REWRITE_HINT}")
             payload = handle.read(length)
             footer = handle.read(_FOOTER_BYTES)
             if len(payload) < length or len(footer) < _FOOTER_BYTES:
