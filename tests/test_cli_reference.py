@@ -1,8 +1,8 @@
 """The command-line reference cannot drift from the code.
 
 Every option string of every console script's argparse parser must appear in backticks in
-``docs/REFERENCE.md`` (the configuration reference), every flag's help must state its default, and bad
-flags must give exit status 2 with one ``landmarks-<name>: error:`` line.
+``docs/REFERENCE.md`` (the configuration reference), every flag's help must state its default,
+and bad flags must give exit status 2 with one ``landmarks-<name>: error:`` line.
 
 Set ``LANDMARKS_CLI_REFERENCE=/path/to/file.md`` to check another Markdown file (e.g. a reference
 before it replaces docs/REFERENCE.md).

@@ -13,7 +13,8 @@
   ``runs/demo``); ``make test`` is the suite itself and is not run.
 - A few sizes would make the walk slow on a CPU; :data:`SUBSTITUTIONS` replaces them, and every
   substitution must be used, so the table cannot go stale. The miniature GLDv2 release needs
-  two flags changed, which docs/GLDV2.md itself states: those pairs must appear in it.
+  a few flags changed, which docs/GLDV2.md itself tells its reader: those pairs must appear in
+  it as written here. A runnable block holds one command per line (``\`` continues a line).
 - Every relative link and image resolves to a file of the repository, every anchor to a
   heading; the README stays a landing page (at most 250 lines).
 """
@@ -59,7 +60,8 @@ SUBSTITUTIONS = {
         # For time only:
         ("--preset quick", TRAIN_SMALL),
     ],
-    "PREDICTION.md": [("--output_dir runs/predict_recipe", "--output_dir runs/predict_recipe --crops 1")],
+    "PREDICTION.md": [("--output_dir runs/predict_recipe",
+                       "--output_dir runs/predict_recipe --crops 1")],
     "BENCHMARKS.md": [("--seeds 0 ", "--seeds 0 --image_size 71 --crops 1 --head_epochs 1 "
                        "--finetune_epochs 0 --steps_per_epoch 2 ")],
 }
