@@ -48,7 +48,8 @@ README_MAX_LINES = 250
 TRAIN_SMALL = ("--preset quick --image_size 71 --head_epochs 1 --finetune_epochs 0 "
                "--steps_per_epoch 2 --max_dev_images 8 --calibrate_batchnorm_images 8")
 SUBSTITUTIONS = {
-    "YOUR_DATA.md": [("--preset quick", TRAIN_SMALL)],
+    "YOUR_DATA.md": [("--preset quick", TRAIN_SMALL),
+                     ("--output_dir runs/predict", "--output_dir runs/predict --crops 1")],
     "GLDV2.md": [
         # What the guide tells a user to change on the miniature release:
         ("--dev_fraction 0.02", "--dev_fraction 0.3"),
@@ -59,6 +60,7 @@ SUBSTITUTIONS = {
          "--md5_dir gldv2/md5sum/test --max_rejected_fraction 0.6"),
         # For time only:
         ("--preset quick", TRAIN_SMALL),
+        ("--output_dir runs/predict", "--output_dir runs/predict --crops 1"),
     ],
     "PREDICTION.md": [("--output_dir runs/predict_recipe",
                        "--output_dir runs/predict_recipe --crops 1")],
