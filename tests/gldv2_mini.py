@@ -215,3 +215,27 @@ def build_release(root: Path) -> Release:
         clean=clean, test_kept=test_a + test_b[:2], test_cut=test_b[2], test_lost=[test_b[3]],
         test_missing=test_missing, index_kept=index_kept, index_refused=index_refused,
         test_duplicates_of_index=duplicates)
+
+
+def main(argv: list[str] | None = None) -> int:
+    """``python tests/gldv2_mini.py FOLDER``: writes the miniature release into FOLDER (for the
+    guide docs/GLDV2.md, to try its commands before downloading the real release)."""
+    import argparse
+
+    parser = argparse.ArgumentParser(
+        prog="gldv2_mini.py", description="Writes a miniature GLDv2 release (tests only).")
+    parser.add_argument("folder", help="where to write it, e.g. gldv2")
+    folder = Path(parser.parse_args(argv).folder)
+    if folder.exists() and any(folder.iterdir()):
+        parser.error(f"{folder} is not empty")
+    release = build_release(folder)
+    print(f"miniature GLDv2 release in {folder}: {len(release.train_labels)} train.csv rows, "
+          f"{len(release.test_kept) + len(release.test_lost) + 2} test.csv rows, "
+          f"{len(release.index_kept) + len(release.index_refused)} index.csv rows")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

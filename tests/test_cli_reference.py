@@ -1,11 +1,11 @@
 """The command-line reference cannot drift from the code.
 
 Every option string of every console script's argparse parser must appear in backticks in
-``README.md`` (the configuration reference), every flag's help must state its default, and bad
-flags must give exit status 2 with one ``landmarks-<name>: error:`` line.
+``docs/REFERENCE.md`` (the configuration reference), every flag's help must state its default,
+and bad flags must give exit status 2 with one ``landmarks-<name>: error:`` line.
 
 Set ``LANDMARKS_CLI_REFERENCE=/path/to/file.md`` to check another Markdown file (e.g. a reference
-before it is pasted into the README).
+before it replaces docs/REFERENCE.md).
 """
 
 import argparse
@@ -23,7 +23,8 @@ from beam_pipelines.query import main as query
 from trainer import config as train_config
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-REFERENCE = pathlib.Path(os.environ.get("LANDMARKS_CLI_REFERENCE", REPO / "README.md"))
+REFERENCE = pathlib.Path(
+    os.environ.get("LANDMARKS_CLI_REFERENCE", REPO / "docs" / "REFERENCE.md"))
 
 PARSER_BUILDERS = {
     "landmarks-toy-data": toy_data.build_parser,
