@@ -27,6 +27,7 @@ INSTALL_REQUIRES = [
 TEST_REQUIRES = [
     "pytest>=8",
     "pytest-timeout>=2.3",
+    "pytest-xdist>=3.5",  # `make test` runs the suite in 2 worker processes
     "gcp-storage-emulator>=2024.8",
 ]
 

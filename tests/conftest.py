@@ -21,7 +21,9 @@ from remote_servers import gcs_emulator, http_server  # noqa: E402,F401
 
 
 import contextlib  # noqa: E402
+import fcntl  # noqa: E402
 import io  # noqa: E402
+import json  # noqa: E402
 import types  # noqa: E402
 
 import pytest  # noqa: E402
@@ -31,13 +33,25 @@ import pytest  # noqa: E402
 def demo_run(tmp_path_factory):
     """One whole ``landmarks-demo`` run (defaults, with the recognizer comparison: about two
     minutes here), shared by the tests that need a trained model, its records, reference cache
-    and predict outputs (test_demo.py, test_query.py). ``run_dir``, ``exit_code``, ``stdout``.
+    and predict outputs (test_demo.py, test_query.py, test_guides.py, ...). ``run_dir``,
+    ``exit_code``, ``stdout``.
+
+    Under pytest-xdist every worker process has its own session: the first to get here runs
+    the demo under a file lock in the folder the workers share, the others wait and reuse it.
     """
     from beam_pipelines import demo
 
-    run_dir = tmp_path_factory.mktemp("shared") / "demo"
-    printed = io.StringIO()
-    with contextlib.redirect_stdout(printed):
-        exit_code = demo.main(["--run_dir", str(run_dir)])
-    return types.SimpleNamespace(run_dir=str(run_dir), exit_code=exit_code,
-                                 stdout=printed.getvalue())
+    base = tmp_path_factory.getbasetemp()
+    shared = (base.parent if os.environ.get("PYTEST_XDIST_WORKER") else base) / "shared_demo"
+    shared.mkdir(exist_ok=True)
+    with open(shared / "lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # released when the file closes
+        result = shared / "result.json"
+        if not result.exists():
+            run_dir = shared / "demo"
+            printed = io.StringIO()
+            with contextlib.redirect_stdout(printed):
+                exit_code = demo.main(["--run_dir", str(run_dir)])
+            result.write_text(json.dumps({"run_dir": str(run_dir), "exit_code": exit_code,
+                                          "stdout": printed.getvalue()}))
+        return types.SimpleNamespace(**json.loads(result.read_text()))
