@@ -22,8 +22,14 @@ runner; the wall clock of a shared machine says more about the neighbours than a
 
 Done when: archives >= folder per image (ratio >= 1). Wall-clock images/s are printed too.
 
+``--spread``: instead, whether one archive's decoding is spread over workers: the large set in
+ONE archive, ingested on the local runner with 2 worker processes (``--direct_num_workers 2
+--direct_running_mode multi_processing``) with ``--archive_parts 1`` (one worker decodes it all)
+and with the default (``ceil(2 workers / 1 archive)`` = 2 parts); wall seconds, best of the
+rounds. Expected: about 2x on 2 idle cores, less the runner's fixed start-up.
+
 Usage: ``.venv/bin/python bench/bench_ingest_archives.py [--images 600] [--small 150]
-[--rounds 2]``
+[--rounds 2] [--spread]``
 """
 
 from __future__ import annotations
@@ -95,14 +101,42 @@ def run_once(flags: list[str], output: Path) -> tuple[float, float, int]:
     return time.process_time() - cpu, time.monotonic() - wall, stats["written"]
 
 
+def spread_check(images: list[bytes], rounds: int) -> None:
+    """One archive, 2 worker processes: ``--archive_parts 1`` against the default (2 parts)."""
+    with tempfile.TemporaryDirectory() as temp:
+        root = Path(temp)
+        write_release(root, images, 1)
+        flags = ["--archives", str(root / "archives" / "images_*.tar"), "--labels_csv",
+                 str(root / "train.csv"), "--direct_num_workers=2",
+                 "--direct_running_mode=multi_processing"]
+        walls: dict = {"1 part": [], "default (2 parts)": []}
+        for round_index in range(rounds):
+            for name, extra in (("1 part", ["--archive_parts", "1"]), ("default (2 parts)", [])):
+                start = time.monotonic()
+                stats = pipeline.run([*flags, *extra, "--output_dir", str(root / "out"),
+                                      *COMMON[:-1]])
+                walls[name].append(time.monotonic() - start)
+                assert stats["written"] == len(images), stats["written"]
+                print(f"  round {round_index + 1}: {name:18s} wall {walls[name][-1]:6.1f} s")
+        best = {name: min(values) for name, values in walls.items()}
+        one, two = best["1 part"], best["default (2 parts)"]
+        print(f"one archive of {len(images)} images, 2 worker processes: 1 part {one:.1f} s, "
+              f"default {two:.1f} s (best of {rounds}): {one / two:.2f}x faster with the default")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--small", type=int, default=150)
     parser.add_argument("--num_archives", type=int, default=4)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--spread", action="store_true",
+                        help="measure the spread of one archive over 2 worker processes instead")
     args = parser.parse_args()
     logging.basicConfig(level=logging.WARNING)
+    if args.spread:
+        spread_check(photos(args.images), args.rounds)
+        return
 
     with tempfile.TemporaryDirectory() as temp:
         images = photos(args.images)

@@ -49,6 +49,16 @@ def test_unsupported_schemes(url):
     assert failure_of(url).reason == "unsupported_scheme"
 
 
+@pytest.mark.parametrize("url", ["http://example.com/a b.jpg", "https://example.com/a\tb.jpg",
+                                 "http://example.com/a\x00.jpg", "http://example.com/\x7f.jpg"])
+def test_http_urls_with_spaces_or_control_characters_are_bad_urls_not_retried(url):
+    failure = failure_of(url)
+    assert (failure.reason, failure.retryable) == ("bad_url", False)
+    assert "percent-encoded" in failure.detail
+    # Leading and trailing blanks of a CSV cell are not part of the URL.
+    assert resolve_location(" http://example.com/a%20b.jpg ") == "http://example.com/a%20b.jpg"
+
+
 def test_resolve_location():
     assert resolve_location("a/b.jpg", "/data") == "/data/a/b.jpg"
     assert resolve_location("a/b.jpg", "gs://bucket/set") == "gs://bucket/set/a/b.jpg"

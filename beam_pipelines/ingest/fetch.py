@@ -95,6 +95,10 @@ class FetchParams:
             raise ValueError(f"max_bytes must be >= 1, got {self.max_bytes}")
 
 
+# Characters an http(s) URL may not hold unencoded: ASCII controls, space and DEL.
+_UNSAFE_IN_URL = re.compile(r"[\x00-\x20\x7f]")
+
+
 def resolve_location(url: str, base_dir: str = "") -> str:
     """Maps a manifest ``url`` to what is fetched: an http(s) URL or a FileSystems path.
 
@@ -112,6 +116,11 @@ def resolve_location(url: str, base_dir: str = "") -> str:
     if scheme in ("http", "https"):
         if not parsed.netloc:
             raise FetchFailed("bad_url", f"no host in {url!r}")
+        unsafe = _UNSAFE_IN_URL.search(url)
+        if unsafe:  # http.client would refuse it (InvalidURL), and retrying cannot help
+            raise FetchFailed("bad_url", f"{unsafe.group()!r} at position {unsafe.start()} of "
+                                         f"{url!r}: control characters and spaces must be "
+                                         "percent-encoded")
         return url
     if scheme == "gs":
         if not parsed.netloc:
