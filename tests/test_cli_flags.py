@@ -10,6 +10,8 @@ down to the ``PipelineOptions`` values.
 
 from __future__ import annotations
 
+import dataclasses
+
 import pytest
 from apache_beam.options.pipeline_options import (
     DebugOptions,
@@ -364,3 +366,16 @@ def test_demo_checks_train_flags_up_front(tmp_path, capsys):
     assert _error(capsys, "landmarks-demo") == (
         "unknown flag --finetune_learning_rat (did you mean --finetune_learning_rate?)")
     assert not (tmp_path / "d").exists()
+
+
+def test_every_predict_config_field_is_a_flag_and_every_flag_a_field():
+    """parse_args builds PredictConfig from the parser by field name: a field without a flag
+    (other than those resolved from the model) or a flag without a field would be lost."""
+    fields = {field.name for field in dataclasses.fields(predict_config.PredictConfig)}
+    dests = {action.dest for action in predict_config.build_parser()._actions} - {"help"}
+    assert fields - set(predict_config.RESOLVED_FROM_MODEL) == dests
+    config, beam_args = predict_config.parse_args(
+        PREDICT_ARGS + ["--rerank_top", "3", "--blend_weight", "0.25", "--runner=FnApiRunner"])
+    assert (config.rerank_top, config.blend_weight, beam_args) == (
+        3, 0.25, ["--runner=FnApiRunner"])
+    assert (config.image_size, config.num_classes) == (0, 0)

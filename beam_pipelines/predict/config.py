@@ -338,29 +338,15 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+# Fields the launcher fills in from the model (PredictConfig.resolved); every other field is a
+# flag of the same name (tests/test_cli_flags.py checks both ways).
+RESOLVED_FROM_MODEL = ("image_size", "num_classes")
+
+
 def parse_args(argv: Optional[Sequence[str]]) -> tuple[PredictConfig, list[str]]:
     """Returns (job config, the remaining arguments for Beam's ``PipelineOptions``)."""
     known, beam_args = cli.parse_job_args(build_parser(), argv)
-    config = PredictConfig(
-        model=known.model,
-        test_data=known.test_data,
-        reference_data=known.reference_data,
-        output_dir=known.output_dir,
-        label_map=known.label_map,
-        reference_features=known.reference_features,
-        local_features=known.local_features,
-        references_per_class=known.references_per_class,
-        crops=known.crops,
-        blend_weight=known.blend_weight,
-        batch_images=known.batch_images,
-        overwrite=known.overwrite,
-        max_failed_fraction=known.max_failed_fraction,
-        recognizer=known.recognizer,
-        embedding=known.embedding,
-        knn_k=known.knn_k,
-        index_shard_size=known.index_shard_size,
-        ann=known.ann,
-        retrieval_index=known.retrieval_index,
-        rerank_top=known.rerank_top,
-    )
+    flags = {field.name: getattr(known, field.name) for field in dataclasses.fields(PredictConfig)
+             if field.name not in RESOLVED_FROM_MODEL}
+    config = PredictConfig(**flags)
     return config, beam_args
