@@ -83,6 +83,15 @@ def storage_failure(path: str, error: BaseException, action: str = "list") -> Ex
     return InputError(f"cannot {action} {path}: {message}")
 
 
+def _listing(pattern: str) -> list:
+    """Beam's metadata of the files matching ``pattern``, with the listing's failures turned
+    into the project's errors (see :func:`match`)."""
+    try:
+        return FileSystems.match([pattern])[0].metadata_list
+    except BeamIOError as error:
+        raise storage_failure(pattern, error) from error
+
+
 def match(pattern: str) -> list[str]:
     """Sorted paths of the files matching ``pattern`` (``*``, ``?``, ``**``); ``[]`` if none.
 
@@ -91,11 +100,7 @@ def match(pattern: str) -> list[str]:
         ``pattern`` and carries the storage service's own message.
       ResourceUnreachable: the storage service could not be reached.
     """
-    try:
-        results = FileSystems.match([pattern])
-    except BeamIOError as error:
-        raise storage_failure(pattern, error) from error
-    return sorted(metadata.path for metadata in results[0].metadata_list)
+    return sorted(metadata.path for metadata in _listing(pattern))
 
 
 def file_size(path: str) -> int:
@@ -105,11 +110,7 @@ def file_size(path: str) -> int:
       InputError: no such file, or the listing failed; ResourceUnreachable: the storage
         service could not be reached.
     """
-    try:
-        results = FileSystems.match([path])
-    except BeamIOError as error:
-        raise storage_failure(path, error) from error
-    files = results[0].metadata_list
+    files = _listing(path)
     if not files:
         raise InputError(f"not found: {path}")
     return files[0].size_in_bytes
