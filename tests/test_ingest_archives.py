@@ -146,9 +146,9 @@ def test_train_clean_csv_writes_exactly_the_listed_images(release, runs):
     members = stats["archives"]["members"]
     assert (members["used"], members["duplicate_ids"], members["without_label_row"]) == (6, 1, 7)
     assert stats["archives"]["checksum_mismatch"] == []
-    # Only the members a label row asks for were decoded (the 6 and the second copy), where
-    # their archive was read: the 7 others were skipped by the filter of labelled ids.
-    assert stats["counters"]["archive_images_decoded"] == 7
+    # Only the members a label row asks for were decoded: the second copy of one of them was
+    # not, nor were the 7 others (the filter of labelled ids left them out of the listing).
+    assert stats["counters"]["archive_images_decoded"] == 6
 
 
 def test_truncated_test_archive_keeps_what_was_read_and_rejects_the_rest(release, runs):
@@ -299,31 +299,82 @@ def _tar(members: list[tuple[str, bytes]]) -> bytes:
     return buffer.getvalue()
 
 
-def _read(data: bytes) -> tuple[list[str], str]:
+def _read(data: bytes, seekable: bool = False, read_data: bool = True) -> tuple[list[str], str]:
+    """The member names of a tar's bytes read by ``iter_members``, and its damage ('' if none);
+    a member cut short is named ``cut:<name>`` after the others."""
     names = []
+    every_member = (lambda _index, _image_id: True) if read_data else archives._read_none
     try:
-        every_member = lambda _index, _image_id: True  # noqa: E731
-        for _, name, _, _, _, _ in archives.iter_members(io.BytesIO(data), every_member, 1 << 20):
-            names.append(name)
+        for member in archives.iter_members(io.BytesIO(data), every_member, 1 << 20,
+                                            seekable=seekable):
+            names.append(member.name)
     except archives.ArchiveDamaged as damage:
+        if damage.cut is not None:
+            names.append(f"cut:{damage.cut[1]}")
         return names, damage.detail
     return names, ""
 
 
-def test_damage_is_detected_wherever_the_archive_breaks():
+@pytest.mark.parametrize("seekable,read_data", [(False, True), (False, False), (True, False)],
+                         ids=["stream-with-data", "stream-headers-only", "seek-headers-only"])
+def test_damage_is_detected_wherever_the_archive_breaks(seekable, read_data):
+    """Pass 1 reads headers only (seeking over the data, or streaming it for an MD5); a member
+    whose data the end of the file cut short is found by its offset, as when its data is read."""
     whole = _tar([("a/x1.jpg", b"1" * 700), ("a/x2.jpg", b"2" * 700), ("a/x3.jpg", b"3" * 10)])
-    assert _read(whole) == (["a/x1.jpg", "a/x2.jpg", "a/x3.jpg"], "")
+
+    def read(data: bytes) -> tuple[list[str], str]:
+        return _read(data, seekable=seekable, read_data=read_data)
+
+    assert read(whole) == (["a/x1.jpg", "a/x2.jpg", "a/x3.jpg"], "")
     # Cut exactly after the second member: tarfile alone would end quietly; no end block.
     second_end = 512 + 1024 + 512 + 1024
-    names, detail = _read(whole[:second_end])
+    names, detail = read(whole[:second_end])
     assert names == ["a/x1.jpg", "a/x2.jpg"] and "end-of-archive" in detail
-    # Cut inside the second member's data, and a corrupt third header.
-    assert _read(whole[:512 + 1024 + 512 + 100]) [0] == ["a/x1.jpg"]
+    # Cut inside the second member's data (and inside its padding: the data is whole).
+    names, detail = read(whole[:512 + 1024 + 512 + 100])
+    assert names == ["a/x1.jpg", "cut:a/x2.jpg"] and "cut short" in detail
+    assert read(whole[:512 + 1024 + 512 + 800])[0] == ["a/x1.jpg", "a/x2.jpg"]
+    # A corrupt third header.
     corrupt = bytearray(whole)
     corrupt[second_end + 100:second_end + 140] = b"\x07" * 40
-    names, detail = _read(bytes(corrupt))
+    names, detail = read(bytes(corrupt))
     assert names == ["a/x1.jpg", "a/x2.jpg"] and detail
-    assert _read(b"not a tar at all" * 64)[1]
+    assert read(b"not a tar at all" * 64)[1]
+
+
+def test_members_read_again_by_offset_are_the_archived_bytes(tmp_path):
+    """Pass 2 reads a member with one seek and one read at the offset pass 1 listed; in a
+    compressed archive (no offsets) by its index in one stream. Too large: no data; a file
+    that shrank since the listing: that member and the later ones get the problem."""
+    import gzip
+
+    payloads = [(f"a/b/c/{n:016x}.jpg", bytes([n]) * (300 + 97 * n)) for n in range(6)]
+    plain = tmp_path / "plain.tar"
+    plain.write_bytes(_tar(payloads))
+    packed = tmp_path / "packed.tar.gz"
+    packed.write_bytes(gzip.compress(_tar(payloads)))
+    members = list(archives.iter_members(io.BytesIO(plain.read_bytes()), seekable=True))
+    assert [member.offset for member in members] == [
+        member.offset for member in archives.iter_members(io.BytesIO(plain.read_bytes()))]
+    wanted = [(m.offset, m.size, m.index) for m in members if m.index in (1, 3, 4)]
+    got = list(archives.read_unit_members(str(plain), wanted, max_bytes=500))
+    assert got == [(0, payloads[1][1], ""), (1, None, ""), (2, None, "")]  # 3, 4: > 500 bytes
+    got = list(archives.read_unit_members(str(plain), wanted, max_bytes=1 << 20))
+    assert [data for _, data, _ in got] == [payloads[i][1] for i in (1, 3, 4)]
+
+    compressed = [m for m in archives.iter_members(io.BytesIO(packed.read_bytes()))]
+    assert {member.offset for member in compressed} == {-1}
+    wanted = [(-1, m.size, m.index) for m in compressed if m.index in (0, 5)]
+    got = list(archives.read_unit_members(str(packed), wanted, max_bytes=1 << 20))
+    assert [(position, data) for position, data, _ in got] == [
+        (0, payloads[0][1]), (1, payloads[5][1])]
+
+    wanted = [(m.offset, m.size, m.index) for m in members if m.index in (2, 5)]
+    plain.write_bytes(plain.read_bytes()[:members[5].offset + 10])
+    got = list(archives.read_unit_members(str(plain), wanted, max_bytes=1 << 20))
+    assert got[0] == (0, payloads[2][1], "")
+    assert got[1][:2] == (1, None) and "cut short when read again" in got[1][2]
+    assert list(archives.read_unit_members(str(tmp_path / "gone.tar"), wanted, 1 << 20))[0][2]
 
 
 # ---- both GLDv2 tasks, end to end -----------------------------------------------------------
@@ -457,7 +508,7 @@ def test_archives_cut_into_parts_give_the_same_records_rejections_and_counts(run
     assert _outcome(three_parts[0], three_parts[2]) == whole
 
 
-def test_parts_per_archive_and_the_runners_worker_count():
+def test_parts_units_and_the_runners_worker_count():
     assert [archives.parts_per_archive(a, 8) for a in (1, 3, 8, 500)] == [8, 3, 1, 1]
     assert archives.parts_per_archive(20, 0) == 1
     options = pipeline.PipelineOptions
@@ -466,23 +517,32 @@ def test_parts_per_archive_and_the_runners_worker_count():
     assert pipeline.runner_workers(options(["--runner=DataflowRunner",
                                             "--max_num_workers=40"])) == 40
     assert pipeline.runner_workers(options(["--runner=DataflowRunner"])) == 1
-    units = list(archives.archive_units(("a.tar", ""), 3))
-    assert units == [("a.tar", 0, 3, ""), ("a.tar", 1, 3, ""), ("a.tar", 2, 3, "")]
-    assert list(archives.archive_units(("b.tar", "md5 differs"), 3)) == [
-        ("b.tar", 0, 1, "md5 differs")]
+
+    def member(index: int, offset: int) -> archives.Member:
+        return archives.Member(index, "x.jpg", gldv2.MEMBER_IMAGE, "x", 10, offset, None)
+
+    # Contiguous byte ranges of the archive; a block of members bounds each unit.
+    assert [archives.unit_of(member(i, offset), 3000, 3)[0]
+            for i, offset in enumerate((512, 999, 1000, 2999, 3100))] == [0, 0, 1, 2, 2]
+    per_unit = archives.MEMBERS_PER_UNIT
+    assert archives.unit_of(member(per_unit, 512), 3000, 1) == (0, 1)
+    assert archives.unit_of(member(per_unit * 2 + 5, -1), 3000, 3) == (0, 2)  # compressed
 
 
-def test_a_listed_member_whose_part_stopped_early_is_a_rejected_row():
-    """Part 0 listed the member (so it has a decision) but the part that decodes it met a read
-    error first: the row is rejected archive_damaged and counted used, not lost."""
-    row = ManifestRow(image_id="0123456789abcdef", url="images_000.tar:0/1/2/0123456789abcdef.jpg",
+def test_a_listed_member_that_cannot_be_read_again_is_a_rejected_row(tmp_path):
+    """Pass 1 listed the member (so it has a decision) but the archive changed before pass 2
+    read it: the row is rejected archive_damaged, not lost."""
+    archive = tmp_path / "images_000.tar"
+    archive.write_bytes(_tar([("0/1/2/0123456789abcdef.jpg", b"x" * 900)]))
+    row = ManifestRow(image_id="0123456789abcdef", url=f"{archive}:0/1/2/0123456789abcdef.jpg",
                       landmark_id=7, line=2)
-    decision = archives.LabelledRow(row, 0, "train")
-    outputs = list(archives.AttachImages().process(
-        (("images_000.tar", 5), {"decisions": [decision], "members": []})))
-    tagged = [(output.tag, output.value) for output in outputs]
-    assert tagged[0] == (archives.TAG_KINDS, archives.KIND_USED)
-    tag, rejection = tagged[1]
-    assert tag == "rejected" and len(tagged) == 2
+    decision = (512, 900, 0, archives.LabelledRow(row, 0, "train"))
+    archive.write_bytes(archive.read_bytes()[:800])
+    fn = archives.DecodeUnit(1 << 20, normalise.NormaliseParams())
+    fn.setup()
+    used, tagged = fn.process(((str(archive), (0, 0)), [decision]))
+    assert (used.tag, used.value) == (archives.TAG_KINDS, (archives.KIND_USED, 1))
+    assert tagged.tag == "rejected"
+    rejection = tagged.value
     assert (rejection.image_id, rejection.reason) == (row.image_id, "archive_damaged")
-    assert "stopped before it" in rejection.detail
+    assert "cut short when read again" in rejection.detail

@@ -1,18 +1,24 @@
 """``landmarks-ingest --archives GLOB --labels_csv CSV``: GLDv2's tar archives read as they ship.
 
-Each archive is one unit of work, read sequentially as a stream (``tarfile`` mode ``r|*`` over a
-Beam ``FileSystems`` handle: local or ``gs://``, never extracted to disk, one member in memory at
-a time). The worker that reads an archive also decodes and normalises its images, with the
-manifest input's own function (:func:`.normalise.normalise_image`), but only those a label row
-may ask for (a Bloom filter of the labelled ids, :mod:`.id_filter`, is its side input:
-``train_clean.csv`` asks for 1.58M of the 4.1M train images). The normalised images, about a
-quarter of the raw bytes at ``--max_side 512``, are then spread over workers by the join that
-gives them their rows. Decoding before the shuffle instead of after it is what makes this input
-as fast per image as a folder of files (``bench/bench_ingest_archives.py``): the shuffle of raw
-JPEGs cost more than reading the files one by one. GLDv2 ships enough archives (500 train, 100
-index, 20 test) to keep that many workers decoding; with fewer archives than workers, each
-archive is cut into ``--archive_parts`` units (:func:`parts_per_archive`), each streaming the
-whole archive and decoding every K-th member, so the decoding is still spread over all workers.
+Two passes over each archive, neither extracting it nor holding it in memory (``FileSystems``
+handles: local or ``gs://``):
+
+1. **Listing** (:class:`ListArchive`, one worker per archive): the member headers, read in
+   order; the data of an uncompressed archive is skipped by seeking (on a local disk, only
+   the headers are read; ``gs://`` reads go through a 16 MB buffer, so the data streams past).
+   With ``--md5_dir`` the same stream reads every byte and computes the archive's MD5. It gives the ``(image id, member reference)`` of every image
+   member a label row may ask for (a Bloom filter of the labelled ids, :mod:`.id_filter`, is
+   its side input: ``train_clean.csv`` asks for 1.58M of the 4.1M train images).
+2. **Decoding** (:class:`DecodeUnit`): once the label rows are joined to the references by id,
+   the decisions are grouped by unit of work: a contiguous byte range of one archive
+   (``--archive_parts`` per archive, default enough for every worker when archives are few)
+   and at most :data:`MEMBERS_PER_UNIT` members. The worker of a unit reads each member with
+   one seek and one read, as the folder input reads a file, then decodes and normalises it
+   with the manifest input's own function (:func:`.normalise.normalise_image`).
+
+So the image bytes are never shuffled: only ids and rows are. An earlier design decoded in
+the listing worker and joined the normalised images to their rows by a shuffle; that shuffle
+was what kept it below the folder input's images per second (``bench/bench_ingest_archives.py``).
 
 Data flow (every label row ends in exactly one shard record or one ``rejected.csv`` row)::
 
@@ -21,48 +27,50 @@ Data flow (every label row ends in exactly one shard record or one ``rejected.cs
          (transforms.label_rows: the manifest input's steps, ids only)       |   input's steps)
                          | LabelledRow by id --> Bloom filter of the ids     |
                          |                             | side input          |
-    archive paths -> CheckArchive (MD5) -> parts -> ReadArchive (one stream  |
-                     per unit; a member the filter rules out: without_label_row)
-        members: (id, (archive, index, name))  --+                           |
-        refused / cut-short ids               --+-> MatchIds (CoGroupByKey by id, ids only):
-                                                 |   the first member of each labelled id gets
-                                                 |   its row; a labelled id with no member is
-                                                 |   rejected (not_in_archives, archive_damaged,
-                                                 |   checksum_mismatch) ----------------------->+
-        members: ((archive, index), normalised) -+-> AttachImages (CoGroupByKey by member: the
-                 (decode_member: JPEG or reason)     one shuffle of image data, which also
-                                                     spreads it over workers) -> record or the
-                                                     normaliser's reason -> shards --------->+
+    archive paths -> ListArchive (pass 1: headers; MD5 with --md5_dir)       |
+        members: (id, (archive, index, name, offset, size, unit)) --+        |
+        cut short: (id, (archive, detail))                         --+-> MatchIds (CoGroupByKey
+        events (counts by kind, damage, MD5 refusal) -> outcomes ----+   by id): the first member
+                                                    (side input)    |   of a labelled id gets its
+                                                                    |   row; a labelled id with no
+                                                                    |   usable member is rejected
+                                                                    |   (not_in_archives,
+                                                                    |   archive_damaged,
+                                                                    |   checksum_mismatch) ---->+
+        decisions ((archive, unit), (offset, size, index, row)) -> GroupByKey by unit
+          -> DecodeUnit (pass 2: seek, read, normalise) -> record or the normaliser's reason ->+
 
 Members that are not images, directory entries, links, names that are not safe ids, images
 without a label row (or whose row was rejected) and second copies of an id are counted by kind
 in ``stats.json`` (``archives.members``), not rejected: the CSV never asked for them. For every
 archive read whole: ``images == used + without_label_row + duplicate_ids``.
 
-Damage: a truncated or corrupt archive keeps the members read before the damage; the member cut
-short and, since a tar has no index, every labelled id found in no archive while some archive
-was not read to its end are rejected ``archive_damaged`` (:func:`.gldv2.unseen_reason`); the job
-goes on. ``--md5_dir DIR``: the folder holding the release's ``md5.images_NNN.txt`` files of
-*this* split (``md5sum/train`` for the train archives); archive ``images_NNN.tar`` is checked
-against ``DIR/md5.images_NNN.txt`` before any member is used. An archive that does not match is
-not used: only its member names are read (a second stream), so that its labelled rows are
-rejected ``checksum_mismatch``.
+Damage: a truncated or corrupt archive keeps the members listed before the damage; the member
+cut short (its data runs past the end of the file) and, since a tar has no index, every
+labelled id found in no archive while some archive was not read to its end are rejected
+``archive_damaged`` (:func:`.gldv2.unseen_reason`); the job goes on. ``--md5_dir DIR``: the
+folder holding the release's ``md5.images_NNN.txt`` files of *this* split (``md5sum/train`` for
+the train archives); archive ``images_NNN.tar`` is checked against ``DIR/md5.images_NNN.txt``
+in its listing pass, and when it does not match, none of its members is used: the labelled
+rows it names are rejected ``checksum_mismatch``.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import hashlib
+import io
 import logging
 import tarfile
-from typing import Callable, Optional
+import time
+from typing import Callable, NamedTuple, Optional
 
 import apache_beam as beam
 from apache_beam.io.filesystem import CompressionTypes
 from apache_beam.io.filesystems import FileSystems
 from apache_beam.metrics import Metrics
 
-from beam_pipelines import io_utils
+from beam_pipelines import grouping, io_utils
 from beam_pipelines.ingest import gldv2
 from beam_pipelines.ingest import id_filter as id_filter_lib
 from beam_pipelines.ingest import manifest as manifest_lib
@@ -72,7 +80,9 @@ from beam_pipelines.ingest.manifest import ManifestRow, Rejection
 from beam_pipelines.ingest.normalise import (ImageRejected, NormalisedImage, NormaliseParams,
                                              normalise_image)
 from beam_pipelines.ingest.transforms import LabelledRow
+from tfrecords_schema import InputError
 from tfrecords_schema.label_map import LabelMap
+from trainer.cli import ResourceUnreachable
 
 _LOGGER = logging.getLogger(__name__)
 # Image members decoded where their archive is read (those a label row may ask for).
@@ -80,12 +90,16 @@ _DECODED = Metrics.counter("ingest", "archive_images_decoded")
 
 ARCHIVES_FILENAME = "_archives.json"  # the archive summary, folded into stats.json
 _CHUNK_BYTES = 8 << 20
+_STREAM_BUFFER_BYTES = 64 << 10  # tarfile's stream reads (its default, 10 kB, costs CPU)
+_COMPRESSED_MAGIC = (b"\x1f\x8b", b"BZh", b"\xfd7zXZ\x00")  # gzip, bzip2, xz
+# At most this many members per unit of decoding work (pass 2 holds a unit's decisions, about
+# 300 bytes each, to sort them by offset): bounded whatever the size of one archive.
+MEMBERS_PER_UNIT = 2048
 
 TAG_EVENTS = "events"
-TAG_REFUSED = "refused"
 TAG_CUT = "cut"
 TAG_KINDS = "kinds"
-TAG_IDS = "ids"
+_JOIN_ROWS, _JOIN_MEMBERS, _JOIN_CUT = "rows", "members", "cut"  # MatchIds' tagged values
 _REJECTED = "rejected"  # the tag of transforms' steps
 
 EVENT_READ = "read_whole"
@@ -95,7 +109,6 @@ EVENT_REFUSED = "checksum_mismatch"
 KIND_USED = "used"
 KIND_WITHOUT_LABEL_ROW = "without_label_row"
 KIND_DUPLICATE = "duplicate_ids"
-_DUPLICATE = "duplicate"  # MatchIds' decision for a second copy of an id
 
 
 @dataclasses.dataclass(frozen=True)
@@ -142,214 +155,282 @@ def _read_none(_index: int, _image_id: str) -> bool:
     return False
 
 
-def iter_members(fileobj, read_data: Callable[[int, str], bool], max_bytes: int):
-    """The members of a tar stream, in order: ``(index, name, kind, image_id, size, data)``.
+class Member(NamedTuple):
+    """One member of a tar archive, as :func:`iter_members` gives it.
 
-    ``kind`` is a :mod:`.gldv2` ``MEMBER_*`` kind; ``data`` the bytes of an image member when
-    ``read_data(index, image_id)`` and its size is at most ``max_bytes``, else None (the stream skips
-    the member's data without copying it). Raises
-    :class:`ArchiveDamaged` when the stream breaks off or ends without tar's end-of-archive
-    block (after yielding everything read before).
+    ``index``: position in the archive (a tar may hold one name twice); ``kind``: a
+    :mod:`.gldv2` ``MEMBER_*`` kind; ``image_id``: set for image members; ``size``: bytes of
+    data; ``offset``: byte offset of the data in the archive file (-1 in a compressed archive,
+    where a position in the file says nothing); ``data``: the bytes, when asked for."""
+
+    index: int
+    name: str
+    kind: str
+    image_id: str
+    size: int
+    offset: int
+    data: Optional[bytes]
+
+
+def _describe(tar: tarfile.TarFile, info: tarfile.TarInfo, index: int, plain: bool,
+              read_data: Callable[[int, str], bool], max_bytes: int) -> Member:
+    """``info`` as a :class:`Member`, its data read when ``read_data`` asks (raises
+    :class:`ArchiveDamaged` with ``cut`` set when that data is cut short)."""
+    if info.isdir():
+        return Member(index, info.name, gldv2.MEMBER_DIRECTORY, "", 0, -1, None)
+    if not info.isfile():
+        return Member(index, info.name, gldv2.MEMBER_OTHER, "", 0, -1, None)
+    kind, image_id = gldv2.member_kind_and_id(info.name)
+    data = None
+    if kind == gldv2.MEMBER_IMAGE and info.size <= max_bytes and read_data(index, image_id):
+        try:
+            data = tar.extractfile(info).read()
+        except (tarfile.TarError, EOFError, OSError) as error:
+            raise ArchiveDamaged(f"member {index} {info.name!r} cut short ({_error_text(error)})",
+                                 cut=(image_id, info.name)) from error
+    return Member(index, info.name, kind, image_id, info.size,
+                  info.offset_data if plain else -1, data)
+
+
+def _bytes_available(tar: tarfile.TarFile, fileobj, seekable: bool) -> int:
+    """How many (uncompressed) bytes of the archive exist, once its reading has stopped."""
+    if seekable:
+        return fileobj.seek(0, io.SEEK_END)
+    return tar.fileobj.pos  # tarfile's stream: every byte it could read, skipped ones too
+
+
+def iter_members(fileobj, read_data: Callable[[int, str], bool] = _read_none,
+                 max_bytes: int = 0, seekable: bool = False):
+    """The :class:`Member` s of a tar archive, in order.
+
+    ``seekable``: ``fileobj`` is an uncompressed tar that can seek, so the data of members is
+    skipped by seeking (tarfile mode ``r:``); else it is read as a stream (mode ``r|*``, any
+    compression; every byte passes through, which an MD5 needs). The data of an image member
+    is read when ``read_data(index, image_id)`` and its size is at most ``max_bytes``. A member
+    is given only once the next header (or the end) was read, so that a member whose data the
+    end of the file cut short is known as such. Raises :class:`ArchiveDamaged` (after giving
+    everything before the damage; ``cut``: that member) when the archive breaks off or ends
+    without tar's end-of-archive block.
     """
     try:
-        tar = tarfile.open(fileobj=fileobj, mode="r|*", tarinfo=_EndRecordingTarInfo)
+        tar = tarfile.open(fileobj=fileobj, mode="r:" if seekable else "r|*",
+                           tarinfo=_EndRecordingTarInfo, bufsize=_STREAM_BUFFER_BYTES)
     except (tarfile.TarError, EOFError, OSError) as error:
         raise ArchiveDamaged(f"not readable as a tar archive ({_error_text(error)})") from error
-    index = -1
+    plain = seekable or getattr(tar.fileobj, "comptype", "") == "tar"
+    index, pending, damage = -1, None, None
     try:
-        iterator = iter(tar)
-        while True:
-            try:
-                info = next(iterator)
-            except StopIteration:
-                break
+        while (info := tar.next()) is not None:
+            tar.members.clear()  # tarfile keeps every header; one at a time is enough here
             index += 1
-            if info.isdir():
-                yield index, info.name, gldv2.MEMBER_DIRECTORY, "", 0, None
-                continue
-            if not info.isfile():
-                yield index, info.name, gldv2.MEMBER_OTHER, "", 0, None
-                continue
-            kind, image_id = gldv2.member_kind_and_id(info.name)
-            data = None
-            if (kind == gldv2.MEMBER_IMAGE and info.size <= max_bytes
-                    and read_data(index, image_id)):
-                try:
-                    data = tar.extractfile(info).read()
-                except (tarfile.TarError, EOFError, OSError) as error:
-                    raise ArchiveDamaged(
-                        f"member {index} {info.name!r} cut short ({_error_text(error)})",
-                        cut=(image_id, info.name)) from error
-            yield index, info.name, kind, image_id, info.size, data
+            member = _describe(tar, info, index, plain, read_data, max_bytes)
+            if pending is not None:
+                yield pending
+            pending = member
+    except ArchiveDamaged as error:
+        damage = error
     except (tarfile.TarError, EOFError, OSError) as error:
-        raise ArchiveDamaged(f"broken after {index + 1} members ({_error_text(error)})") from error
-    end = getattr(tar, "landmarks_end_error", None)
-    if not isinstance(end, tarfile.EOFHeaderError):
-        why = _error_text(end) if end is not None else "no end-of-archive block"
-        raise ArchiveDamaged(f"ends after {index + 1} members without tar's end-of-archive "
-                             f"block ({why}): truncated or corrupt")
+        damage = ArchiveDamaged(f"broken after {index + 1} members ({_error_text(error)})")
+    if damage is None:
+        end = getattr(tar, "landmarks_end_error", None)
+        if not isinstance(end, tarfile.EOFHeaderError):
+            why = _error_text(end) if end is not None else "no end-of-archive block"
+            damage = ArchiveDamaged(f"ends after {index + 1} members without tar's "
+                                    f"end-of-archive block ({why}): truncated or corrupt")
+    if (damage is not None and damage.cut is None and pending is not None
+            and pending.kind == gldv2.MEMBER_IMAGE and plain
+            and pending.offset + pending.size > _bytes_available(tar, fileobj, seekable)):
+        damage = ArchiveDamaged(f"member {pending.index} {pending.name!r} cut short "
+                                f"({damage.detail})", cut=(pending.image_id, pending.name))
+        pending = None
+    if pending is not None:
+        yield pending
+    if damage is not None:
+        raise damage
 
 
-def file_md5(path: str) -> str:
-    """The MD5 hex digest of ``path``'s bytes, read as a stream."""
-    digest = hashlib.md5()
-    with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as handle:
-        while True:
-            chunk = handle.read(_CHUNK_BYTES)
-            if not chunk:
-                break
-            digest.update(chunk)
-    return digest.hexdigest()
+class _HashingReader(io.RawIOBase):
+    """A read-only stream over ``raw`` that feeds every byte read to ``digest``."""
+
+    def __init__(self, raw, digest):
+        super().__init__()
+        self._raw, self._digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def read(self, size: int = -1) -> bytes:
+        chunk = self._raw.read(size)
+        self._digest.update(chunk)
+        return chunk
+
+    def drain(self) -> None:
+        """Reads (and hashes) what is left: an MD5 is over the whole file."""
+        while self.read(_CHUNK_BYTES):
+            pass
 
 
-def checksum_problem(path: str, md5_dir: str) -> str:
-    """'' when ``path`` matches its MD5 file in ``md5_dir``, else what is wrong (one line)."""
+def _is_plain_and_seekable(raw) -> bool:
+    """Whether ``raw`` (at its start) can seek and is no compressed file (by magic bytes)."""
+    if not raw.seekable():
+        return False
+    head = raw.read(6)
+    raw.seek(0)
+    return not head.startswith(_COMPRESSED_MAGIC)
+
+
+def expected_md5(path: str, md5_dir: str) -> tuple[str, str]:
+    """``(expected hex digest, problem)`` of archive ``path`` from its MD5 file in ``md5_dir``
+    (``problem``: why that file is unusable, one line; then the digest is '')."""
     md5_path = io_utils.join(md5_dir, gldv2.md5_file_name(path))
     try:
-        expected = gldv2.parse_md5_file(io_utils.read_text(md5_path), path)
+        return gldv2.parse_md5_file(io_utils.read_text(md5_path), path), ""
     except (OSError, ValueError, UnicodeDecodeError) as error:
-        return f"unusable MD5 file {md5_path}: {_error_text(error)}"
+        return "", f"unusable MD5 file {md5_path}: {_error_text(error)}"
     except Exception as error:  # noqa: BLE001 - Beam's BeamIOError for a missing object
-        return f"unusable MD5 file {md5_path}: {_error_text(error)}"
-    try:
-        actual = file_md5(path)
-    except OSError as error:
-        return f"archive unreadable while checking its MD5: {_error_text(error)}"
-    if actual != expected:
-        return f"MD5 {actual} != {expected} in {md5_path}"
-    return ""
-
-
-class CheckArchive(beam.DoFn):
-    """Archive path -> ``(path, problem)``: its MD5 against ``md5_dir`` (``problem`` empty when
-    it matches or when there is no ``md5_dir``). One stream over the archive."""
-
-    def __init__(self, md5_dir: str):
-        self._md5_dir = md5_dir
-
-    def process(self, path: str):
-        problem = checksum_problem(path, self._md5_dir) if self._md5_dir else ""
-        if problem:
-            _LOGGER.warning("ingest: %s refused: %s", path, problem)
-        yield path, problem
-
-
-def archive_units(checked: tuple[str, str], parts: int):
-    """``(path, problem)`` -> the units of reading work ``(path, part, parts, problem)``: one
-    for a refused archive, else ``parts`` (each decodes every ``parts``-th member)."""
-    path, problem = checked
-    if problem:
-        yield path, 0, 1, problem
-    else:
-        for part in range(parts):
-            yield path, part, parts, ""
+        return "", f"unusable MD5 file {md5_path}: {_error_text(error)}"
 
 
 def parts_per_archive(num_archives: int, workers: int) -> int:
-    """How many units to cut each archive into so that ``workers`` all have an archive's part to
+    """How many byte ranges to cut each archive into so that ``workers`` all have members to
     decode: ``ceil(workers / num_archives)`` (1 when there are at least as many archives)."""
     return max(1, -(-max(workers, 1) // max(num_archives, 1)))
 
 
-class ReadArchive(beam.DoFn):
-    """Unit ``(path, part, parts, problem)`` -> for each image member of that part that a label
-    row may ask for, ``((archive, index), payload)`` (main output; ``index``: position in the
-    archive, as a tar may hold one name twice; ``payload``: the member decoded and normalised
-    here, see :func:`decode_member`). Part 0 also gives, for the whole archive, the labelled
-    members' ``(image id, (archive, index, name))`` without bytes (:data:`TAG_IDS`), the kind
-    :data:`KIND_WITHOUT_LABEL_ROW` of every other image member (:data:`TAG_KINDS`), one
-    :class:`ArchiveEvent` (:data:`TAG_EVENTS`) and ``(image id, detail)`` of a member cut short
-    (:data:`TAG_CUT`). A refused unit (``problem``: its MD5) gives ``(image id, archive name)``
-    of its image names (:data:`TAG_REFUSED`) and its event.
+def unit_of(member: Member, archive_bytes: int, parts: int) -> tuple[int, int]:
+    """The unit of decoding work of ``member``: ``(byte range, block of members)``.
 
-    Decoding here, in the worker that streams the bytes, instead of after a shuffle: the join
-    that follows then moves normalised JPEGs (a quarter of the raw bytes at ``--max_side 512``)
-    instead of raw ones. The units of work are the archives (GLDv2: 500 train, 100 index, 20
-    test), each cut into ``parts`` when there are fewer archives than workers: every part
-    streams the whole archive (reading is cheap next to decoding) and decodes its share of the
-    members (``index % parts == part``). Whether a row may ask for a member is the side input's
-    answer, an :class:`.id_filter.IdFilter` of the labelled ids (no false negatives; a false
-    positive is decoded in vain and counted ``without_label_row`` after the join).
+    Byte range: which of ``parts`` equal ranges of the archive holds the member's data, so
+    that each unit reads one contiguous stretch of the file; block: ``index //``
+    :data:`MEMBERS_PER_UNIT`, which bounds a unit (its decisions are held together, sorted by
+    offset) whatever the size of the archive. In a compressed archive (no offsets): the block.
+    """
+    if member.offset < 0 or archive_bytes <= 0:
+        return 0, member.index // MEMBERS_PER_UNIT
+    return min(parts - 1, member.offset * parts // archive_bytes), member.index // MEMBERS_PER_UNIT
+
+
+class ListArchive(beam.DoFn):
+    """Archive path -> pass 1 of the archive input: one stream over the archive, no decoding.
+
+    Gives, for each image member a label row may ask for (the side input, an
+    :class:`.id_filter.IdFilter` of the labelled ids: no false negatives), ``(image id,
+    (archive, index, name, offset, size, unit))`` (main output; ``unit``: :func:`unit_of`);
+    ``(image id, (archive, detail))`` of a member cut short (:data:`TAG_CUT`); and one
+    :class:`ArchiveEvent` (:data:`TAG_EVENTS`) with the members by kind, the images the filter
+    ruled out counted :data:`KIND_WITHOUT_LABEL_ROW`.
+
+    With ``md5_dir`` the same stream computes the archive's MD5: the listing then says only
+    which ids the archive holds, and :class:`MatchIds` rejects them ``checksum_mismatch``
+    when the event says the archive was refused (its bytes are never used). Without it, an
+    uncompressed archive's data is skipped by seeking: only its headers are read.
 
     Idempotent: read-only, so Beam's bundle retries are harmless.
     """
 
-    def __init__(self, max_bytes: int, normalise_params: NormaliseParams):
-        self._max_bytes = max_bytes
-        self._normalise_params = normalise_params
-        self._progress = None
+    def __init__(self, md5_dir: str, parts: int):
+        self._md5_dir = md5_dir
+        self._parts = parts
 
-    def setup(self):
-        self._progress = transforms.ImagesProgress()
-
-    def process(self, unit: tuple, labelled_ids):
-        path, part, parts, problem = unit
-        if problem:
-            yield from self._refuse(path, gldv2.archive_name(path), problem)
-        else:
-            yield from self._read(path, part, parts,
-                                  id_filter_lib.IdFilter.from_value(labelled_ids))
-
-    def _read(self, path: str, part: int, parts: int, labelled_ids: id_filter_lib.IdFilter):
-        """Part ``part`` of a verified (or unchecked) archive (see the class docstring)."""
-        whole_archive = part == 0  # the part that accounts for every member
+    def process(self, path: str, labelled_ids):
+        wanted = id_filter_lib.IdFilter.from_value(labelled_ids)
+        expected, problem = expected_md5(path, self._md5_dir) if self._md5_dir else ("", "")
+        digest = hashlib.md5() if expected else None
         counts: dict[str, int] = {}
-        kind, detail = EVENT_READ, ""
-
-        def wanted(index: int, image_id: str) -> bool:
-            # Part 0 reads the bytes of every labelled member (and decodes its share): so it
-            # meets a member cut short exactly as a single reader would, and reports it.
-            return ((whole_archive or index % parts == part)
-                    and labelled_ids.might_contain(image_id))
-
+        kind, detail, started, cut_short = EVENT_READ, "", time.monotonic(), 0
         try:
+            archive_bytes = io_utils.file_size(path)
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-                for index, member, member_kind, image_id, size, data in iter_members(
-                        raw, wanted, self._max_bytes):
-                    counts[member_kind] = counts.get(member_kind, 0) + 1
-                    if member_kind != gldv2.MEMBER_IMAGE:
+                source = _HashingReader(raw, digest) if digest is not None else raw
+                seekable = digest is None and _is_plain_and_seekable(raw)
+                for member in iter_members(source, seekable=seekable):
+                    counts[member.kind] = counts.get(member.kind, 0) + 1
+                    if member.kind != gldv2.MEMBER_IMAGE:
                         continue
-                    if not labelled_ids.might_contain(image_id):
-                        if whole_archive:
-                            yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
+                    if not wanted.might_contain(member.image_id):
+                        counts[KIND_WITHOUT_LABEL_ROW] = counts.get(KIND_WITHOUT_LABEL_ROW, 0) + 1
                         continue
-                    if whole_archive:
-                        yield beam.pvalue.TaggedOutput(TAG_IDS, (image_id, (path, index, member)))
-                    if index % parts == part:
-                        yield (path, index), decode_member(size, data, self._max_bytes,
-                                                           self._normalise_params)
-                        _DECODED.inc()
-                        self._progress.tick()
-        except (ArchiveDamaged, OSError) as error:
+                    yield member.image_id, (path, member.index, member.name, member.offset,
+                                            member.size, unit_of(member, archive_bytes,
+                                                                 self._parts))
+                if digest is not None:
+                    source.drain()
+        except (ArchiveDamaged, OSError, InputError, ResourceUnreachable) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
-            _LOGGER.warning("ingest: archive %s (part %d of %d) damaged: %s", path, part + 1,
-                            parts, detail)
             cut = getattr(error, "cut", None)
-            if whole_archive and cut is not None and cut[0]:
+            if cut is not None and cut[0]:
+                cut_short = 1
                 yield beam.pvalue.TaggedOutput(
-                    TAG_CUT, (cut[0], f"{gldv2.archive_name(path)}: {detail}"))
-        if whole_archive:
-            yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-                kind, path, detail, tuple(sorted(counts.items()))))
+                    TAG_CUT, (cut[0], (path, f"{gldv2.archive_name(path)}: {detail}")))
+        if digest is not None and not problem and digest.hexdigest() != expected:
+            problem = f"MD5 {digest.hexdigest()} != {expected} in {self._md5_dir}"
+        _LOGGER.info("ingest: listed %s in %.1f s: %s%s", gldv2.archive_name(path),
+                     time.monotonic() - started, dict(sorted(counts.items())),
+                     f" ({kind}: {detail})" if detail else "")
+        yield beam.pvalue.TaggedOutput(TAG_EVENTS, _event(path, kind, detail, problem, counts,
+                                                          cut_short))
 
-    def _refuse(self, path: str, name: str, problem: str):
-        """A refused archive: its image names only (their bytes are never used)."""
-        listed = 0
-        kind, detail = EVENT_REFUSED, problem
-        try:
-            with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
-                for _, _, member_kind, image_id, _, _ in iter_members(
-                        raw, _read_none, self._max_bytes):
-                    if member_kind == gldv2.MEMBER_IMAGE:
-                        listed += 1
-                        yield beam.pvalue.TaggedOutput(TAG_REFUSED, (image_id, name))
-        except (ArchiveDamaged, OSError) as error:
-            kind = EVENT_DAMAGED
-            damage = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
-            detail = f"refused ({problem}), and listing its names: {damage}"
-        yield beam.pvalue.TaggedOutput(TAG_EVENTS, ArchiveEvent(
-            kind, path, detail, (("image_names_listed", listed),)))
+
+def _event(path: str, kind: str, detail: str, problem: str, counts: dict,
+           cut_short: int) -> ArchiveEvent:
+    """The :class:`ArchiveEvent` of a listed archive; ``problem``: why its MD5 refuses it;
+    ``cut_short``: 1 when the damage cut an image member short (its name was listed)."""
+    if not problem:
+        return ArchiveEvent(kind, path, detail, tuple(sorted(counts.items())))
+    _LOGGER.warning("ingest: %s refused: %s", path, problem)
+    listed = (("image_names_listed", counts.get(gldv2.MEMBER_IMAGE, 0) + cut_short),)
+    if kind == EVENT_DAMAGED:
+        return ArchiveEvent(EVENT_DAMAGED, path,
+                            f"refused ({problem}), and listing its names: {detail}", listed)
+    return ArchiveEvent(EVENT_REFUSED, path, problem, listed)
+
+
+def read_unit_members(path: str, wanted: list[tuple[int, int, int]], max_bytes: int):
+    """Pass 2's reading: the data of the members ``wanted`` (``(offset, size, index)``, sorted
+    by offset; in a compressed archive, offset -1 and sorted by index) of archive ``path``, as
+    ``(position in wanted, data, problem)``: ``data`` None when the member is larger than
+    ``max_bytes``; ``problem`` (one line, ``data`` None) when it could not be read again (the
+    file changed or broke since it was listed). Every position is given exactly once."""
+    given: set[int] = set()
+    problem = "the archive ended before it"
+    try:
+        with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
+            members = (_stream_unit_members(raw, wanted, max_bytes) if wanted[0][0] < 0
+                       else _seek_unit_members(raw, wanted, max_bytes))
+            for position, data in members:
+                given.add(position)
+                yield position, data, ""
+    except (ArchiveDamaged, OSError) as error:
+        problem = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
+    for position in range(len(wanted)):
+        if position not in given:
+            yield position, None, problem
+
+
+def _seek_unit_members(raw, wanted: list[tuple[int, int, int]], max_bytes: int):
+    """:func:`read_unit_members` for an uncompressed archive: one seek and read per member."""
+    for position, (offset, size, index) in enumerate(wanted):
+        if size > max_bytes:
+            yield position, None
+            continue
+        raw.seek(offset)
+        data = raw.read(size)
+        if len(data) != size:
+            raise ArchiveDamaged(f"member {index} cut short when read again: {len(data)} of its "
+                                 f"{size} bytes at offset {offset}")
+        yield position, data
+
+
+def _stream_unit_members(raw, wanted: list[tuple[int, int, int]], max_bytes: int):
+    """:func:`read_unit_members` for a compressed archive: one stream, members by index."""
+    positions = {index: position for position, (_, _, index) in enumerate(wanted)}
+    last = max(positions)
+    for member in iter_members(raw, lambda index, _id: index in positions, max_bytes):
+        if member.index in positions:
+            yield positions[member.index], member.data
+        if member.index >= last:
+            return
 
 
 class ParseLabelsLine(beam.DoFn):
@@ -380,98 +461,129 @@ def is_label_row(labelled: LabelledRow) -> bool:
     return labelled.row.origin != manifest_lib.ORIGIN_DISTRACTOR
 
 
-def incomplete_description(event: ArchiveEvent) -> list[str]:
-    """``["images_003.tar: <detail>"]`` for an archive not read to its end, else []."""
-    if event.kind != EVENT_DAMAGED:
-        return []
-    return [f"{gldv2.archive_name(event.archive)}: {event.detail}"]
+@dataclasses.dataclass(frozen=True)
+class ArchiveOutcomes:
+    """What :class:`MatchIds` needs to know of the archives (small: one entry per archive at
+    most): ``refused`` archive path -> file name, for archives whose MD5 refused them;
+    ``incomplete``: ``"images_003.tar: <detail>"`` of every archive not read to its end."""
+
+    refused: dict
+    incomplete: tuple
+
+
+def archive_outcomes(events: list[ArchiveEvent]) -> ArchiveOutcomes:
+    refused, incomplete = {}, []
+    for event in events:
+        name = gldv2.archive_name(event.archive)
+        if event.kind == EVENT_REFUSED or dict(event.counts).get("image_names_listed") is not None:
+            refused[event.archive] = name
+        if event.kind == EVENT_DAMAGED:
+            incomplete.append(f"{name}: {event.detail}")
+    return ArchiveOutcomes(refused, tuple(sorted(incomplete)))
 
 
 class MatchIds(beam.DoFn):
-    """``(image id, {"rows": LabelledRow, "members": (archive, index, name), "refused": archive
-    name, "cut": detail})`` -> decisions ``((archive, index), LabelledRow | "duplicate")``
-    (main), or a :class:`Rejection` (tagged) for a labelled id that no archive gave.
+    """``(image id, tagged values)`` of :class:`.grouping.TaggedJoin` (:data:`_JOIN_ROWS`: its
+    LabelledRow; :data:`_JOIN_MEMBERS`: a member reference; :data:`_JOIN_CUT`: ``(archive,
+    detail)`` of a member cut short) -> the decision for the id (no image bytes pass here).
 
-    Ids only: no image bytes pass here. The first member (smallest (archive, index)) of a
-    labelled id gets the row (its ``url`` becomes ``<archive>:<member name>``); other copies
-    are marked duplicates. Side input: the archives not read to their end (short strings).
+    A labelled id found in an archive that was not refused: its first member (smallest
+    (archive, index)) gets the row, whose ``url`` becomes ``<archive>:<member name>``, as
+    ``((archive, unit), (offset, size, index, LabelledRow))`` (main: pass 2 reads and decodes
+    it, and counts it :data:`KIND_USED`); other copies are counted :data:`KIND_DUPLICATE`
+    (:data:`TAG_KINDS`). A labelled id that no archive gave is a :class:`Rejection` (tagged;
+    :func:`.gldv2.unseen_reason`). Members without a row (the filter's false positives) are
+    counted :data:`KIND_WITHOUT_LABEL_ROW`. Side input: :class:`ArchiveOutcomes`.
     """
 
-    def process(self, keyed, incomplete_archives):
-        image_id, groups = keyed
-        row = None
-        for labelled in groups["rows"]:  # at most one: rows were de-duplicated by id
-            row = labelled
-        first = None
-        for reference in groups["members"]:
-            if first is None or reference < first:
-                first = reference
-        if row is not None and first is None:
-            # One id's refused/cut values: at most one per archive that names it (usually 0-1).
-            reason, detail = gldv2.unseen_reason(list(groups["refused"]), list(groups["cut"]),
-                                                 list(incomplete_archives))
+    def process(self, keyed, outcomes: ArchiveOutcomes):
+        image_id, tagged_values = keyed
+        row, first, copies, refused_in, cut_in = None, None, 0, [], []
+        # One id's values: its row (at most one: rows were de-duplicated by id) and one value
+        # per copy of the id in the archives (usually one).
+        for tag, value in tagged_values:
+            if tag == _JOIN_ROWS:
+                row = value
+            elif value[0] in outcomes.refused:
+                refused_in.append(outcomes.refused[value[0]])
+            elif tag == _JOIN_CUT:
+                cut_in.append(value[1])
+            else:
+                copies += 1
+                if first is None or value < first:
+                    first = value
+        if row is None:
+            for _ in range(copies):
+                yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
+        elif first is None:
+            reason, detail = gldv2.unseen_reason(refused_in, cut_in, list(outcomes.incomplete))
             yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
                 image_id=image_id, url="", reason=reason, detail=detail, line=row.row.line,
                 origin=row.row.origin))
-        elif row is not None:
-            # (Members without a label row get no decision: counted when their bytes arrive.)
-            archive, index, name = first
+        else:
+            archive, index, name, offset, size, unit = first
             found = dataclasses.replace(row.row, url=f"{archive}:{name}")
-            yield (archive, index), LabelledRow(found, row.label, row.split)
-            for reference in groups["members"]:
-                if reference != first:
-                    yield (reference[0], reference[1]), _DUPLICATE
+            yield (archive, unit), (offset, size, index, LabelledRow(found, row.label, row.split))
+            for _ in range(copies - 1):
+                yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_DUPLICATE)
 
 
 def decode_member(size: int, data: Optional[bytes], max_bytes: int,
-                  params: NormaliseParams) -> tuple:
-    """One image member's payload, ``(size, jpeg, height, width, source_format, reason,
-    detail)``: normalised by the manifest input's :func:`.normalise.normalise_image` (``reason``
-    empty), or why not (``jpeg`` empty; ``too_large`` when its bytes were not read: ``data``
-    None). A plain tuple, which Beam's coder writes without pickling."""
+                  params: NormaliseParams) -> NormalisedImage:
+    """One image member normalised by the manifest input's :func:`.normalise.normalise_image`
+    (raises :class:`.normalise.ImageRejected`; ``too_large`` when its bytes were not read:
+    ``data`` None)."""
     if data is None:
-        return size, b"", 0, 0, "", "too_large", f"{size} bytes > --max_bytes {max_bytes}"
-    try:
-        image = normalise_image(data, params)
-    except ImageRejected as failure:
-        return size, b"", 0, 0, "", failure.reason, failure.detail
-    return size, image.jpeg_bytes, image.height, image.width, image.source_format, "", ""
+        raise ImageRejected("too_large", f"{size} bytes > --max_bytes {max_bytes}")
+    return normalise_image(data, params)
 
 
-class AttachImages(beam.DoFn):
-    """``((archive, index), {"decisions": ..., "members": payload})`` -> the shard record of
-    the member's row (:class:`.transforms.WrittenImage`, main), a :class:`Rejection` with the
-    normaliser's reason (tagged), or the member's kind for the counts (:data:`TAG_KINDS`:
-    :data:`KIND_USED`, :data:`KIND_WITHOUT_LABEL_ROW`, :data:`KIND_DUPLICATE`)."""
+class DecodeUnit(beam.DoFn):
+    """Pass 2: ``((archive, unit), decisions)`` -> the shard records of the unit's members
+    (:class:`.transforms.WrittenImage`, main) or :class:`Rejection` s (tagged: the
+    normaliser's reason, or ``archive_damaged`` when a member cannot be read again), and
+    ``(KIND_USED, number of decisions)`` (:data:`TAG_KINDS`).
+
+    The decisions (at most :data:`MEMBERS_PER_UNIT`) are read in the order of their offsets,
+    each with one seek and one read, as the folder input reads a file: the image bytes are
+    read and decoded where they are written from, and never shuffled.
+    """
+
+    def __init__(self, max_bytes: int, normalise_params: NormaliseParams):
+        self._max_bytes = max_bytes
+        self._normalise_params = normalise_params
+        self._progress = None
+
+    def setup(self):
+        self._progress = transforms.ImagesProgress()
 
     def process(self, keyed):
-        _, groups = keyed
-        decision = None
-        for value in groups["decisions"]:
-            decision = value
-        payloads = groups["members"]
-        if isinstance(decision, LabelledRow) and not payloads:
-            # Part 0 listed the member, but the part that decodes it stopped before it (a read
-            # error that part 0 did not meet): still one rejected row, not a silent loss.
-            payloads = [(0, b"", 0, 0, "", "archive_damaged",
-                         "member not decoded: the reading of its part of the archive stopped "
-                         "before it (see the warnings of the ingest log)")]
-        for size, jpeg, height, width, source_format, reason, detail in payloads:
-            if decision is None:
-                yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_WITHOUT_LABEL_ROW)
-                continue
-            if decision == _DUPLICATE:
-                yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_DUPLICATE)
-                continue
-            yield beam.pvalue.TaggedOutput(TAG_KINDS, KIND_USED)
-            row = decision.row
-            if reason:
+        (archive, _unit), decisions = keyed
+        ordered = sorted(decisions, key=lambda decision: (decision[0], decision[2]))
+        yield beam.pvalue.TaggedOutput(TAG_KINDS, (KIND_USED, len(ordered)))
+        if ordered and ordered[0][0] < 0:  # compressed: by position in the stream
+            ordered.sort(key=lambda decision: decision[2])
+        wanted = [(offset, size, index) for offset, size, index, _ in ordered]
+        for position, data, problem in read_unit_members(archive, wanted, self._max_bytes):
+            _, size, _, labelled = ordered[position]
+            row = labelled.row
+            if problem:
                 yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
-                    image_id=row.image_id, url=row.url, reason=reason, detail=detail,
-                    line=row.line, origin=row.origin))
+                    image_id=row.image_id, url=row.url, reason=gldv2.REASON_ARCHIVE_DAMAGED,
+                    detail=f"member listed, then not readable: {problem}", line=row.line,
+                    origin=row.origin))
                 continue
-            image = NormalisedImage(jpeg, height, width, source_format)
-            yield transforms.written_image(decision, image, size)
+            if data is not None:
+                _DECODED.inc()
+                self._progress.tick()
+            try:
+                image = decode_member(size, data, self._max_bytes, self._normalise_params)
+            except ImageRejected as failure:
+                yield beam.pvalue.TaggedOutput(_REJECTED, Rejection(
+                    image_id=row.image_id, url=row.url, reason=failure.reason,
+                    detail=failure.detail, line=row.line, origin=row.origin))
+                continue
+            yield transforms.written_image(labelled, image, size)
 
 
 def labelled_id(labelled: LabelledRow) -> str:
@@ -519,8 +631,9 @@ class BuildIdFilter(beam.CombineFn):
 
 
 class ArchiveSummaryFn(beam.CombineFn):
-    """:class:`ArchiveEvent` s and member kinds (strings) -> the ``archives`` part of
-    ``stats.json`` (associative; lists sorted so the result does not depend on worker order)."""
+    """:class:`ArchiveEvent` s and member kinds (a kind, or ``(kind, count)``) -> the
+    ``archives`` part of ``stats.json`` (associative; lists sorted so the result does not
+    depend on worker order)."""
 
     def create_accumulator(self):
         return {"events": [], "kinds": {}}
@@ -529,7 +642,8 @@ class ArchiveSummaryFn(beam.CombineFn):
         if isinstance(item, ArchiveEvent):
             accumulator["events"].append(item)
         else:
-            accumulator["kinds"][item] = accumulator["kinds"].get(item, 0) + 1
+            kind, count = item if isinstance(item, tuple) else (item, 1)
+            accumulator["kinds"][kind] = accumulator["kinds"].get(kind, 0) + count
         return accumulator
 
     def merge_accumulators(self, accumulators):
@@ -625,51 +739,47 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
         | "IdFilter" >> beam.CombineGlobally(BuildIdFilter(
             id_filter_lib.bits_for_labels_file(labels_size)))
     )
-    read = (
+    listed = (
         pipeline
         | "ArchivePaths" >> beam.Create(archive_paths)
         | "SpreadArchives" >> beam.Reshuffle()
-        | "CheckArchives" >> beam.ParDo(CheckArchive(config.md5_dir))
-        | "ArchiveParts" >> beam.FlatMap(archive_units, parts)
-        | "SpreadParts" >> beam.Reshuffle()
-        | "ReadArchives" >> beam.ParDo(
-            ReadArchive(config.max_bytes, config.normalise_params()),
-            beam.pvalue.AsSingleton(labelled_ids),
-        ).with_outputs(TAG_IDS, TAG_EVENTS, TAG_REFUSED, TAG_CUT, TAG_KINDS, main="members")
+        | "ListArchives" >> beam.ParDo(
+            ListArchive(config.md5_dir, parts), beam.pvalue.AsSingleton(labelled_ids),
+        ).with_outputs(TAG_EVENTS, TAG_CUT, main="members")
     )
-    incomplete = (
-        read[TAG_EVENTS]
-        | "IncompleteArchives" >> beam.FlatMap(incomplete_description)
-        | "ListIncomplete" >> beam.combiners.ToList()
+    outcomes = (
+        listed[TAG_EVENTS]
+        | "CollectEvents" >> beam.combiners.ToList()
+        | "ArchiveOutcomes" >> beam.Map(archive_outcomes)
     )
     matched = (
-        {"rows": label_rows_only | "KeyRowsById" >> beam.Map(key_labelled_by_id),
-         "members": read[TAG_IDS],
-         "refused": read[TAG_REFUSED],
-         "cut": read[TAG_CUT]}
-        | "JoinIds" >> beam.CoGroupByKey()
-        | "MatchIds" >> beam.ParDo(MatchIds(), beam.pvalue.AsSingleton(incomplete)).with_outputs(
-            _REJECTED, main="decisions")
+        {_JOIN_ROWS: label_rows_only | "KeyRowsById" >> beam.Map(key_labelled_by_id),
+         _JOIN_MEMBERS: listed.members,
+         _JOIN_CUT: listed[TAG_CUT]}
+        | "JoinIds" >> grouping.TaggedJoin()
+        | "MatchIds" >> beam.ParDo(MatchIds(), beam.pvalue.AsSingleton(outcomes)).with_outputs(
+            _REJECTED, TAG_KINDS, main="decisions")
     )
-    # The one shuffle of image data: normalised JPEGs, which also spreads them over workers.
-    attached = (
-        {"decisions": matched.decisions,
-         "members": read.members}
-        | "JoinImages" >> beam.CoGroupByKey()
-        | "AttachImages" >> beam.ParDo(AttachImages()).with_outputs(
-            _REJECTED, TAG_KINDS, main="written")
+    # Pass 2: the decisions grouped by unit of decoding work (a byte range of one archive);
+    # the image bytes are read where they are decoded and written, never shuffled.
+    decoded = (
+        matched.decisions
+        | "GroupByUnit" >> beam.GroupByKey()
+        | "DecodeUnits" >> beam.ParDo(DecodeUnit(
+            config.max_bytes, config.normalise_params())).with_outputs(
+                _REJECTED, TAG_KINDS, main="written")
     )
     distractor_images = transforms.normalise_images(
         labelled.rows | "OnlyDistractors" >> beam.Filter(is_distractor), config)
-    written = (attached.written, distractor_images.written) | "AllWritten" >> beam.Flatten()
+    written = (decoded.written, distractor_images.written) | "AllWritten" >> beam.Flatten()
     transforms.write_shards_rejected_and_counts(
         written, shards, out,
         rejected=[parsed[_REJECTED], *labelled.rejected, matched[_REJECTED],
-                  attached[_REJECTED], distractor_images[_REJECTED]],
+                  decoded[_REJECTED], distractor_images[_REJECTED]],
         rows_in=[parsed.rows, parsed[_REJECTED], distractor_rows],
         num_classes=labelled.num_classes)
     (
-        (read[TAG_EVENTS], read[TAG_KINDS], attached[TAG_KINDS])
+        (listed[TAG_EVENTS], matched[TAG_KINDS], decoded[TAG_KINDS])
         | "ArchiveItems" >> beam.Flatten()
         | "SummariseArchives" >> beam.CombineGlobally(ArchiveSummaryFn())
         | "WriteArchiveSummary" >> beam.Map(write_archive_summary, out)

@@ -37,11 +37,11 @@ class IngestConfig:
         ``index.csv`` for an unlabelled split; :mod:`beam_pipelines.ingest.gldv2`).
       md5_dir: with ``archives``: folder of the release's ``md5.images_NNN.txt`` files for these
         archives (``md5sum/train`` for ``train/images_*.tar``); each archive is checked
-        before its members are used.
-      archive_parts: with ``archives``: units of reading work per archive, each streaming the
-        archive and decoding every ``archive_parts``-th member; 0 (default) = enough for every
-        worker of the runner to have one (``ceil(workers / archives)``; 1 when the runner's
-        worker count is not given).
+        (in the same stream that lists its members) before its members are used.
+      archive_parts: with ``archives``: equal byte ranges each archive is cut into for decoding,
+        each read and decoded by one worker; 0 (default) = enough for every worker of the
+        runner to have one (``ceil(workers / archives)``; 1 when the runner's worker count is
+        not given).
       output_dir: run folder (must be empty unless ``overwrite``).
       distractor_dir: optional folder of non-landmark images (label -1), listed non-recursively.
       label_map: optional existing ``label_map.csv`` to reuse (e.g. the train map for a dev set);
@@ -205,8 +205,8 @@ def build_arg_parser() -> argparse.ArgumentParser:
              "archives (e.g. md5sum/train); an archive whose MD5 does not match is not used and "
              "its labelled rows are rejected checksum_mismatch (default: no check)")
     add("--archive_parts", type=int, default=defaults.archive_parts,
-        help="with --archives: units of reading work per archive, each streaming the archive "
-             "and decoding every K-th member, for runs with fewer archives than workers; 0 = "
+        help="with --archives: equal byte ranges each archive is cut into for decoding, each "
+             "read and decoded by one worker, for runs with fewer archives than workers; 0 = "
              "ceil(workers / archives) from --direct_num_workers, --max_num_workers or "
              "--num_workers, else 1 (default: 0)")
     add("--output_dir", default="",

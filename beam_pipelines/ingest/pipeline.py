@@ -430,7 +430,7 @@ def _run_pipeline(config: IngestConfig, beam_args: list[str], plan: InputPlan):
     if plan.labels is not None:
         parts = config.archive_parts or archives.parts_per_archive(
             len(plan.archive_paths), runner_workers(pipeline.options))
-        _LOGGER.info("ingest: %d unit(s) of reading work per archive", parts)
+        _LOGGER.info("ingest: each archive decoded in %d byte range(s)", parts)
         archives.build_archive_pipeline(
             pipeline, config, plan.archive_paths, plan.labels, plan.distractors,
             plan.given_label_map, io_utils.file_size(config.labels_csv), parts)
