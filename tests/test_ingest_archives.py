@@ -182,6 +182,30 @@ def test_tampered_index_archive_is_refused_and_the_other_ingested(release, runs)
     assert stats["shards_per_split"] == {"index": 1}
 
 
+def test_md5_of_a_truncated_archive_refuses_it_in_the_listing_pass(release, tmp_path):
+    """The MD5 is computed in the same stream that lists the members: the cut test archive
+    does not match, so none of its members is used, and the ids whose names could still be
+    listed (the cut one included) are checksum_mismatch; the intact archive is used."""
+    root = release.root
+    code, stats = ingest(tmp_path / "out", "--archives", str(root / "test" / "images_*.tar"),
+                         "--labels_csv", str(root / "test.csv"), "--md5_dir",
+                         str(root / "md5sum" / "test"), "--max_rejected_fraction", "0.9")
+    assert code == 0
+    written = set(records(tmp_path / "out", "test"))
+    listed_in_cut = [i for i in release.test_kept if i not in written] + [release.test_cut]
+    assert written == set(release.test_kept) - set(listed_in_cut) and len(listed_in_cut) == 3
+    rejected = {row["id"]: row["reason"] for row in rejected_rows(tmp_path / "out")}
+    assert rejected == {**{i: "checksum_mismatch" for i in listed_in_cut},
+                        **{i: "archive_damaged" for i in
+                           [*release.test_lost, release.test_missing]}}
+    (refused,) = stats["archives"]["checksum_mismatch"]
+    assert refused["archive"] == "images_001.tar" and refused["image_names_listed"] == 3
+    (damaged,) = stats["archives"]["damaged"]
+    assert damaged["archive"] == "images_001.tar" and damaged["members_read"] == 0
+    assert stats["archives"]["members"]["images"] == len(written)  # refused: not counted
+    assert stats["counters"]["archive_images_decoded"] == len(written)
+
+
 def test_too_many_rejected_rows_fail_the_run(release, tmp_path, capsys):
     # Only the tampered index archive: every row rejected -> exit code 4, no _SUCCESS.
     root = release.root
@@ -527,6 +551,49 @@ def test_parts_units_and_the_runners_worker_count():
     per_unit = archives.MEMBERS_PER_UNIT
     assert archives.unit_of(member(per_unit, 512), 3000, 1) == (0, 1)
     assert archives.unit_of(member(per_unit * 2 + 5, -1), 3000, 3) == (0, 2)  # compressed
+
+
+def test_match_ids_decides_each_id_from_its_row_members_and_the_archives_outcomes():
+    outcomes = archives.archive_outcomes([
+        archives.ArchiveEvent(archives.EVENT_READ, "d/a.tar"),
+        archives.ArchiveEvent(archives.EVENT_REFUSED, "d/r.tar", "MD5 x != y",
+                              (("image_names_listed", 4),)),
+        archives.ArchiveEvent(archives.EVENT_DAMAGED, "d/c.tar", "cut at 3",
+                              (("images", 2),))])
+    assert outcomes.refused == {"d/r.tar": "r.tar"} and outcomes.incomplete == (
+        "c.tar: cut at 3",)
+
+    def row(image_id: str):
+        return archives.LabelledRow(ManifestRow(image_id=image_id, url="", landmark_id=1,
+                                                line=7), 0, "train")
+
+    def member(archive: str, index: int):
+        return ("members", (archive, index, f"x/{index}.jpg", 512 * index, 99, (0, 0)))
+
+    def decide(image_id: str, values: list) -> list:
+        outputs = archives.MatchIds().process((image_id, values), outcomes)
+        return [(getattr(o, "tag", "main"), getattr(o, "value", o)) for o in outputs]
+
+    # The first copy (smallest (archive, index)) gets the row; the other is a duplicate; a copy
+    # in a refused archive is not used.
+    (main, duplicate) = decide("A", [member("d/c.tar", 1), ("rows", row("A")),
+                                     member("d/a.tar", 5), member("d/r.tar", 0)])
+    assert main[0] == "main" and main[1][0] == ("d/a.tar", (0, 0))
+    offset, size, index, labelled = main[1][1]
+    assert (offset, size, index, labelled.row.url) == (2560, 99, 5, "d/a.tar:x/5.jpg")
+    assert duplicate == (archives.TAG_KINDS, archives.KIND_DUPLICATE)
+    # Only in a refused archive (listed or cut short there): checksum_mismatch.
+    for values in ([member("d/r.tar", 2)], [("cut", ("d/r.tar", "r.tar: cut"))]):
+        ((tag, rejection),) = decide("B", [("rows", row("B")), *values])
+        assert (tag, rejection.reason, rejection.line) == ("rejected", "checksum_mismatch", 7)
+    # Cut short in an archive not refused; in no archive while one is incomplete.
+    ((_, rejection),) = decide("C", [("rows", row("C")), ("cut", ("d/c.tar", "c.tar: cut"))])
+    assert rejection.reason == "archive_damaged" and "cut short" in rejection.detail
+    ((_, rejection),) = decide("D", [("rows", row("D"))])
+    assert rejection.reason == "archive_damaged" and "c.tar: cut at 3" in rejection.detail
+    # A member without a row (a false positive of the filter of labelled ids): counted.
+    assert decide("E", [member("d/a.tar", 9)]) == [
+        (archives.TAG_KINDS, archives.KIND_WITHOUT_LABEL_ROW)]
 
 
 def test_a_listed_member_that_cannot_be_read_again_is_a_rejected_row(tmp_path):

@@ -1,12 +1,13 @@
 """A Bloom filter of image ids: "might this archive member have a label row?" in a few MB.
 
-The archive input decodes an image where its bytes are, in the worker that reads its archive,
-and only if a label row may ask for it: GLDv2's ``train_clean.csv`` lists 1.58M of the 4.1M
-images in the train archives, so decoding every member would do 2.6 times the work. The exact
-set of labelled ids (4.1M 16-character strings, about 300 MB as a Python set) is too big for a
-side input; this filter answers the same question with no false negatives and a small rate of
-false positives (a member decoded in vain, then counted ``without_label_row`` as before), in a
-bit array whose size is fixed before the ids are seen.
+The archive input's listing pass (:class:`.archives.ListArchive`) keeps only the members a
+label row may ask for: GLDv2's ``train_clean.csv`` lists 1.58M of the 4.1M images in the train
+archives, so keeping every member would send 2.6 times the references through the join by id
+(and a refused or unlabelled member is never read in the decoding pass). The exact set of
+labelled ids (4.1M 16-character strings, about 300 MB as a Python set) is too big for a side
+input; this filter answers the same question with no false negatives and a small rate of false
+positives (a member kept in vain, then counted ``without_label_row`` by the join), in a bit
+array whose size is fixed before the ids are seen.
 
 Sizing: ``bits = 10 x expected ids`` rounded up to a power of two, ``HASHES = 7`` positions per
 id: the false-positive rate at the expected count is about 0.8 % (``(1 - exp(-7/10))**7``) and
