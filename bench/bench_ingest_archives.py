@@ -18,14 +18,19 @@ runner; the wall clock of a shared machine says more about the neighbours than a
 - end to end: large-set images / CPU seconds of the whole run (pipeline construction and
   start-up included, which the archive path's larger graph makes dearer);
 - per image (the steady state, what a 4.1M-image run sees): (large - small images) / (large -
-  small CPU seconds), the fixed cost of a run cancelled out.
+  small CPU seconds), the fixed cost of a run cancelled out; from the best round of each run,
+  and, as a second estimate, the median over rounds of the ratio within each round (the order
+  of the two inputs alternates from round to round).
 
 Done when: archives >= folder per image (ratio >= 1). Wall-clock images/s are printed too.
+Both inputs do the same decoding work per image, so the ratio is decided by what surrounds it
+(the folder input opens a file per image; the archive input joins ids and reads members by
+offset) and sits within the machine's noise of 1: use 8 rounds or more.
 
 ``--spread``: instead, whether one archive's decoding is spread over workers: the large set in
 ONE archive, ingested on the local runner with 2 worker processes (``--direct_num_workers 2
 --direct_running_mode multi_processing``) with ``--archive_parts 1`` (one worker decodes it all)
-and with the default (``ceil(2 workers / 1 archive)`` = 2 parts); wall seconds, best of the
+and with the default (``ceil(2 workers / 1 archive)`` = 2 byte ranges); wall seconds, best of the
 rounds. Expected: about 2x on 2 idle cores, less the runner's fixed start-up.
 
 Usage: ``.venv/bin/python bench/bench_ingest_archives.py [--images 600] [--small 150]
