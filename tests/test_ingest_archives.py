@@ -250,14 +250,17 @@ def test_gcs_archives_and_labels_on_the_emulator(release, gcs_emulator):
         gcs_emulator.upload(f"gldv2/md5sum/train/{md5_name}",
                             (root / "md5sum" / "train" / md5_name).read_text())
     labels = gcs_emulator.upload("gldv2/train_clean.csv", (root / "train_clean.csv").read_text())
-    out = gcs_emulator.path("runs/clean")
-    stats = pipeline.run(["--archives", gcs_emulator.path("gldv2/train/images_*.tar"),
-                          "--labels_csv", labels,
-                          "--md5_dir", gcs_emulator.path("gldv2/md5sum/train"),
-                          "--output_dir", out, "--num_shards", "1", *COMMON])
-    assert (stats["rows_in"], stats["written"], stats["rejected"]) == (6, 6, 0)
-    assert stats["archives"]["read_whole"] == 2
-    assert io_utils.has_success_marker(out)
+    # With --md5_dir the listing streams every byte (for the MD5); without, it seeks over the
+    # data of the objects. Either way the members are then read back by offset.
+    md5_flags = ["--md5_dir", gcs_emulator.path("gldv2/md5sum/train")]
+    for name, extra in (("md5", md5_flags), ("seek", [])):
+        out = gcs_emulator.path(f"runs/clean_{name}")
+        stats = pipeline.run(["--archives", gcs_emulator.path("gldv2/train/images_*.tar"),
+                              "--labels_csv", labels, *extra,
+                              "--output_dir", out, "--num_shards", "1", *COMMON])
+        assert (stats["rows_in"], stats["written"], stats["rejected"]) == (6, 6, 0), name
+        assert stats["archives"]["read_whole"] == 2
+        assert io_utils.has_success_marker(out)
 
 
 # ---- the pure parts -------------------------------------------------------------------------
@@ -364,6 +367,21 @@ def test_damage_is_detected_wherever_the_archive_breaks(seekable, read_data):
     names, detail = read(bytes(corrupt))
     assert names == ["a/x1.jpg", "a/x2.jpg"] and detail
     assert read(b"not a tar at all" * 64)[1]
+
+
+def test_listing_holds_one_header_at_a_time():
+    """tarfile keeps every header it reads (``TarFile.members``): 8k per GLDv2 archive, and
+    without bound for a larger tar. The listing drops each one once read, so its memory does
+    not grow with the member count (tarfile alone: a 9.2 MB peak for these 20,000 headers)."""
+    import tracemalloc
+
+    data = _tar([(f"a/b/c/{n:016x}.jpg", b"") for n in range(20_000)])
+    for seekable in (True, False):
+        tracemalloc.start()
+        count = sum(1 for _ in archives.iter_members(io.BytesIO(data), seekable=seekable))
+        _, peak = tracemalloc.get_traced_memory()
+        tracemalloc.stop()
+        assert count == 20_000 and peak < 2_000_000, (seekable, peak)
 
 
 def test_members_read_again_by_offset_are_the_archived_bytes(tmp_path):
