@@ -344,18 +344,21 @@ class ListArchive(beam.DoFn):
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
                 source = _HashingReader(raw, digest) if digest is not None else raw
                 seekable = digest is None and _is_plain_and_seekable(raw)
-                for member in iter_members(source, seekable=seekable):
-                    counts[member.kind] = counts.get(member.kind, 0) + 1
-                    if member.kind != gldv2.MEMBER_IMAGE:
-                        continue
-                    if not wanted.might_contain(member.image_id):
-                        counts[KIND_WITHOUT_LABEL_ROW] = counts.get(KIND_WITHOUT_LABEL_ROW, 0) + 1
-                        continue
-                    yield member.image_id, (path, member.index, member.name, member.offset,
-                                            member.size, unit_of(member, archive_bytes,
-                                                                 self._parts))
-                if digest is not None:
-                    source.drain()
+                try:
+                    for member in iter_members(source, seekable=seekable):
+                        counts[member.kind] = counts.get(member.kind, 0) + 1
+                        if member.kind != gldv2.MEMBER_IMAGE:
+                            continue
+                        if not wanted.might_contain(member.image_id):
+                            counts[KIND_WITHOUT_LABEL_ROW] = counts.get(
+                                KIND_WITHOUT_LABEL_ROW, 0) + 1
+                            continue
+                        yield member.image_id, (path, member.index, member.name, member.offset,
+                                                member.size, unit_of(member, archive_bytes,
+                                                                     self._parts))
+                finally:
+                    if digest is not None:  # the MD5 is of the whole file, damaged or not
+                        source.drain()
         except (ArchiveDamaged, OSError, InputError, ResourceUnreachable) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
@@ -365,7 +368,8 @@ class ListArchive(beam.DoFn):
                 yield beam.pvalue.TaggedOutput(
                     TAG_CUT, (cut[0], (path, f"{gldv2.archive_name(path)}: {detail}")))
         if digest is not None and not problem and digest.hexdigest() != expected:
-            problem = f"MD5 {digest.hexdigest()} != {expected} in {self._md5_dir}"
+            problem = (f"MD5 {digest.hexdigest()} != {expected} in "
+                       f"{io_utils.join(self._md5_dir, gldv2.md5_file_name(path))}")
         _LOGGER.info("ingest: listed %s in %.1f s: %s%s", gldv2.archive_name(path),
                      time.monotonic() - started, dict(sorted(counts.items())),
                      f" ({kind}: {detail})" if detail else "")
