@@ -34,7 +34,7 @@ and with the default (``ceil(2 workers / 1 archive)`` = 2 byte ranges); wall sec
 rounds. Expected: about 2x on 2 idle cores, less the runner's fixed start-up.
 
 Usage: ``.venv/bin/python bench/bench_ingest_archives.py [--images 600] [--small 150]
-[--rounds 2] [--spread]``
+[--rounds 6] [--spread]``
 """
 
 from __future__ import annotations
@@ -135,7 +135,7 @@ def main() -> None:
     parser.add_argument("--images", type=int, default=600)
     parser.add_argument("--small", type=int, default=150)
     parser.add_argument("--num_archives", type=int, default=4)
-    parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--rounds", type=int, default=6)
     parser.add_argument("--spread", action="store_true",
                         help="measure the spread of one archive over 2 worker processes instead")
     args = parser.parse_args()
