@@ -100,7 +100,13 @@ def match(pattern: str) -> list[str]:
         ``pattern`` and carries the storage service's own message.
       ResourceUnreachable: the storage service could not be reached.
     """
-    return sorted(metadata.path for metadata in _listing(pattern))
+    return [path for path, _ in match_with_sizes(pattern)]
+
+
+def match_with_sizes(pattern: str) -> list[tuple[str, int]]:
+    """:func:`match` with each file's size in bytes, from the same listing: ``[(path, size)]``
+    sorted by path (raises as :func:`match`)."""
+    return sorted((metadata.path, metadata.size_in_bytes) for metadata in _listing(pattern))
 
 
 def file_size(path: str) -> int:

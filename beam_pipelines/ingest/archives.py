@@ -6,9 +6,10 @@ handles: local or ``gs://``):
 1. **Listing** (:class:`ListArchive`, one worker per archive): the member headers, read in
    order; the data of an uncompressed archive is skipped by seeking (on a local disk, only
    the headers are read; ``gs://`` reads go through a 16 MB buffer, so the data streams past).
-   With ``--md5_dir`` the same stream reads every byte and computes the archive's MD5. It gives the ``(image id, member reference)`` of every image
-   member a label row may ask for (a Bloom filter of the labelled ids, :mod:`.id_filter`, is
-   its side input: ``train_clean.csv`` asks for 1.58M of the 4.1M train images).
+   With ``--md5_dir`` the same stream reads every byte and computes the archive's MD5. It
+   gives the ``(image id, member reference)`` of every image member a label row may ask for
+   (a Bloom filter of the labelled ids, :mod:`.id_filter`, is its side input:
+   ``train_clean.csv`` asks for 1.58M of the 4.1M train images).
 2. **Decoding** (:class:`DecodeUnit`): once the label rows are joined to the references by id,
    the decisions are grouped by unit of work: a contiguous byte range of one archive
    (``--archive_parts`` per archive, default enough for every worker when archives are few)
@@ -80,9 +81,7 @@ from beam_pipelines.ingest.manifest import ManifestRow, Rejection
 from beam_pipelines.ingest.normalise import (ImageRejected, NormalisedImage, NormaliseParams,
                                              normalise_image)
 from beam_pipelines.ingest.transforms import LabelledRow
-from tfrecords_schema import InputError
 from tfrecords_schema.label_map import LabelMap
-from trainer.cli import ResourceUnreachable
 
 _LOGGER = logging.getLogger(__name__)
 # Image members decoded where their archive is read (those a label row may ask for).
@@ -314,7 +313,8 @@ def unit_of(member: Member, archive_bytes: int, parts: int) -> tuple[int, int]:
 
 
 class ListArchive(beam.DoFn):
-    """Archive path -> pass 1 of the archive input: one stream over the archive, no decoding.
+    """``(archive path, size in bytes)`` -> pass 1 of the archive input: one stream over the
+    archive, no decoding (the size, from the launcher's listing, places members in units).
 
     Gives, for each image member a label row may ask for (the side input, an
     :class:`.id_filter.IdFilter` of the labelled ids: no false negatives), ``(image id,
@@ -336,14 +336,14 @@ class ListArchive(beam.DoFn):
         self._md5_dir = md5_dir
         self._parts = parts
 
-    def process(self, path: str, labelled_ids):
+    def process(self, archive_file: tuple[str, int], labelled_ids):
+        path, archive_bytes = archive_file
         wanted = id_filter_lib.IdFilter.from_value(labelled_ids)
         expected, problem = expected_md5(path, self._md5_dir) if self._md5_dir else ("", "")
         digest = hashlib.md5() if expected else None
         counts: dict[str, int] = {}
         kind, detail, started, cut_short = EVENT_READ, "", time.monotonic(), 0
         try:
-            archive_bytes = io_utils.file_size(path)
             with FileSystems.open(path, compression_type=CompressionTypes.UNCOMPRESSED) as raw:
                 source = _HashingReader(raw, digest) if digest is not None else raw
                 seekable = digest is None and _is_plain_and_seekable(raw)
@@ -362,7 +362,7 @@ class ListArchive(beam.DoFn):
                 finally:
                     if digest is not None:  # the MD5 is of the whole file, damaged or not
                         source.drain()
-        except (ArchiveDamaged, OSError, InputError, ResourceUnreachable) as error:
+        except (ArchiveDamaged, OSError) as error:
             kind = EVENT_DAMAGED
             detail = error.detail if isinstance(error, ArchiveDamaged) else _error_text(error)
             cut = getattr(error, "cut", None)
@@ -492,8 +492,9 @@ def archive_outcomes(events: list[ArchiveEvent]) -> ArchiveOutcomes:
 
 class MatchIds(beam.DoFn):
     """``(image id, tagged values)`` (a ``GroupByKey`` of values tagged where they are made:
-    :data:`_JOIN_ROWS`: its LabelledRow; :data:`_JOIN_MEMBERS`: a member reference; :data:`_JOIN_CUT`: ``(archive,
-    detail)`` of a member cut short) -> the decision for the id (no image bytes pass here).
+    :data:`_JOIN_ROWS`: its LabelledRow; :data:`_JOIN_MEMBERS`: a member reference;
+    :data:`_JOIN_CUT`: ``(archive, detail)`` of a member cut short) -> the decision for the id
+    (no image bytes pass here).
 
     A labelled id found in an archive that was not refused: its first member (smallest
     (archive, index)) gets the row, whose ``url`` becomes ``<archive>:<member name>``, as
@@ -567,10 +568,9 @@ class DecodeUnit(beam.DoFn):
 
     def process(self, keyed):
         (archive, _unit), decisions = keyed
+        # By offset, then index: in a compressed archive (every offset -1), by index alone.
         ordered = sorted(decisions, key=lambda decision: (decision[0], decision[2]))
         yield beam.pvalue.TaggedOutput(TAG_KINDS, (KIND_USED, len(ordered)))
-        if ordered and ordered[0][0] < 0:  # compressed: by position in the stream
-            ordered.sort(key=lambda decision: decision[2])
         wanted = [(offset, size, index) for offset, size, index, _ in ordered]
         for position, data, problem in read_unit_members(archive, wanted, self._max_bytes):
             _, size, _, labelled = ordered[position]
@@ -712,13 +712,15 @@ def write_archive_summary(summary: dict, output_dir: str) -> None:
     io_utils.write_json(io_utils.join(output_dir, ARCHIVES_FILENAME), summary)
 
 
-def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archive_paths: list[str],
+def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig,
+                           archive_files: list[tuple[str, int]],
                            labels: gldv2.LabelsFormat, distractors: list[ManifestRow],
                            given_label_map: Optional[LabelMap], labels_size: int,
                            parts: int = 1) -> None:
     """Adds the ``--archives`` ingest to ``pipeline`` (see the module docstring);
-    ``labels_size``: the size of ``--labels_csv`` in bytes (sizes the filter of labelled ids);
-    ``parts``: the units of reading work per archive (:func:`parts_per_archive`)."""
+    ``archive_files``: ``(path, size in bytes)`` of each archive; ``labels_size``: the size of
+    ``--labels_csv`` in bytes (sizes the filter of labelled ids); ``parts``: the byte ranges
+    each archive is decoded in (:func:`parts_per_archive`)."""
     out = config.output_dir
     main_split = config.main_split(labels.labelled)
     shards = config.shards_per_split(labels.labelled)
@@ -745,7 +747,7 @@ def build_archive_pipeline(pipeline: beam.Pipeline, config: IngestConfig, archiv
     )
     listed = (
         pipeline
-        | "ArchivePaths" >> beam.Create(archive_paths)
+        | "ArchiveFiles" >> beam.Create(archive_files)
         | "SpreadArchives" >> beam.Reshuffle()
         | "ListArchives" >> beam.ParDo(
             ListArchive(config.md5_dir, parts), beam.pvalue.AsSingleton(labelled_ids),

@@ -301,14 +301,16 @@ def remove_empty_splits(output_dir: str, shards: dict[str, int],
 
 
 def archive_inputs(config: IngestConfig):
-    """``(label CSV format, archive paths)`` of an ``--archives`` run, checked before any
-    pipeline: a known ``--labels_csv`` header, at least one archive, and with ``--md5_dir`` an MD5
-    file for every archive (``md5.images_NNN.txt`` for ``images_NNN.tar``)."""
+    """``(label CSV format, [(archive path, size in bytes)])`` of an ``--archives`` run (the
+    sizes from the same listing, so workers need not list each archive again), checked before
+    any pipeline: a known ``--labels_csv`` header, at least one archive, and with ``--md5_dir``
+    an MD5 file for every archive (``md5.images_NNN.txt`` for ``images_NNN.tar``)."""
     from beam_pipelines.ingest import gldv2
 
     labels = gldv2.parse_labels_header(read_first_line(config.labels_csv, "--labels_csv"),
                                        source=config.labels_csv)
-    paths = io_utils.match(config.archives)
+    archive_files = io_utils.match_with_sizes(config.archives)
+    paths = [path for path, _ in archive_files]
     if not paths:
         raise InputError(f"no files match --archives {config.archives!r} (quote the glob so "
                          "that the shell does not expand it)")
@@ -325,7 +327,7 @@ def archive_inputs(config: IngestConfig):
     if config.dev_fraction > 0 and not labels.labelled:
         raise InputError(f"--dev_fraction needs labels; --labels_csv {config.labels_csv} is "
                          f"{labels.kind} (ids only)")
-    return labels, paths
+    return labels, archive_files
 
 
 @dataclasses.dataclass(frozen=True)
@@ -336,7 +338,7 @@ class InputPlan:
 
     header: Optional[manifest_lib.ManifestHeader]
     labels: Optional[gldv2.LabelsFormat]
-    archive_paths: Optional[list[str]]
+    archive_files: Optional[list[tuple[str, int]]]  # (path, size in bytes)
     given_label_map: Optional[LabelMap]
     distractors: list[ManifestRow]
 
@@ -387,9 +389,9 @@ def check_inputs(config: IngestConfig, beam_args: list[str]) -> InputPlan:
     check_inputs_outside_output(config)
     io_utils.check_access(access_paths(config, beam_args))
     header = None  # TFRecord input: no header, records are labelled or not one by one
-    labels = archive_paths = None
+    labels = archive_files = None
     if config.archives:
-        labels, archive_paths = archive_inputs(config)
+        labels, archive_files = archive_inputs(config)
     elif config.manifest:
         header = manifest_lib.parse_header(read_first_line(config.manifest),
                                            source=config.manifest)
@@ -406,13 +408,13 @@ def check_inputs(config: IngestConfig, beam_args: list[str]) -> InputPlan:
         given_label_map = LabelMap.from_csv_text(io_utils.read_text(config.label_map),
                                                  source=config.label_map)
     distractors = list_distractors(config.distractor_dir) if config.distractor_dir else []
-    return InputPlan(header, labels, archive_paths, given_label_map, distractors)
+    return InputPlan(header, labels, archive_files, given_label_map, distractors)
 
 
 def _log_plan(config: IngestConfig, plan: InputPlan) -> None:
     if plan.labels is not None:
         _LOGGER.info("ingest: %d archives of %s with %s (%s) + %d distractor files -> %s",
-                     len(plan.archive_paths), config.archives, config.labels_csv,
+                     len(plan.archive_files), config.archives, config.labels_csv,
                      plan.labels.kind, len(plan.distractors), config.output_dir)
     elif plan.header is not None:
         _LOGGER.info("ingest: %s (%s manifest) + %d distractor files -> %s", config.manifest,
@@ -429,10 +431,10 @@ def _run_pipeline(config: IngestConfig, beam_args: list[str], plan: InputPlan):
     pipeline = beam.Pipeline(options=pipeline_options(beam_args))
     if plan.labels is not None:
         parts = config.archive_parts or archives.parts_per_archive(
-            len(plan.archive_paths), runner_workers(pipeline.options))
+            len(plan.archive_files), runner_workers(pipeline.options))
         _LOGGER.info("ingest: each archive decoded in %d byte range(s)", parts)
         archives.build_archive_pipeline(
-            pipeline, config, plan.archive_paths, plan.labels, plan.distractors,
+            pipeline, config, plan.archive_files, plan.labels, plan.distractors,
             plan.given_label_map, io_utils.file_size(config.labels_csv), parts)
     else:
         build_pipeline(pipeline, config, plan.header, plan.distractors, plan.given_label_map)
