@@ -29,6 +29,20 @@ import types  # noqa: E402
 import pytest  # noqa: E402
 
 
+def pytest_make_parametrize_id(config, val, argname):
+    """Name a bytes parameter by its length, not its content.
+
+    pytest-xdist requires every worker to collect the same test ids, and serialised protos
+    are not stable between processes: a ``tf.train.Features`` map serialises its keys in an
+    order that differs from one process to the next. One such id stopped a CI run at
+    collection ("Different tests were collected between gw1 and gw0").
+    """
+    del config
+    if isinstance(val, bytes):
+        return f"{argname}:{len(val)}B"
+    return None
+
+
 @pytest.fixture(scope="session")
 def demo_run(tmp_path_factory):
     """One whole ``landmarks-demo`` run (defaults, with the recognizer comparison: about two

@@ -127,3 +127,23 @@ def test_packed_descriptors_are_stored_at_their_real_size():
     size = len(local_features.serialize_features(record))
     assert size < 1000 * 32 + 1000 * 2 * 4 + 1024
     assert local_features.parse_features(local_features.serialize_features(record)).packed
+
+
+def _key_order(serialized, keys):
+    """The feature keys of a serialised Example, in the order their map entries appear."""
+    entry = {key: serialized.index(b"\n" + bytes([len(key)]) + key.encode()) for key in keys}
+    return sorted(keys, key=entry.get)
+
+
+def test_serialised_records_are_the_same_bytes_in_every_process():
+    # A proto map serialises in an order that changes between processes unless asked to be
+    # deterministic (sorted keys): then one record gives the same shard bytes on any worker.
+    record = image_record.ImageRecord(image_id="a", jpeg_bytes=b"x", label=1, height=2,
+                                      width=3, landmark_id=4)
+    keys = [key for key, _, _ in image_record.FIELDS]
+    assert _key_order(image_record.serialize_record(record), keys) == sorted(keys)
+    features = local_features.FeatureRecord("a", 3, "orb", np.zeros((1, 2)), np.zeros((1, 4)))
+    serialized = local_features.serialize_features(features)
+    parsed = tf.train.Example.FromString(serialized)
+    keys = list(parsed.features.feature)
+    assert len(keys) > 3 and _key_order(serialized, keys) == sorted(keys)

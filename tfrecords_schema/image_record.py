@@ -175,8 +175,11 @@ def make_example(record: ImageRecord) -> tf.train.Example:
 
 
 def serialize_record(record: ImageRecord) -> bytes:
-    """Returns the serialised ``tf.train.Example`` of ``record``, ready for a TFRecord file."""
-    return make_example(record).SerializeToString()
+    """Returns the serialised ``tf.train.Example`` of ``record``, ready for a TFRecord file.
+
+    Deterministic (map keys sorted): the same record gives the same bytes in every process.
+    """
+    return make_example(record).SerializeToString(deterministic=True)
 
 
 def check_version(version: int, where: str = "record") -> None:

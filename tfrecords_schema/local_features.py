@@ -116,7 +116,7 @@ def serialize_features(record: FeatureRecord) -> bytes:
     else:
         feature[KEY_DESCRIPTORS] = floats(record.descriptors)
     example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString()
+    return example.SerializeToString(deterministic=True)
 
 
 def parse_features(serialized: bytes) -> FeatureRecord:

@@ -385,7 +385,7 @@ def serialize_embedding(reference: ReferenceEmbedding, model_sha256: str) -> byt
         _KEY_VALUES: tf.train.Feature(float_list=tf.train.FloatList(
             value=np.asarray(reference.embedding, np.float32).reshape(-1).tolist())),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString()
+    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
 
 
 def parse_embedding(serialized: bytes, model_sha256: str) -> ReferenceEmbedding:
