@@ -174,12 +174,16 @@ def make_example(record: ImageRecord) -> tf.train.Example:
     return tf.train.Example(features=tf.train.Features(feature=features))
 
 
-def serialize_record(record: ImageRecord) -> bytes:
-    """Returns the serialised ``tf.train.Example`` of ``record``, ready for a TFRecord file.
+def example_bytes(example: tf.train.Example) -> bytes:
+    """Serialises ``example`` with its feature keys sorted: the same record gives the same
+    bytes in every process (a proto map's default order changes from one process to the next).
+    Every record kind of the project is written through here."""
+    return example.SerializeToString(deterministic=True)
 
-    Deterministic (map keys sorted): the same record gives the same bytes in every process.
-    """
-    return make_example(record).SerializeToString(deterministic=True)
+
+def serialize_record(record: ImageRecord) -> bytes:
+    """Returns the serialised ``tf.train.Example`` of ``record``, ready for a TFRecord file."""
+    return example_bytes(make_example(record))
 
 
 def check_version(version: int, where: str = "record") -> None:

@@ -29,7 +29,7 @@ import numpy as np
 import tensorflow as tf
 
 from tfrecords_schema import SCHEMA_VERSION, SchemaError
-from tfrecords_schema.image_record import check_version
+from tfrecords_schema.image_record import check_version, example_bytes
 
 KEY_IMAGE_ID = "features/image_id"
 KEY_LABEL = "features/class/label"
@@ -115,8 +115,7 @@ def serialize_features(record: FeatureRecord) -> bytes:
             bytes_list=tf.train.BytesList(value=[record.descriptors.tobytes()]))
     else:
         feature[KEY_DESCRIPTORS] = floats(record.descriptors)
-    example = tf.train.Example(features=tf.train.Features(feature=feature))
-    return example.SerializeToString(deterministic=True)
+    return example_bytes(tf.train.Example(features=tf.train.Features(feature=feature)))
 
 
 def parse_features(serialized: bytes) -> FeatureRecord:

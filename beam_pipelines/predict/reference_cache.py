@@ -376,6 +376,8 @@ def serialize_embedding(reference: ReferenceEmbedding, model_sha256: str) -> byt
     model's SHA-256, the D floats)."""
     import tensorflow as tf
 
+    from tfrecords_schema.image_record import example_bytes
+
     feature = {
         _KEY_ID: tf.train.Feature(bytes_list=tf.train.BytesList(
             value=[reference.image_id.encode("utf-8")])),
@@ -385,7 +387,7 @@ def serialize_embedding(reference: ReferenceEmbedding, model_sha256: str) -> byt
         _KEY_VALUES: tf.train.Feature(float_list=tf.train.FloatList(
             value=np.asarray(reference.embedding, np.float32).reshape(-1).tolist())),
     }
-    return tf.train.Example(features=tf.train.Features(feature=feature)).SerializeToString(deterministic=True)
+    return example_bytes(tf.train.Example(features=tf.train.Features(feature=feature)))
 
 
 def parse_embedding(serialized: bytes, model_sha256: str) -> ReferenceEmbedding:
